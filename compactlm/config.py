@@ -1,0 +1,250 @@
+"""Recipe and stage configs.
+
+Every stage takes one pydantic model, so the Prefect UI renders it as a form and bad input fails before any
+compute. A whole pipeline is one :class:`Recipe`, loaded from YAML with :func:`load_recipe`.
+Nothing here imports torch, transformers or prefect: validating a recipe takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from compactlm.models import KNOWN_ALIASES, check_model_ref
+
+
+class RecipeError(ValueError):
+    """A recipe or stage config is invalid. The message names the field and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _existing_file(value: str | None, what: str) -> str | None:
+    if value is None or "://" in value:  # fsspec URLs are checked when read
+        return value
+    if not Path(value).expanduser().is_file():
+        raise ValueError(f"{what} file not found: {value!r} (give an existing path)")
+    return value
+
+
+class GenerateConfig(_Strict):
+    """Synthetic data: the teacher answers seed prompts (vLLM offline batch; HF generate as fallback)."""
+
+    prompts: str = Field(
+        "builtin",
+        description="'builtin' for the shipped seed prompts, or a local .jsonl/.json/.csv/.parquet file",
+    )
+    prompt_field: str = Field("prompt", description="Column holding the prompt text in the prompts file")
+    system_prompt: str | None = Field(None, description="Optional system message (chat mode only)")
+    max_prompts: int | None = Field(None, ge=1, description="Use at most this many prompts (None = all)")
+    n: int = Field(1, ge=1, le=64, description="Completions per prompt")
+    max_tokens: int = Field(128, ge=1, le=32768, description="Max new tokens per completion")
+    temperature: float = Field(0.8, ge=0.0, le=5.0, description="Sampling temperature (0 = greedy)")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling threshold")
+    chat: Literal["auto", "on", "off"] = Field(
+        "auto", description="Apply the teacher's chat template: auto = when it has one"
+    )
+    engine: Literal["vllm", "hf"] = Field("vllm", description="vLLM (fast) or HF generate (fallback)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Inference dtype; auto = bfloat16 for vLLM, float32 for HF on CPU"
+    )
+    max_model_len: int = Field(1024, ge=64, description="Context length given to the engine")
+    batch_size: int = Field(64, ge=1, description="HF engine batch size (vLLM schedules its own)")
+    shard_size: int = Field(256, ge=1, description="Prompts per output shard (the unit of resume)")
+    min_tokens: int = Field(1, ge=0, description="Drop completions shorter than this many tokens")
+    dedup: bool = Field(True, description="Drop exact-duplicate completions")
+    topk_logprobs: int = Field(
+        0, ge=0, le=100, description="Store the teacher's top-k log-probs per token (0 = off)"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel size (multi-GPU)")
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_exist(cls, v: str) -> str:
+        if v == "builtin":
+            return v
+        if Path(v).suffix.lower() not in {".jsonl", ".json", ".csv", ".parquet"}:
+            raise ValueError(f"prompts must be 'builtin' or a .jsonl/.json/.csv/.parquet file, got {v!r}")
+        return _existing_file(v, "prompts")
+
+
+class ScoreConfig(_Strict):
+    """Activation-based importance (Minitron): heads, neurons, embedding channels, layers."""
+
+    data: str = Field(
+        "generated",
+        description="'generated' = the synthetic dataset; or a local text/jsonl file of calibration text",
+    )
+    text_field: str = Field("text", description="Column with the text when data is a .jsonl file")
+    num_samples: int = Field(32, ge=1, description="Calibration sequences")
+    seq_len: int = Field(256, ge=8, description="Tokens per calibration sequence")
+    batch_size: int = Field(8, ge=1, description="Forward batch size")
+    seq_agg: Literal["mean", "l2", "var"] = Field("mean", description="Aggregation over the sequence")
+    batch_agg: Literal["l2", "mean", "var"] = Field("l2", description="Aggregation over the batch")
+    layer_loss: bool = Field(
+        True, description="Also measure the loss increase when each layer is skipped (one pass per layer)"
+    )
+
+    @field_validator("data")
+    @classmethod
+    def _data_exists(cls, v: str) -> str:
+        return v if v == "generated" else _existing_file(v, "score.data")
+
+
+class PruneConfig(_Strict):
+    """Target shape of the student. Unset fields keep the teacher's value."""
+
+    num_hidden_layers: int | None = Field(None, ge=1, description="Layers to keep (depth pruning)")
+    hidden_size: int | None = Field(None, ge=1, description="Embedding channels to keep")
+    intermediate_size: int | None = Field(None, ge=1, description="MLP neurons to keep per layer")
+    num_attention_heads: int | None = Field(
+        None, ge=1, description="Query heads to keep per layer (a multiple of num_key_value_heads)"
+    )
+    layer_metric: Literal["block_influence", "loss"] = Field(
+        "block_influence", description="Layer score used for depth pruning"
+    )
+
+
+class DistillConfig(_Strict):
+    """Logit knowledge distillation of the pruned student from the teacher."""
+
+    mode: Literal["online"] = Field("online", description="online = teacher in memory")
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "tv"] = Field("forward_kl", description="KD divergence")
+    temperature: float = Field(1.0, gt=0.0, le=20.0, description="KD temperature (loss scaled by T^2)")
+    kd_weight: float = Field(1.0, ge=0.0, le=1.0, description="Weight of KD; CE on the data gets 1 - kd_weight")
+    steps: int = Field(20, ge=1, description="Optimizer steps")
+    batch_size: int = Field(4, ge=1, description="Sequences per step")
+    seq_len: int = Field(256, ge=8, description="Tokens per packed training sequence")
+    lr: float = Field(1e-4, gt=0.0, le=1.0, description="Peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(2, ge=0, description="Linear warmup steps before cosine decay")
+    grad_clip: float = Field(1.0, gt=0.0, description="Gradient norm clipping")
+    log_every: int = Field(1, ge=1, description="Log metrics every N steps")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> DistillConfig:
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
+        return self
+
+
+class EvalConfig(_Strict):
+    """lm-eval benchmarks and held-out perplexity for teacher, pruned and student."""
+
+    tasks: list[str] = Field(
+        default_factory=lambda: ["compactlm_facts"],
+        description="lm-eval task names: shipped local tasks (compactlm_*) or standard ones",
+    )
+    limit: int | None = Field(None, ge=1, description="Examples per task (None = all)")
+    num_fewshot: int = Field(0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    perplexity: bool = Field(True, description="Perplexity on held-out text")
+    perplexity_text: str = Field("builtin", description="'builtin' or a local .txt file")
+    max_length: int = Field(512, ge=16, description="Context length for scoring")
+
+    @field_validator("tasks")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one task (e.g. compactlm_facts)")
+        return v
+
+    @field_validator("perplexity_text")
+    @classmethod
+    def _text_exists(cls, v: str) -> str:
+        return v if v == "builtin" else _existing_file(v, "perplexity_text")
+
+
+class TrackingConfig(_Strict):
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI or sqlite under the workdir"
+    )
+    experiment: str = Field("compactlm", min_length=1, description="MLflow experiment name")
+
+
+class Recipe(_Strict):
+    """A whole compress pipeline: teacher -> generate -> score -> prune -> distill -> evaluate."""
+
+    name: str = Field("compress", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name")
+    teacher: str = Field(
+        ...,
+        description="Local HF dir, .gguf file, hub id (online only) or alias: " + ", ".join(KNOWN_ALIASES),
+    )
+    workdir: str = Field("runs", description="Where stage outputs are written (keyed by their inputs)")
+    seed: int = Field(0, ge=0, description="Seed for sampling, data order and training")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device for score/distill/eval")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_ref(cls, v: str) -> str:
+        check_model_ref(v)
+        return v
+
+
+def _set_dotted(data: dict[str, Any], key: str, raw: str) -> None:
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {key}: {p!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid recipe {source}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see `compactlm schema` for the fields)"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        got = e.get("input")
+        suffix = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {loc}: {msg}{suffix}")
+    return "\n".join(lines)
+
+
+def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                data: dict[str, Any] | None = None) -> Recipe:
+    """Load and validate a recipe from YAML (or a dict), applying `key.sub=value` overrides."""
+    source = str(path) if path is not None else "<dict>"
+    if data is None:
+        if path is None:
+            raise RecipeError("give a recipe path or a dict")
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(f"recipe file not found: {source}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise RecipeError(f"recipe {source} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe {source} must be a mapping of fields, got {type(data).__name__}")
+    data = json.loads(json.dumps(data))  # deep copy
+    for item in overrides or []:
+        if "=" not in item:
+            raise RecipeError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+            raise RecipeError(f"--set key {key!r} is not a dotted field name like distill.steps")
+        _set_dotted(data, key, raw)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e, source)) from None

@@ -1,0 +1,104 @@
+"""Reading training and calibration data: generated datasets and plain text, tokenized and packed.
+
+A *generated dataset* is the directory the generation stage writes (see docs/architecture.md): parquet shards
+under ``data/`` with ``prompt_token_ids`` and ``completion_token_ids`` per row, and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Iterator
+
+SHARD_GLOB = "data/shard-*.parquet"
+
+
+def shard_paths(data_dir: str | os.PathLike) -> list[Path]:
+    return sorted(Path(data_dir).glob(SHARD_GLOB))
+
+
+def read_generated(data_dir: str | os.PathLike, columns: list[str] | None = None) -> list[dict]:
+    """All rows of a generated dataset, in shard order."""
+    import pyarrow.parquet as pq
+
+    shards = shard_paths(data_dir)
+    if not shards:
+        raise FileNotFoundError(f"no shards under {data_dir}/data: is it a generated dataset directory?")
+    rows: list[dict] = []
+    for s in shards:
+        rows.extend(pq.read_table(s, columns=columns).to_pylist())
+    return rows
+
+
+def iter_examples(data_dir: str | os.PathLike) -> Iterator[tuple[list[int], list[int]]]:
+    """(input_ids, loss_mask) per example: prompt tokens masked out (0), completion tokens counted (1)."""
+    for row in read_generated(data_dir, columns=["prompt_token_ids", "completion_token_ids"]):
+        p, c = list(row["prompt_token_ids"]), list(row["completion_token_ids"])
+        yield p + c, [0] * len(p) + [1] * len(c)
+
+
+def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, *, seed: int = 0,
+         drop_last: bool = True):
+    """Shuffle examples (seeded), concatenate them, and cut fixed-length rows.
+
+    Returns (input_ids, loss_mask) as LongTensors of shape [rows, seq_len]. With drop_last=False the tail
+    is padded with token 0 and mask 0.
+    """
+    import torch
+
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    ids: list[int] = []
+    mask: list[int] = []
+    for i in order:
+        ids.extend(examples[i][0])
+        mask.extend(examples[i][1])
+    rows = len(ids) // seq_len
+    if not drop_last and len(ids) % seq_len:
+        pad = seq_len - len(ids) % seq_len
+        ids.extend([0] * pad)
+        mask.extend([0] * pad)
+        rows += 1
+    if rows == 0:
+        raise ValueError(f"not enough tokens ({len(ids)}) for one sequence of {seq_len}; "
+                         "generate more data or lower seq_len")
+    n = rows * seq_len
+    return (torch.tensor(ids[:n], dtype=torch.long).view(rows, seq_len),
+            torch.tensor(mask[:n], dtype=torch.long).view(rows, seq_len))
+
+
+def read_text(path: str | os.PathLike, text_field: str = "text") -> list[str]:
+    """Documents from a .txt file (blank-line separated paragraphs) or a .jsonl file (one field per line)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        docs = []
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    obj = json.loads(line)
+                    if text_field not in obj:
+                        raise KeyError(f"{path}:{n} has no field {text_field!r} (set text_field)")
+                    docs.append(str(obj[text_field]))
+        return docs
+    return [p.strip() for p in path.read_text().split("\n\n") if p.strip()]
+
+
+def calibration_ids(source: str | os.PathLike, tokenizer, *, num_samples: int, seq_len: int, seed: int = 0,
+                    text_field: str = "text"):
+    """[num_samples, seq_len] token ids for calibration: from a generated dataset dir or a text file.
+
+    Fewer rows come back when the source is too small; at least one row is required.
+    """
+    source = Path(source)
+    if source.is_dir():
+        examples = list(iter_examples(source))
+    else:
+        eos = tokenizer.eos_token_id
+        examples = []
+        for doc in read_text(source, text_field):
+            toks = tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos]
+            examples.append((toks, [1] * len(toks)))
+    ids, _ = pack(examples, seq_len, seed=seed)
+    return ids[:num_samples]

