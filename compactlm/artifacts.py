@@ -34,15 +34,28 @@ def code_version() -> str:
 
 def stage_key(stage: str, config: Any, upstream: list[str | os.PathLike] | None = None) -> str:
     """A short hash of what determines a stage's output: its config, its inputs' keys, the code version."""
-    ups = []
-    for u in upstream or []:
-        p = Path(u)
-        m = p / MANIFEST
-        ups.append(read_manifest(p).get("key", str(p)) if m.is_file() else str(u))
+    ups = [fingerprint(u) for u in upstream or []]
     cfg = config.model_dump(mode="json") if hasattr(config, "model_dump") else config
     blob = json.dumps({"stage": stage, "config": cfg, "upstream": ups, "version": code_version()},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """Identity of an input artifact: the hash of its manifest when compactlm wrote it (the manifest is
+    written last and describes the content), else a hash of its files' names, sizes and modification times
+    (cheap for multi-GB model directories)."""
+    p = Path(path)
+    if (p / MANIFEST).is_file():
+        return hashlib.sha256((p / MANIFEST).read_bytes()).hexdigest()[:16]
+    if p.is_file():
+        st = p.stat()
+        return hashlib.sha256(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    h = hashlib.sha256(str(p.resolve()).encode())
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(p)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
 
 
 def is_complete(path: str | os.PathLike) -> bool:

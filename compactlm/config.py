@@ -124,15 +124,29 @@ class DistillConfig(_Strict):
     batch_size: int = Field(4, ge=1, description="Sequences per step")
     seq_len: int = Field(256, ge=8, description="Tokens per packed training sequence")
     lr: float = Field(1e-4, gt=0.0, le=1.0, description="Peak learning rate (AdamW)")
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (matrices only, not norms/biases)")
     warmup_steps: int = Field(2, ge=0, description="Linear warmup steps before cosine decay")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="Cosine decay ends at lr * min_lr_ratio")
     grad_clip: float = Field(1.0, gt=0.0, description="Gradient norm clipping")
     log_every: int = Field(1, ge=1, description="Log metrics every N steps")
+    jsd_beta: float = Field(
+        0.5, gt=0.0, lt=1.0, description="Teacher weight in the JSD mixture (loss: jsd); 0.5 = symmetric JSD"
+    )
+    chunk_size: int = Field(
+        1024, ge=1, description="Tokens per chunk in the fp32 loss (bounds loss memory for large vocabularies)"
+    )
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Sequences per forward pass (gradient accumulation); None = batch_size"
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute student activations in backward (saves memory)")
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> DistillConfig:
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) must divide batch_size "
+                             f"({self.batch_size})")
         return self
 
 
@@ -143,12 +157,26 @@ class EvalConfig(_Strict):
         default_factory=lambda: ["compactlm_facts"],
         description="lm-eval task names: shipped local tasks (compactlm_*) or standard ones",
     )
-    limit: int | None = Field(None, ge=1, description="Examples per task (None = all)")
-    num_fewshot: int = Field(0, ge=0)
-    batch_size: int = Field(16, ge=1)
+    limit: int | None = Field(
+        None, ge=1, description="Examples per benchmark task (None = all); perplexity always uses the whole text"
+    )
+    num_fewshot: int = Field(0, ge=0, le=25, description="Few-shot examples in each prompt")
+    batch_size: int = Field(16, ge=1, description="Scoring batch size")
     perplexity: bool = Field(True, description="Perplexity on held-out text")
-    perplexity_text: str = Field("builtin", description="'builtin' or a local .txt file")
-    max_length: int = Field(512, ge=16, description="Context length for scoring")
+    perplexity_text: str = Field(
+        "builtin", description="'builtin' or a local .txt file (one document per blank-line separated paragraph)"
+    )
+    max_length: int = Field(512, ge=16, description="Context length for scoring (perplexity rolling window)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype for scoring; auto = float32 on CPU, bfloat16 on CUDA"
+    )
+    bootstrap_iters: int = Field(
+        0, ge=0, description="lm-eval bootstrap iterations for stderr (0 = off: stderr is reported as null)"
+    )
+    data_dir: str = Field(
+        "../shared/data",
+        description="Folder with benchmark copies for compactlm_arc_easy etc. (relative = to the repo root)",
+    )
 
     @field_validator("tasks")
     @classmethod
@@ -168,6 +196,7 @@ class TrackingConfig(_Strict):
         None, description="MLflow tracking URI; None = $MLFLOW_TRACKING_URI or sqlite under the workdir"
     )
     experiment: str = Field("compactlm", min_length=1, description="MLflow experiment name")
+    log_model: bool = Field(True, description="Log the distilled student's files as MLflow artifacts")
 
 
 class Recipe(_Strict):
@@ -215,7 +244,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         elif e["type"] == "missing":
             msg = "required field is missing"
         got = e.get("input")
-        suffix = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        quiet = e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) or repr(got) in msg
+        suffix = "" if quiet else f" (got {got!r})"
         lines.append(f"  {loc}: {msg}{suffix}")
     return "\n".join(lines)
 

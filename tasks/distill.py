@@ -1,0 +1,35 @@
+"""Distillation stage: the pruned student learns from the teacher (metrics logged per step)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from compactlm.config import DistillConfig
+from compactlm.tracking import Tracker
+from tasks.common import RunContext, run_stage
+
+
+def _make_log(log_model: bool):
+    def _log(tracker: Tracker, run_id: str, out: Path, summary: dict) -> None:
+        tracker.log_metrics(run_id, {f"final_{k}": v for k, v in summary.items() if k != "config"})
+        if (out / "train_log.jsonl").exists():
+            tracker.log_artifact(run_id, out / "train_log.jsonl")
+        if log_model:
+            tracker.log_artifact(run_id, out, "model")
+        else:
+            tracker.log_artifact(run_id, out / "config.json")
+    return _log
+
+
+@task(name="distill", retries=1, retry_delay_seconds=5)
+def distill(ctx: RunContext, teacher_dir: str, student_dir: str, data_dir: str, cfg: DistillConfig,
+            log_model: bool = True) -> str:
+    from compactlm.distillation import distill as run_distill
+
+    def produce(out: Path, log_step) -> dict:
+        return run_distill(teacher_dir, student_dir, data_dir, cfg, out, seed=ctx.seed, device=ctx.device,
+                           log_fn=log_step)
+
+    return run_stage(ctx, "distill", cfg, [teacher_dir, student_dir, data_dir], produce, _make_log(log_model))
