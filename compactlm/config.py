@@ -111,6 +111,11 @@ class PruneConfig(_Strict):
     layer_metric: Literal["block_influence", "loss"] = Field(
         "block_influence", description="Layer score used for depth pruning"
     )
+    rescale_norms: bool = Field(
+        True,
+        description="When channels are pruned, scale RMSNorm weights by sqrt(D/D') so the normalized "
+        "scale is kept (exact for removed all-zero channels)",
+    )
 
 
 class DistillConfig(_Strict):
@@ -278,3 +283,26 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | No
         return Recipe.model_validate(data)
     except ValidationError as e:
         raise RecipeError(format_validation_error(e, source)) from None
+
+
+def preflight(recipe: Recipe, teacher_dir: str | os.PathLike | None = None) -> None:
+    """Checks that need more than the schema but no weights: benchmark task names and their data files, and,
+    given the teacher's directory, that the prune target fits the teacher's shape (reads config.json only).
+
+    Raises RecipeError naming the field. Shipped task names are checked in about a millisecond.
+    """
+    from compactlm.evaluation import check_tasks
+
+    try:
+        check_tasks(recipe.eval)
+    except ValueError as e:
+        raise RecipeError(f"invalid recipe:\n  eval.tasks: {e}") from None
+    if teacher_dir is not None:
+        from transformers import AutoConfig
+
+        from compactlm.pruning.prune import target_shape
+
+        try:
+            target_shape(AutoConfig.from_pretrained(teacher_dir, trust_remote_code=False), recipe.prune)
+        except ValueError as e:
+            raise RecipeError(f"invalid recipe:\n  prune: {e}") from None

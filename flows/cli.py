@@ -14,8 +14,9 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
-from compactlm.config import Recipe, RecipeError, load_recipe
+from compactlm.config import Recipe, RecipeError, load_recipe, preflight
 from compactlm.models import ModelRefError
 
 # Embedded defaults for one machine: no analytics calls (often no network), and a patient start for the
@@ -45,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-    except (RecipeError, ModelRefError) as e:
+        local = Path(recipe.teacher).expanduser()
+        preflight(recipe, local if (local / "config.json").is_file() else None)
+    except (RecipeError, ModelRefError, ValueError) as e:
         print(f"compactlm: {e}", file=sys.stderr)
         return 2
     if args.command == "validate":

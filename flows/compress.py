@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from compactlm.config import Recipe
+from compactlm.config import Recipe, preflight
 from compactlm.models import pick_device
 from compactlm.tracking import Tracker, default_tracking_uri
 from tasks.common import RunContext, prefect_ids
@@ -40,6 +40,7 @@ def _summary_metrics(results: dict) -> dict[str, float]:
 def compress(recipe: Recipe) -> dict:
     """Compress `recipe.teacher` into a pruned, distilled student and benchmark all three models."""
     logger = get_run_logger()
+    preflight(recipe)  # fail before any compute (the UI form already enforced the schema)
     workdir = Path(recipe.workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(default_tracking_uri(workdir, recipe.tracking.tracking_uri), recipe.tracking.experiment)
@@ -52,6 +53,7 @@ def compress(recipe: Recipe) -> dict:
                          flow_run_id=prefect_ids().get("prefect.flow_run_id"))
 
         teacher = resolve_teacher(recipe.teacher)
+        preflight(recipe, teacher)  # the prune target must fit this teacher: fail before generating
         data = generate(ctx, teacher, recipe.generate)
         scores = score(ctx, teacher, data, recipe.score)
         pruned = prune(ctx, teacher, scores, recipe.prune)

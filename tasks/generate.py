@@ -32,7 +32,7 @@ def run_logged(cmd: list[str]) -> None:
 
 
 def _log(tracker: Tracker, run_id: str, out: Path, manifest: dict) -> None:
-    tracker.log_metrics(run_id, {k: v for k, v in manifest.items() if k != "config"})
+    tracker.log_metrics(run_id, manifest["stats"])
     tracker.log_artifact(run_id, out / "manifest.json")
     rows = read_generated(out, columns=["id", "prompt", "completion", "finish_reason"])[:50]
     tracker.log_dict(run_id, {"columns": ["id", "prompt", "completion", "finish_reason"],

@@ -67,3 +67,21 @@ def test_schema_has_descriptions_for_the_ui_form():
     schema = Recipe.model_json_schema()
     distill = schema["$defs"]["DistillConfig"]["properties"]
     assert distill["steps"]["minimum"] == 1 and distill["steps"]["description"]
+
+
+def test_unknown_eval_task_fails_in_preflight_naming_the_field():
+    from compactlm.config import preflight
+
+    recipe = load_recipe(REPO / "configs/tiny-test.yaml", ["eval.tasks=[compactlm_factz]"])
+    with pytest.raises(RecipeError, match=r"eval.tasks: .*compactlm_factz"):
+        preflight(recipe)
+
+
+def test_prune_target_larger_than_teacher_fails_before_compute(tmp_path, tiny_model_dir):
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(REPO / "configs/tiny-test.yaml"),
+                           "--set", f"teacher={tiny_model_dir}", "--set", "prune.intermediate_size=99999",
+                           "--set", f"workdir={tmp_path}/w"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "prune: prune.intermediate_size=99999 is larger than the teacher's 256" in proc.stderr, proc.stderr
+    assert time.time() - t0 < 15 and not (tmp_path / "w").exists()

@@ -1,0 +1,31 @@
+"""Knowledge distillation of a pruned student from its teacher (online logit KD).
+
+Importing this package is cheap: ``distill`` and the losses load torch/transformers on first access.
+
+    from compactlm.distillation import distill
+    summary = distill(teacher_dir, student_dir, data_dir, cfg, out_dir, seed=0, device="cpu")
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from compactlm.distillation.losses import (  # noqa: F401
+        forward_kl, generalized_jsd, kd_loss, reverse_kl, total_variation,
+    )
+    from compactlm.distillation.trainer import distill  # noqa: F401
+
+__all__ = ["distill", "kd_loss", "forward_kl", "reverse_kl", "generalized_jsd", "total_variation"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "distill":
+        from compactlm.distillation.trainer import distill
+
+        return distill
+    if name in __all__:
+        from compactlm.distillation import losses
+
+        return getattr(losses, name)
+    raise AttributeError(f"module 'compactlm.distillation' has no attribute {name!r}")

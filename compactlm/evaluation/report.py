@@ -1,0 +1,124 @@
+"""Turn :func:`evaluate_model` results into MLflow metrics and a markdown comparison table (pure Python)."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+_MAIN_METRICS = ("acc_norm", "acc", "exact_match", "f1", "mc2", "mc1")
+_PPL_METRIC = "word_perplexity"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-./: ]")
+
+
+def _safe(name: str) -> str:
+    """MLflow metric names allow letters, digits, `_ - . / :` and space; anything else becomes `_`."""
+    return _UNSAFE.sub("_", name)
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Flatten an :func:`evaluate_model` result into MLflow-safe, run-independent metric names.
+
+    ``<task>/<metric>`` for every numeric task metric (e.g. ``compactlm_facts/acc``,
+    ``compactlm_facts/acc_norm``), ``perplexity/<metric>`` (word_perplexity, byte_perplexity,
+    bits_per_byte), ``params``, ``size_bytes``, ``size_mb`` and ``eval_seconds``. Values that are None
+    (stderr "N/A") or not finite are left out, since MLflow cannot chart them.
+    """
+    out: dict[str, float] = {}
+    for task, metrics in (result.get("tasks") or {}).items():
+        for metric, value in metrics.items():
+            if _finite(value):
+                out[_safe(f"{task}/{metric}")] = float(value)
+    for metric, value in (result.get("perplexity") or {}).items():
+        if _finite(value):
+            out[_safe(f"perplexity/{metric}")] = float(value)
+    if _finite(result.get("params")):
+        out["params"] = float(result["params"])
+    if _finite(result.get("size_bytes")):
+        out["size_bytes"] = float(result["size_bytes"])
+        out["size_mb"] = result["size_bytes"] / 1e6
+    if _finite(result.get("seconds")):
+        out["eval_seconds"] = float(result["seconds"])
+    return out
+
+
+def main_metric(metrics: dict[str, Any]) -> str | None:
+    """The headline metric of a task: acc_norm if present, else acc (else exact_match, f1, mc2, mc1)."""
+    for name in _MAIN_METRICS:
+        if _finite(metrics.get(name)):
+            return name
+    return None
+
+
+def _fmt_params(n: Any) -> str:
+    if not _finite(n):
+        return "—"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e5 else f"{int(n):,}"
+
+
+def kept_fraction(result: dict[str, Any], reference: dict[str, Any]) -> float | None:
+    """How much of the reference model's quality `result` keeps, as a fraction (1.0 = all of it).
+
+    Definition: the mean, over every task both share whose reference score is > 0, of
+    ``score / reference_score`` (headline metric, higher is better), plus one more term for perplexity
+    (lower is better, so inverted): ``reference_word_perplexity / word_perplexity``. None when nothing is
+    comparable. Note that chance level is not subtracted: a random 4-choice guesser keeps about
+    0.25 / reference accuracy.
+    """
+    ratios: list[float] = []
+    ref_tasks = reference.get("tasks") or {}
+    for task, metrics in (result.get("tasks") or {}).items():
+        ref = ref_tasks.get(task)
+        name = main_metric(ref) if ref else None
+        if name is None or not _finite(metrics.get(name)) or ref[name] <= 0:
+            continue
+        ratios.append(metrics[name] / ref[name])
+    ppl, ref_ppl = (result.get("perplexity") or {}).get(_PPL_METRIC), (reference.get("perplexity") or {}).get(_PPL_METRIC)
+    if _finite(ppl) and _finite(ref_ppl) and ppl > 0:
+        ratios.append(ref_ppl / ppl)
+    return sum(ratios) / len(ratios) if ratios else None
+
+
+def compare_table(results: dict[str, dict[str, Any]], reference: str = "teacher") -> str:
+    """Markdown table, one row per model label (in the order given), e.g. teacher / pruned / student.
+
+    Columns: model, params, size MB (safetensors on disk, 1 MB = 1e6 bytes), each task's headline metric
+    (acc_norm if present else acc; the header names it), held-out word perplexity (lower is better), and
+    "% of teacher kept" = 100 x :func:`kept_fraction` against the `reference` row ("—" when `reference`
+    is not among `results`; the reference row itself shows 100.0).
+    """
+    if not results:
+        raise ValueError("compare_table: results is empty; give {label: evaluate_model(...) result}")
+    tasks: list[str] = []
+    for res in results.values():
+        for task in res.get("tasks") or {}:
+            if task not in tasks:
+                tasks.append(task)
+    metric_of = {}
+    for task in tasks:
+        names = [main_metric(r["tasks"][task]) for r in results.values() if task in (r.get("tasks") or {})]
+        metric_of[task] = next((n for n in names if n), None)
+    has_ppl = any(_finite((r.get("perplexity") or {}).get(_PPL_METRIC)) for r in results.values())
+    ref = results.get(reference)
+
+    header = ["model", "params", "size MB"] + [f"{t} ({metric_of[t] or '—'})" for t in tasks]
+    header += ["word ppl ↓"] if has_ppl else []
+    header += [f"% of {reference} kept"]
+    rows = [header, ["---"] + ["---:"] * (len(header) - 1)]
+    for label, res in results.items():
+        size = res.get("size_bytes")
+        row = [label, _fmt_params(res.get("params")), f"{size / 1e6:.1f}" if _finite(size) else "—"]
+        for task in tasks:
+            value = (res.get("tasks") or {}).get(task, {}).get(metric_of[task]) if metric_of[task] else None
+            row.append(f"{value:.3f}" if _finite(value) else "—")
+        if has_ppl:
+            ppl = (res.get("perplexity") or {}).get(_PPL_METRIC)
+            row.append(f"{ppl:.2f}" if _finite(ppl) else "—")
+        kept = kept_fraction(res, ref) if ref is not None else None
+        row.append(f"{100 * kept:.1f}" if kept is not None else "—")
+        rows.append(row)
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"

@@ -1,0 +1,167 @@
+"""Evaluate one model directory with lm-eval: benchmark accuracy and held-out perplexity."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from compactlm.evaluation.registry import (
+    PERPLEXITY_TASK,
+    build_task_configs,
+    check_tasks,
+    local_task_names,
+    offline_env,
+    standard_task_manager,
+)
+
+if TYPE_CHECKING:
+    from compactlm.config import EvalConfig
+
+PERPLEXITY_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
+def _num(v: Any) -> float | None:
+    """lm-eval metric value -> float, or None for its "N/A" placeholders and non-numbers."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
+def _plain_metrics(raw: dict[str, Any]) -> dict[str, float | None]:
+    """{"acc,none": .5, "acc_stderr,none": "N/A", "alias": ..} -> {"acc": .5, "acc_stderr": None}.
+
+    Metrics under a filter other than "none" keep it as a suffix: "exact_match,flexible" -> "exact_match/flexible".
+    """
+    out: dict[str, float | None] = {}
+    for key, value in raw.items():
+        if "," not in key:
+            continue
+        metric, filt = key.split(",", 1)
+        out[metric if filt == "none" else f"{metric}/{filt}"] = _num(value)
+    return out
+
+
+def _jsonable(obj: Any) -> Any:
+    """Round-trip through JSON: task configs hold functions and other objects; keep their str()."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _safetensors_bytes(model_dir: Path) -> int:
+    return sum(p.stat().st_size for p in model_dir.rglob("*.safetensors") if p.is_file())
+
+
+def _task_manager(specs: list[str | dict[str, Any]]):
+    from lm_eval.tasks import TaskManager
+
+    # Indexing lm-eval's ~220 built-in task folders is slow: only do it when a non-local name needs it.
+    if any(isinstance(s, str) for s in specs):
+        return standard_task_manager()
+    return TaskManager(include_defaults=False)
+
+
+def _token_perplexity(bits_per_byte: float | None, spec: dict[str, Any], lm) -> float | None:
+    """exp(mean negative log-likelihood per token) over the perplexity docs.
+
+    lm-eval reports per word and per byte only. Its total log-likelihood is recovered from bits_per_byte
+    (= -sum(ll) / (ln 2 * total UTF-8 bytes)) and divided by the number of tokens lm-eval scored
+    (`lm.tok_encode(doc)` per doc; every token of a doc is scored in its rolling windows).
+    """
+    import datasets
+
+    if bits_per_byte is None or not hasattr(lm, "tok_encode"):
+        return None
+    kwargs = dict(spec.get("dataset_kwargs") or {})
+    docs = datasets.load_dataset(spec["dataset_path"], **kwargs)[spec["test_split"]][spec["doc_to_target"]]
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    n_tokens = sum(len(lm.tok_encode(d)) for d in docs)
+    if n_tokens == 0:
+        return None
+    nll = bits_per_byte * math.log(2) * n_bytes
+    return math.exp(nll / n_tokens)
+
+
+def evaluate_model(model_dir: str | os.PathLike, cfg: EvalConfig, *, device: str = "cpu",
+                   seed: int = 0) -> dict[str, Any]:
+    """Score the model in `model_dir` (HF safetensors dir with tokenizer) on `cfg.tasks` and perplexity.
+
+    Validation (:func:`check_tasks`) runs before any model is loaded. One model load serves two lm-eval
+    runs: the benchmark tasks (capped at `cfg.limit` examples each) and, if `cfg.perplexity`, the
+    held-out text in full (never limited, so perplexities stay comparable across runs).
+
+    Returns::
+
+        {"tasks": {task: {"acc": float, "acc_norm": float, "acc_stderr": float | None, ...}},
+         "perplexity": {"word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity"} | None,
+         "params": int, "size_bytes": int (safetensors on disk), "seconds": float (wall, incl. loading),
+         "lm_eval": {"results", "configs", "versions", "n-samples", "n-shot"} (JSON-serialisable)}
+
+    Metric keys are plain ("acc", not "acc,none"); stderr is None when lm-eval reports "N/A"
+    (`bootstrap_iters=0`). Nothing is written to disk; callers store the dict (e.g. as JSON).
+    """
+    offline_env()
+    names = check_tasks(cfg)
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"model_dir {model_dir} is not an HF model directory (no config.json)")
+    t0 = time.perf_counter()
+
+    from lm_eval.models.huggingface import HFLM
+
+    from compactlm.models import count_params, load_model, load_tokenizer, pick_device
+
+    device = pick_device(device)
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    model = load_model(model_dir, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(model_dir)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length)
+    out = evaluate_lm(lm, cfg, seed=seed, _checked=names)
+    return {
+        "tasks": out["tasks"],
+        "perplexity": out["perplexity"],
+        "params": count_params(model),
+        "size_bytes": _safetensors_bytes(model_dir),
+        "seconds": time.perf_counter() - t0,
+        "lm_eval": out["lm_eval"],
+    }
+
+
+def evaluate_lm(lm, cfg: EvalConfig, *, seed: int = 0, _checked: list[str] | None = None) -> dict[str, Any]:
+    """Run `cfg`'s tasks (and perplexity) on any `lm_eval.api.model.LM`; the core of :func:`evaluate_model`.
+
+    Returns ``{"tasks": ..., "perplexity": ... | None, "lm_eval": ...}`` as documented there.
+    """
+    names = _checked if _checked is not None else check_tasks(cfg)
+    offline_env()
+    from lm_eval import simple_evaluate
+
+    common = dict(bootstrap_iters=cfg.bootstrap_iters, log_samples=False, random_seed=seed,
+                  numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    runs: list[dict[str, Any]] = []
+    specs = build_task_configs(cfg, names)
+    runs.append(simple_evaluate(model=lm, tasks=specs, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+                                task_manager=_task_manager(specs), **common))
+    if cfg.perplexity:
+        ppl_specs = build_task_configs(cfg, [PERPLEXITY_TASK])
+        runs.append(simple_evaluate(model=lm, tasks=ppl_specs, num_fewshot=0, limit=None,
+                                    task_manager=_task_manager(ppl_specs), **common))
+
+    raw: dict[str, Any] = {"results": {}, "configs": {}, "versions": {}, "n-samples": {}, "n-shot": {}}
+    for res in runs:
+        for key in raw:
+            raw[key].update(res.get(key) or {})
+    raw = _jsonable(raw)
+
+    tasks = {t: _plain_metrics(m) for t, m in raw["results"].items() if t != PERPLEXITY_TASK}
+    perplexity = None
+    if cfg.perplexity:
+        ppl = _plain_metrics(raw["results"][PERPLEXITY_TASK])
+        perplexity = {k: ppl[k] for k in PERPLEXITY_METRICS}
+        perplexity["token_perplexity"] = _token_perplexity(ppl["bits_per_byte"], ppl_specs[0], lm)
+    return {"tasks": tasks, "perplexity": perplexity, "lm_eval": raw}
+
+
+__all__ = ["evaluate_lm", "evaluate_model", "local_task_names", "PERPLEXITY_METRICS"]

@@ -1,0 +1,292 @@
+"""Inference engines behind one tiny interface: vLLM offline batch (fast) and an HF fallback.
+
+Both take a list of :class:`Request` (prompt token ids + a per-request seed) and return one
+:class:`Completion` per request, in order. Per-request seeds make every sample independent of how requests are
+batched or scheduled, which is what lets generation resume shard by shard and reproduce the uninterrupted run.
+
+Log-probs are *raw*: log-softmax of the model's logits before temperature / top-p, matching vLLM's default
+``logprobs_mode="raw_logprobs"`` and what a distillation loss against the teacher needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt_id: int
+    sample: int
+    prompt_token_ids: tuple[int, ...]
+    seed: int
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    topk_ids: list[list[int]] | None = None  # [T][k], aligned with token_ids
+    topk_logprobs: list[list[float]] | None = None
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float
+    top_p: float
+    max_tokens: int
+    topk_logprobs: int = 0
+
+
+class Engine(Protocol):
+    name: str
+    start_seconds: float
+
+    def generate(self, requests: list[Request], sampling: SamplingSettings, *,
+                 progress: bool = False) -> list[Completion]: ...
+
+    def close(self) -> None: ...
+
+
+def resolve_dtype(dtype: str, engine: str, device: str) -> str:
+    """'auto' -> bfloat16 for vLLM, float32 for HF on CPU, bfloat16 for HF on GPU."""
+    if dtype != "auto":
+        return dtype
+    if engine == "vllm":
+        return "bfloat16"
+    return "float32" if device == "cpu" else "bfloat16"
+
+
+def eos_token_ids(model_dir: str | os.PathLike, tokenizer) -> set[int]:
+    """Every token that ends a completion: generation_config.json's eos ids plus the tokenizer's eos."""
+    ids: set[int] = set()
+    gen_cfg = Path(model_dir) / "generation_config.json"
+    for src in ([json.loads(gen_cfg.read_text()).get("eos_token_id")] if gen_cfg.is_file() else []) + [
+        tokenizer.eos_token_id
+    ]:
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, list):
+            ids.update(int(i) for i in src)
+    if not ids:
+        raise ValueError(f"{model_dir}: neither generation_config.json nor the tokenizer defines an eos token")
+    return ids
+
+
+# --------------------------------------------------------------------------------------------- HF engine
+
+
+class HFEngine:
+    """Batched left-padded decoding with a KV cache and one torch.Generator per request.
+
+    Same sampling rule as vLLM (temperature, then nucleus top-p; temperature 0 = greedy) but written out
+    rather than calling ``model.generate``, because ``generate`` draws from one global RNG for the whole batch
+    and per-request seeds are what make resume exact.
+    """
+
+    name = "hf"
+
+    def __init__(self, model_dir: str | os.PathLike, tokenizer, *, dtype: str = "auto", device: str = "auto",
+                 batch_size: int = 64):
+        from compactlm.models import load_model, pick_device
+
+        t0 = time.perf_counter()
+        self.device = pick_device(device)
+        self.dtype = resolve_dtype(dtype, "hf", self.device)
+        self.model = load_model(model_dir, dtype=self.dtype, device=self.device)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.eos = eos_token_ids(model_dir, tokenizer)
+        self.batch_size = batch_size
+        self.start_seconds = time.perf_counter() - t0
+
+    def generate(self, requests: list[Request], sampling: SamplingSettings, *,
+                 progress: bool = False) -> list[Completion]:
+        out: list[Completion] = []
+        for i in range(0, len(requests), self.batch_size):
+            out.extend(self._generate_batch(requests[i:i + self.batch_size], sampling))
+        return out
+
+    def _generate_batch(self, reqs: list[Request], s: SamplingSettings) -> list[Completion]:
+        import torch
+
+        dev = self.device
+        B = len(reqs)
+        P = max(len(r.prompt_token_ids) for r in reqs)
+        ids = torch.full((B, P), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, P), dtype=torch.long)
+        for b, r in enumerate(reqs):  # left padding: every prompt ends at column P-1
+            ids[b, P - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
+            mask[b, P - len(r.prompt_token_ids):] = 1
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        gens = [torch.Generator(device=dev).manual_seed(r.seed) for r in reqs]
+        eos = torch.tensor(sorted(self.eos), device=dev)
+
+        tokens: list[list[int]] = [[] for _ in reqs]
+        top_ids: list[list[list[int]]] = [[] for _ in reqs]
+        top_lp: list[list[list[float]]] = [[] for _ in reqs]
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        reason = ["length"] * B
+        past = None
+        with torch.inference_mode():
+            for _ in range(s.max_tokens):
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
+                                 use_cache=True, logits_to_keep=1)
+                past = out.past_key_values
+                logits = out.logits[:, -1, :].float()
+                nxt = self._sample(logits, s, gens)
+                if s.topk_logprobs:
+                    lp, li = torch.log_softmax(logits, dim=-1).topk(s.topk_logprobs, dim=-1)
+                    lp, li = lp.cpu().tolist(), li.cpu().tolist()
+                live = (~done).nonzero().flatten().tolist()
+                nxt_list = nxt.cpu().tolist()
+                for b in live:
+                    tokens[b].append(nxt_list[b])
+                    if s.topk_logprobs:
+                        top_ids[b].append(li[b])
+                        top_lp[b].append(lp[b])
+                stopped = torch.isin(nxt, eos) & ~done
+                for b in stopped.nonzero().flatten().tolist():
+                    reason[b] = "stop"
+                done |= stopped
+                if bool(done.all()):
+                    break
+                ids = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)[:, None]
+                mask = torch.cat([mask, (~done).long()[:, None]], dim=1)
+                pos = pos[:, -1:] + 1
+        return [
+            Completion(tokens[b], reason[b], top_ids[b] if s.topk_logprobs else None,
+                       top_lp[b] if s.topk_logprobs else None)
+            for b in range(B)
+        ]
+
+    @staticmethod
+    def _sample(logits, s: SamplingSettings, gens):
+        """Greedy at temperature 0; else temperature, nucleus filter, and an inverse-CDF draw per row.
+
+        Each row takes one uniform number from its own generator, so a sample never depends on its batch.
+        """
+        import torch
+
+        if s.temperature == 0.0:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits / s.temperature, dim=-1)
+        if s.top_p < 1.0:
+            probs, order = probs.sort(dim=-1, descending=True)
+            probs = probs.masked_fill(probs.cumsum(-1) - probs > s.top_p, 0.0)  # smallest prefix reaching top_p
+        else:
+            order = None
+        cdf = probs.cumsum(-1)
+        u = torch.cat([torch.rand(1, generator=g, device=probs.device, dtype=cdf.dtype) for g in gens])
+        idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
+        while True:  # never land on a zero-probability token (u * total can equal the last cdf value)
+            bad = probs.gather(1, idx) == 0
+            if not bool(bad.any()):
+                break
+            idx = torch.where(bad, idx - 1, idx).clamp(min=0)
+        return (order.gather(1, idx) if order is not None else idx)[:, 0]
+
+    def close(self) -> None:
+        self.model = None
+
+
+# ------------------------------------------------------------------------------------------- vLLM engine
+
+#: KV cache size (GiB) given to vLLM on CPU when VLLM_CPU_KVCACHE_SPACE is unset (vLLM's own default is large).
+DEFAULT_CPU_KVCACHE_GIB = 2
+
+
+@contextmanager
+def vllm_cpu_env() -> Iterator[None]:
+    """Environment for starting vLLM on CPU; the engine's spawned processes read it while ``LLM()`` runs.
+
+    * ``VLLM_CPU_KVCACHE_SPACE``: a modest KV cache (GiB) unless the user set one.
+    * ``TORCH_COMPILE_DISABLE=1`` unless set: with ``enforce_eager`` vLLM does not compile the model, but some
+      helpers stay wrapped in ``torch.compile`` with the inductor backend on CPU (the sampler's
+      ``batched_count_greater_than`` that ranks tokens whenever log-probs are asked for). Their first call
+      makes inductor generate C++ and gcc-compile it, which a machine with a cold inductor cache pays in the
+      first step. With dynamo disabled they run eagerly.
+
+    Both are set only while the engine starts (and restored after), so they never leak into the caller.
+    """
+    defaults = {"VLLM_CPU_KVCACHE_SPACE": str(DEFAULT_CPU_KVCACHE_GIB), "TORCH_COMPILE_DISABLE": "1"}
+    added = [k for k in defaults if k not in os.environ]
+    for k in added:
+        os.environ[k] = defaults[k]
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+class VLLMEngine:
+    """vLLM offline batch inference on token-id prompts (``TokensPrompt``), one seeded request per sample."""
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str | os.PathLike, *, dtype: str = "auto", max_model_len: int = 1024,
+                 seed: int = 0, topk_logprobs: int = 0, tensor_parallel_size: int = 1):
+        import torch
+
+        t0 = time.perf_counter()
+        self.dtype = resolve_dtype(dtype, "vllm", "cpu")
+        with nullcontext() if torch.cuda.is_available() else vllm_cpu_env():
+            from vllm import LLM
+
+            self.llm = LLM(model=str(model_dir), dtype=self.dtype, max_model_len=max_model_len, seed=seed,
+                           enforce_eager=True, max_logprobs=max(20, topk_logprobs),
+                           tensor_parallel_size=tensor_parallel_size, trust_remote_code=False)
+        self.start_seconds = time.perf_counter() - t0
+
+    def generate(self, requests: list[Request], sampling: SamplingSettings, *,
+                 progress: bool = False) -> list[Completion]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        k = sampling.topk_logprobs
+        params = [
+            SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p,
+                           max_tokens=sampling.max_tokens, seed=r.seed, logprobs=k or None,
+                           detokenize=False)  # text is decoded once, by the caller, with the HF tokenizer
+            for r in requests
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_token_ids)) for r in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=progress)
+        result = []
+        for out in outputs:
+            o = out.outputs[0]
+            c = Completion(list(o.token_ids), "stop" if o.finish_reason == "stop" else "length")
+            if k:
+                c.topk_ids, c.topk_logprobs = _topk_from_vllm(o.logprobs, k)
+                if len(c.topk_ids) != len(c.token_ids):
+                    raise RuntimeError(f"vLLM returned {len(c.topk_ids)} log-prob rows for "
+                                       f"{len(c.token_ids)} tokens")
+            result.append(c)
+        return result
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # best effort: the process exit frees it anyway
+            pass
+
+
+def _topk_from_vllm(logprobs, k: int) -> tuple[list[list[int]], list[list[float]]]:
+    """vLLM gives per position {token_id: Logprob(rank=...)} with the top-k plus the sampled token."""
+    ids: list[list[int]] = []
+    lps: list[list[float]] = []
+    for pos in logprobs:
+        items = sorted(pos.items(), key=lambda kv: (kv[1].rank, -kv[1].logprob))
+        top = [(t, lp) for t, lp in items if lp.rank is not None and lp.rank <= k][:k]
+        if len(top) < k:  # ties or a missing rank: fall back to ordering by value
+            top = sorted(pos.items(), key=lambda kv: -kv[1].logprob)[:k]
+        ids.append([int(t) for t, _ in top])
+        lps.append([float(lp.logprob) for _, lp in top])
+    return ids, lps

@@ -1,0 +1,130 @@
+"""Seed prompts: loading them from a file (or the built-in set) and formatting them for the teacher.
+
+Formatting happens once, here, with the teacher's own tokenizer: the exact text (chat template included) and
+the exact token ids are stored in the dataset and handed to the engine as token ids, so what is stored is
+what the model saw.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from compactlm.config import GenerateConfig
+
+BUILTIN_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "seed_prompts.jsonl"
+
+
+@dataclass(frozen=True)
+class FormattedPrompt:
+    """One seed prompt ready for the engine. `prompt_id` is its position in the (truncated) prompt list."""
+
+    prompt_id: int
+    prompt: str
+    prompt_text: str
+    prompt_token_ids: tuple[int, ...]
+
+
+def _rows(path: Path) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"prompts file {path}:{n} is not valid JSON ({e})") from None
+                    if not isinstance(obj, dict):
+                        raise ValueError(f"prompts file {path}:{n} must hold a JSON object per line")
+                    rows.append(obj)
+        return rows
+    if suffix == ".json":
+        obj = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
+            raise ValueError(f"prompts file {path} must hold a JSON list of objects like [{{\"prompt\": ...}}]")
+        return obj
+    if suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"generate.prompts must be 'builtin' or a .jsonl/.json/.csv/.parquet file, got {str(path)!r}")
+
+
+def load_prompts(source: str, prompt_field: str = "prompt", max_prompts: int | None = None) -> list[str]:
+    """The raw prompt strings, in file order, truncated to `max_prompts`.
+
+    Raises ValueError when a row lacks `prompt_field`, a prompt is empty, or no prompt is left.
+    """
+    path = BUILTIN_PROMPTS if source == "builtin" else Path(source).expanduser()
+    field = "prompt" if source == "builtin" else prompt_field
+    if not path.is_file():
+        raise ValueError(f"generate.prompts file not found: {str(path)!r} (give an existing file or 'builtin')")
+    rows = _rows(path)
+    if max_prompts is not None:
+        rows = rows[:max_prompts]
+    prompts = []
+    for n, row in enumerate(rows):
+        if field not in row or row[field] is None:
+            raise ValueError(
+                f"prompts file {path} row {n} has no field {field!r}; set generate.prompt_field to one of "
+                f"{sorted(map(str, row))}"
+            )
+        text = str(row[field])
+        if not text.strip():
+            raise ValueError(f"prompts file {path} row {n}: field {field!r} is empty; remove the row")
+        prompts.append(text)
+    if not prompts:
+        raise ValueError(f"prompt set is empty: {path} has no rows (add prompts or point generate.prompts elsewhere)")
+    return prompts
+
+
+def use_chat_template(tokenizer: PreTrainedTokenizerBase, chat: str) -> bool:
+    """Resolve `chat` (auto/on/off) against the tokenizer; 'on' without a template is a ValueError."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat == "on" and not has_template:
+        raise ValueError(
+            "generate.chat is 'on' but the teacher's tokenizer has no chat template; "
+            "set generate.chat to 'off' (raw prompts) or 'auto'"
+        )
+    return chat == "on" or (chat == "auto" and has_template)
+
+
+def format_prompts(prompts: list[str], tokenizer: PreTrainedTokenizerBase, *, chat: bool,
+                   system_prompt: str | None = None) -> list[FormattedPrompt]:
+    """Apply the chat template (or not) and tokenize. Chat text already holds its special tokens."""
+    if system_prompt is not None and not chat:
+        raise ValueError("generate.system_prompt needs chat mode; set generate.chat to 'on'/'auto' with a "
+                         "chat-tuned teacher, or drop system_prompt")
+    out = []
+    for i, prompt in enumerate(prompts):
+        if chat:
+            messages = [{"role": "user", "content": prompt}]
+            if system_prompt is not None:
+                messages.insert(0, {"role": "system", "content": system_prompt})
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            text = prompt
+            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if not ids:
+            raise ValueError(f"prompt {i} tokenizes to no tokens; remove it from the prompts file")
+        out.append(FormattedPrompt(i, prompt, text, tuple(int(t) for t in ids)))
+    return out
+
+
+def prompts_from_config(cfg: GenerateConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[list[FormattedPrompt], bool]:
+    """Load, format and tokenize the prompts a GenerateConfig asks for. Returns (prompts, chat_used)."""
+    chat = use_chat_template(tokenizer, cfg.chat)
+    raw = load_prompts(cfg.prompts, cfg.prompt_field, cfg.max_prompts)
+    return format_prompts(raw, tokenizer, chat=chat, system_prompt=cfg.system_prompt), chat

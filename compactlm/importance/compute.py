@@ -1,0 +1,221 @@
+"""Minitron activation importance from forward passes with hooks.
+
+Every score is accumulated on the fly: a hook reduces its activation to one number per (sequence, unit)
+with ``seq_agg`` and adds it to running sums; no activation outlives its forward call. After all batches,
+``batch_agg`` turns the per-sequence numbers into one score per unit. Magnitudes are aggregated: a head
+contributes the L2 norm of its slice of the ``o_proj`` input at each token, a neuron ``|down_proj input|``,
+a channel ``|RMSNorm output|``. Minitron (Muralidharan et al., 2024) found mean over the sequence then
+L2 over the batch best; that is the default.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Callable
+
+from compactlm.importance.arch import check_arch, decoder_layers, head_dim_of
+from compactlm.importance.scores import ImportanceScores
+
+if TYPE_CHECKING:
+    import torch
+
+SEQ_AGGS = ("mean", "l2", "var")
+BATCH_AGGS = ("l2", "mean", "var")
+
+
+def _seq_agg(x: torch.Tensor, how: str) -> torch.Tensor:
+    """[B, T, N] non-negative magnitudes -> [B, N]."""
+    x = x.float()
+    if how == "mean":
+        return x.mean(dim=1)
+    if how == "l2":
+        return x.pow(2).sum(dim=1).sqrt()
+    return x.var(dim=1, unbiased=False)
+
+
+class _BatchAgg:
+    """Running sums over sequences of [B, *shape] values; ``result()`` applies the batch aggregation."""
+
+    def __init__(self, how: str):
+        self.how = how
+        self.n = 0
+        self.s: torch.Tensor | None = None
+        self.ss: torch.Tensor | None = None
+
+    def add(self, v: torch.Tensor) -> None:
+        v = v.detach().double()
+        if self.s is None:
+            self.s = v.sum(0)
+            self.ss = v.pow(2).sum(0)
+        else:
+            self.s += v.sum(0)
+            self.ss += v.pow(2).sum(0)
+        self.n += v.shape[0]
+
+    def result(self) -> torch.Tensor:
+        assert self.s is not None and self.ss is not None, "no batch was seen"
+        if self.how == "l2":
+            out = self.ss.sqrt()
+        elif self.how == "mean":
+            out = self.s / self.n
+        else:
+            out = (self.ss / self.n - (self.s / self.n) ** 2).clamp_min(0)
+        return out.float().cpu()
+
+
+def _batches(input_ids: torch.Tensor, batch_size: int):
+    for i in range(0, input_ids.shape[0], batch_size):
+        yield input_ids[i:i + batch_size]
+
+
+def _lm_loss_sums(model, batch: torch.Tensor) -> tuple[float, int]:
+    """(sum of next-token NLL, number of predicted tokens) for one batch; row by row to bound memory."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch, use_cache=False).logits
+    total = 0.0
+    for r in range(batch.shape[0]):
+        total += F.cross_entropy(logits[r, :-1].float(), batch[r, 1:], reduction="sum").item()
+    return total, batch.shape[0] * (batch.shape[1] - 1)
+
+
+def calibration_loss(model, input_ids: torch.Tensor, *, batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy of `model` on `input_ids` [N, L] (no hooks added)."""
+    import torch
+
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in _batches(input_ids, batch_size):
+            s, c = _lm_loss_sums(model, batch.to(device))
+            total, count = total + s, count + c
+    return total / count
+
+
+def _hidden_arg(args: tuple, kwargs: dict):
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def compute_importance(model, input_ids: torch.Tensor, *, batch_size: int = 8, seq_agg: str = "mean",
+                       batch_agg: str = "l2", layer_loss: bool = True,
+                       log_fn: Callable[[dict[str, float], int], None] | None = None) -> ImportanceScores:
+    """Score heads, neurons, embedding channels and layers of `model` on calibration `input_ids` [N, L].
+
+    One forward pass over the data collects the width scores, the block influence of each layer and the
+    base loss; with ``layer_loss`` one more pass per layer measures the loss increase when that layer is
+    skipped (its output replaced by its input). Deterministic for fixed data; the model is not modified
+    (all hooks are removed, even on error). Runs on the model's device.
+    """
+    check_arch(model.config)
+    if seq_agg not in SEQ_AGGS:
+        raise ValueError(f"seq_agg must be one of {SEQ_AGGS}, got {seq_agg!r}")
+    if batch_agg not in BATCH_AGGS:
+        raise ValueError(f"batch_agg must be one of {BATCH_AGGS}, got {batch_agg!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if input_ids.ndim != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be [num_samples >= 1, seq_len >= 2], got {tuple(input_ids.shape)}")
+
+    cfg = model.config
+    layers = decoder_layers(model)
+    n_heads, hd = cfg.num_attention_heads, head_dim_of(cfg)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        return _compute(model, input_ids, layers, n_heads, hd, device, batch_size, seq_agg, batch_agg,
+                        layer_loss, log_fn)
+    finally:
+        model.train(was_training)
+
+
+def _compute(model, input_ids, layers, n_heads, hd, device, batch_size, seq_agg, batch_agg, layer_loss,
+             log_fn) -> ImportanceScores:
+    import torch
+    import torch.nn.functional as F
+
+    n_layers = len(layers)
+    heads = [_BatchAgg(batch_agg) for _ in range(n_layers)]
+    neurons = [_BatchAgg(batch_agg) for _ in range(n_layers)]
+    channels = _BatchAgg(batch_agg)
+    channel_buf: dict[str, torch.Tensor] = {}
+    bi_sum = torch.zeros(n_layers, dtype=torch.float64)
+    bi_count = [0] * n_layers
+
+    def head_hook(i):
+        def hook(mod, args):
+            x = args[0]
+            b, t, _ = x.shape
+            norms = x.view(b, t, n_heads, hd).float().norm(dim=-1)  # [B, T, H]
+            heads[i].add(_seq_agg(norms, seq_agg))
+        return hook
+
+    def neuron_hook(i):
+        def hook(mod, args):
+            neurons[i].add(_seq_agg(args[0].abs(), seq_agg))
+        return hook
+
+    def channel_hook(mod, args, output):
+        v = _seq_agg(output.abs(), seq_agg).double()
+        channel_buf["sum"] = channel_buf["sum"] + v if "sum" in channel_buf else v
+
+    def block_hook(i):
+        def hook(mod, args, kwargs, output):
+            x_in = _hidden_arg(args, kwargs)
+            x_out = output[0] if isinstance(output, tuple) else output
+            cos = F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)  # [B, T]
+            bi_sum[i] += (1.0 - cos).double().sum().cpu()
+            bi_count[i] += cos.numel()
+        return hook
+
+    handles = []
+    try:
+        for i, layer in enumerate(layers):
+            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i)))
+            handles.append(layer.mlp.down_proj.register_forward_pre_hook(neuron_hook(i)))
+            handles.append(layer.input_layernorm.register_forward_hook(channel_hook))
+            handles.append(layer.post_attention_layernorm.register_forward_hook(channel_hook))
+            handles.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in _batches(input_ids, batch_size):
+                channel_buf.clear()
+                s, c = _lm_loss_sums(model, batch.to(device))
+                total, count = total + s, count + c
+                channels.add(channel_buf["sum"])
+        base_loss = total / count
+    finally:
+        for h in handles:
+            h.remove()
+
+    loss_increase = None
+    if layer_loss:
+        loss_increase = torch.zeros(n_layers)
+        for i, layer in enumerate(layers):
+            def skip(mod, args, kwargs, output):
+                x_in = _hidden_arg(args, kwargs)
+                return (x_in, *output[1:]) if isinstance(output, tuple) else x_in
+
+            handle = layer.register_forward_hook(skip, with_kwargs=True)
+            try:
+                loss_increase[i] = calibration_loss(model, input_ids, batch_size=batch_size) - base_loss
+            finally:
+                handle.remove()
+            if log_fn is not None:
+                log_fn({"score/layer_loss_increase": float(loss_increase[i])}, i)
+
+    block_influence = (bi_sum / torch.tensor(bi_count, dtype=torch.float64).clamp_min(1)).float()
+    if not math.isfinite(base_loss):
+        raise ValueError(f"calibration loss is {base_loss}: the model produced non-finite logits")
+    return ImportanceScores(
+        heads=torch.stack([h.result() for h in heads]),
+        neurons=torch.stack([n.result() for n in neurons]),
+        channels=channels.result(),
+        layer_block_influence=block_influence,
+        layer_loss_increase=loss_increase,
+        base_loss=float(base_loss),
+        num_key_value_heads=int(model.config.num_key_value_heads),
+        settings={"seq_agg": seq_agg, "batch_agg": batch_agg, "batch_size": batch_size,
+                  "num_samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1]),
+                  "layer_loss": layer_loss},
+    )
