@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast test-integration validate clean
+.PHONY: install demo test test-fast test-integration validate serve deploy stop clean
 
 install: $(STAMP)
 
@@ -35,6 +35,16 @@ test-integration: install
 
 validate: install
 	$(BIN)/compactlm validate configs/smollm2-demo.yaml > /dev/null && $(BIN)/compactlm validate configs/tiny-test.yaml > /dev/null
+
+# Prefect server (:4200), a process worker and an MLflow server (:5000), all on 127.0.0.1; state in runs/serve.
+serve: install
+	$(BIN)/python -m flows.serve start
+
+deploy: install
+	$(BIN)/python -m flows.serve deploy
+
+stop:
+	$(BIN)/python -m flows.serve stop
 
 clean:
 	rm -rf runs mlruns mlartifacts mlflow.db

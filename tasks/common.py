@@ -52,7 +52,8 @@ def run_stage(ctx: RunContext, stage: str, config: Any, upstream: list[str],
     The output lives at ``<workdir>/<stage>/<key>``, keyed by the stage config, the seed, the upstream
     artifacts and the code version. If that directory is complete, the stage is a cache hit: nothing is
     recomputed, but the child run is still logged (tagged ``compactlm.cache_hit``), so every pipeline run
-    has its full run tree.
+    has its full run tree; `log` then gets the manifest with ``"cache_hit": True`` and may skip re-uploading
+    large artifacts.
     """
     logger = get_run_logger()
     key_material = {"config": config.model_dump(mode="json") if hasattr(config, "model_dump") else config,
@@ -70,7 +71,7 @@ def run_stage(ctx: RunContext, stage: str, config: Any, upstream: list[str],
         t0 = time.time()
         if cached:
             logger.info("%s: cache hit, reusing %s", stage, out)
-            summary = read_manifest(out)
+            summary = {**read_manifest(out), "cache_hit": True}
         else:
             logger.info("%s: computing into %s", stage, out)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from prefect import task
 
+from compactlm.artifacts import read_manifest
 from compactlm.config import DistillConfig
 from compactlm.tracking import Tracker
 from tasks.common import RunContext, run_stage
@@ -13,13 +14,13 @@ from tasks.common import RunContext, run_stage
 
 def _make_log(log_model: bool):
     def _log(tracker: Tracker, run_id: str, out: Path, summary: dict) -> None:
-        tracker.log_metrics(run_id, {f"final_{k}": v for k, v in summary.items() if k != "config"})
-        if (out / "train_log.jsonl").exists():
-            tracker.log_artifact(run_id, out / "train_log.jsonl")
-        if log_model:
+        metrics = read_manifest(out)["metrics"]  # same names whether computed now or reused
+        tracker.log_metrics(run_id, {f"final_{k}": v for k, v in metrics.items()})
+        tracker.log_artifact(run_id, out / "train_log.jsonl")
+        tracker.log_artifact(run_id, out / "config.json")
+        tracker.set_tags(run_id, {"compactlm.model_dir": out})
+        if log_model and not summary.get("cache_hit"):  # a reused student was uploaded by the run that made it
             tracker.log_artifact(run_id, out, "model")
-        else:
-            tracker.log_artifact(run_id, out / "config.json")
     return _log
 
 

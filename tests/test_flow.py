@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -39,9 +38,7 @@ def _pipeline_runs(client: MlflowClient):
 @pytest.mark.integration
 def test_compress_flow_end_to_end_and_rerun_hits_cache(tmp_path):
     workdir, prefect_home = tmp_path / "work", tmp_path / "prefect"
-    t0 = time.time()
     first = _run_cli(workdir, prefect_home)
-    first_s = time.time() - t0
 
     # The CLI prints the comparison table and where the MLflow run is.
     assert "| teacher" in first.stdout and "| student" in first.stdout, first.stdout
@@ -93,13 +90,16 @@ def test_compress_flow_end_to_end_and_rerun_hits_cache(tmp_path):
     manifest = json.loads((tmp_path / "student-gen" / "manifest.json").read_text())
     assert manifest["stats"]["completion_tokens"] > 0, manifest
 
-    # Same parameters again: every stage is a cache hit, and the run takes a fraction of the time.
-    t1 = time.time()
+    # Same parameters again: every stage is a cache hit, and the flow takes under 10% of the first one's time
+    # (flow time = the parent MLflow run's duration; process start-up and imports are outside it).
     _run_cli(workdir, prefect_home)
-    second_s = time.time() - t1
     parents, children = _pipeline_runs(client)
     assert len(parents) == 2
     rerun = children[parents[1].info.run_id]
     assert {k.info.run_name for k in rerun} == STAGES
     assert all(k.data.tags["compactlm.cache_hit"] == "true" for k in rerun)
-    assert second_s < first_s / 2, (first_s, second_s)
+    first_flow, second_flow = (p.info.end_time - p.info.start_time for p in parents)
+    assert second_flow < 0.1 * first_flow, (first_flow, second_flow)
+    finals = [{k for k in r.data.metrics if k.startswith("final_")}
+              for r in (by_name["distill"], next(r for r in rerun if r.info.run_name == "distill"))]
+    assert finals[0] and finals[0] == finals[1]  # the same metric names whether computed or reused
