@@ -104,5 +104,24 @@ def publish_dir(final: str | os.PathLike, manifest: dict[str, Any]) -> Iterator[
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextmanager
+def output_lock(final: str | os.PathLike) -> Iterator[None]:
+    """Exclusive lock for computing `final` (an advisory ``flock`` on ``.<name>.lock`` beside it).
+
+    Two runs that need the same output serialise on it: the second waits, then finds it complete.
+    Runs with different outputs never wait for each other.
+    """
+    import fcntl
+
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def dir_size_bytes(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

@@ -27,6 +27,20 @@ KNOWN_ALIASES = ("smollm2-135m-instruct", "tiny-random-llama")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
+#: Files that travel with a model directory besides its weights and config (tokenizer, chat template, ...).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+
+
+def copy_model_side_files(src: str | os.PathLike, dst: str | os.PathLike,
+                          extra: tuple[str, ...] = ()) -> None:
+    """Copy the tokenizer files (and `extra` names) that exist in `src` and not yet in `dst`."""
+    src, dst = Path(src), Path(dst)
+    for name in TOKENIZER_FILES + extra:
+        if (src / name).is_file() and not (dst / name).exists():
+            shutil.copy2(src / name, dst / name)
+
+
 class ModelRefError(ValueError):
     """A model reference cannot be resolved. The message says what to give instead."""
 
@@ -165,9 +179,15 @@ def load_model(model_dir: str | os.PathLike, *, dtype: str | torch.dtype = "floa
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=dtype, trust_remote_code=False, use_safetensors=True
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, trust_remote_code=False, use_safetensors=True
+        )
+    except Exception as e:
+        if type(e).__name__ == "SafetensorError" or "safetensors" in str(e).lower():
+            raise ModelRefError(f"could not read the weights in {model_dir} ({e}); the safetensors file is "
+                                "truncated, corrupt or missing: re-create or re-download the model") from e
+        raise
     return model.to(device).eval()
 
 

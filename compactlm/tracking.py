@@ -8,6 +8,7 @@ stage metrics of different pipeline runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -16,6 +17,21 @@ from pathlib import Path
 from typing import Any
 
 _BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-./: ]")
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s:]+(:[^/@\s]*)?@")
+_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_key|apikey|credential)", re.IGNORECASE)
+
+
+def redact(obj: Any) -> Any:
+    """Copy of `obj` safe to log: credentials in URLs become ``***`` and values under secret-looking keys
+    (token, secret, password, api_key, ...) are replaced. Applied to everything compactlm logs as params."""
+    if isinstance(obj, dict):
+        return {k: ("***" if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return _URL_CREDENTIALS.sub(lambda m: m.group("scheme") + "***@", obj)
+    return obj
 
 
 def default_tracking_uri(workdir: str | os.PathLike, configured: str | None = None) -> str:
@@ -45,30 +61,39 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class Tracker:
-    """Logs to explicit MLflow runs of one experiment. Picklable by its two strings."""
+    """Logs to explicit MLflow runs of one experiment; tasks rebuild it from (tracking_uri, experiment)."""
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: str | None = None):
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        from compactlm.artifacts import output_lock
+
         self.tracking_uri = tracking_uri
         self.experiment = experiment
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        mlflow.set_tracking_uri(tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            location = None
-            if artifact_root is None and tracking_uri.startswith("sqlite:///"):
-                # Keep artifacts beside the SQLite file, not in whatever the current directory is.
-                artifact_root = str(Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts")
-            if artifact_root:
-                location = Path(artifact_root).resolve().as_uri() if "://" not in artifact_root else artifact_root
-            try:
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-            except Exception:  # created concurrently by another run
-                self.experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
-        else:
-            self.experiment_id = exp.experiment_id
+        # Opening a SQLite store the first time creates its schema (alembic migrations); two processes doing
+        # it at once corrupt the version table. Serialise store creation across processes.
+        sqlite = tracking_uri.startswith("sqlite:///")
+        with output_lock(tracking_uri.removeprefix("sqlite:///")) if sqlite else contextlib.nullcontext():
+            self.client = MlflowClient(tracking_uri=tracking_uri)
+            self.client.search_experiments(max_results=1)  # forces the store (and its schema) into existence
+            mlflow.set_tracking_uri(tracking_uri)
+            self.experiment_id = self._experiment_id(artifact_root)
+
+    def _experiment_id(self, artifact_root: str | None) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        if artifact_root is None and self.tracking_uri.startswith("sqlite:///"):
+            # Keep artifacts beside the SQLite file, not in whatever the current directory is.
+            artifact_root = str(Path(self.tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts")
+        location = None
+        if artifact_root:
+            location = Path(artifact_root).resolve().as_uri() if "://" not in artifact_root else artifact_root
+        try:
+            return self.client.create_experiment(self.experiment, artifact_location=location)
+        except Exception:  # created concurrently by another run
+            return self.client.get_experiment_by_name(self.experiment).experiment_id
 
     def start_run(self, name: str, *, parent_id: str | None = None, tags: dict[str, str] | None = None) -> str:
         tags = dict(tags or {})
@@ -81,13 +106,13 @@ class Tracker:
         self.client.set_terminated(run_id, status=status)
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
-        for k, v in tags.items():
+        for k, v in redact(tags).items():
             self.client.set_tag(run_id, k, str(v))
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        flat = flatten(params)
+        flat = flatten(redact(params))
         items = [Param(metric_name(k), json.dumps(v) if isinstance(v, (list, dict)) else str(v)[:6000])
                  for k, v in flat.items()]
         for i in range(0, len(items), 100):
@@ -115,10 +140,10 @@ class Tracker:
         self.client.log_text(run_id, text, artifact_file)
 
     def log_dict(self, run_id: str, obj: dict, artifact_file: str) -> None:
-        self.client.log_dict(run_id, obj, artifact_file)
+        self.client.log_dict(run_id, redact(obj), artifact_file)
 
     def run_url(self, run_id: str) -> str:
         """Link for http tracking servers; for local stores, the command that opens the UI."""
         if self.tracking_uri.startswith("http"):
             return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
-        return f"mlflow ui --backend-store-uri {self.tracking_uri}  (experiment {self.experiment!r}, run {run_id})"
+        return f"mlflow ui --backend-store-uri {redact(self.tracking_uri)}  (experiment {self.experiment!r}, run {run_id})"

@@ -10,7 +10,7 @@ from prefect import get_run_logger
 from prefect.context import FlowRunContext, TaskRunContext
 from pydantic import BaseModel
 
-from compactlm.artifacts import is_complete, read_manifest, stage_key
+from compactlm.artifacts import is_complete, output_lock, read_manifest, stage_key
 from compactlm.tracking import Tracker
 
 
@@ -67,18 +67,19 @@ def run_stage(ctx: RunContext, stage: str, config: Any, upstream: list[str],
         tracker.log_params(run_id, key_material)
         for i, u in enumerate(upstream):
             tracker.log_params(run_id, {f"input_{i}": u})
-        cached = is_complete(out)
         t0 = time.time()
-        if cached:
-            logger.info("%s: cache hit, reusing %s", stage, out)
-            summary = {**read_manifest(out), "cache_hit": True}
-        else:
-            logger.info("%s: computing into %s", stage, out)
+        with output_lock(out):  # another run computing the same output: wait for it, then reuse it
+            cached = is_complete(out)
+            if cached:
+                logger.info("%s: cache hit, reusing %s", stage, out)
+                summary = {**read_manifest(out), "cache_hit": True}
+            else:
+                logger.info("%s: computing into %s", stage, out)
 
-            def log_step(metrics: dict, step: int) -> None:
-                tracker.log_metrics(run_id, metrics, step=step)
+                def log_step(metrics: dict, step: int) -> None:
+                    tracker.log_metrics(run_id, metrics, step=step)
 
-            summary = produce(out, log_step)
+                summary = produce(out, log_step)
         tracker.set_tags(run_id, {"compactlm.cache_hit": str(cached).lower(), "compactlm.output": out})
         if log is not None:
             log(tracker, run_id, out, summary)

@@ -38,3 +38,28 @@ def test_fingerprint_of_plain_dir_changes_with_content(tmp_path):
     a = fingerprint(d)
     (d / "model.safetensors").write_bytes(b"123")
     assert fingerprint(d) != a
+
+
+def test_output_lock_serialises_same_output_only(tmp_path):
+    import threading
+    import time
+
+    from compactlm.artifacts import output_lock
+
+    events = []
+
+    def worker(name, target, hold):
+        with output_lock(tmp_path / target):
+            events.append((name, "in", time.monotonic()))
+            time.sleep(hold)
+            events.append((name, "out", time.monotonic()))
+
+    a = threading.Thread(target=worker, args=("a", "k1", 0.5))
+    a.start()
+    time.sleep(0.1)
+    b = threading.Thread(target=worker, args=("b", "k1", 0))  # same output: waits for a
+    c = threading.Thread(target=worker, args=("c", "k2", 0))  # other output: does not wait
+    b.start(); c.start(); a.join(); b.join(); c.join()
+    t = {(n, e): ts for n, e, ts in events}
+    assert t[("b", "in")] >= t[("a", "out")]
+    assert t[("c", "in")] < t[("a", "out")]

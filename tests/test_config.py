@@ -84,4 +84,6 @@ def test_prune_target_larger_than_teacher_fails_before_compute(tmp_path, tiny_mo
                            "--set", f"workdir={tmp_path}/w"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "prune: prune.intermediate_size=99999 is larger than the teacher's 256" in proc.stderr, proc.stderr
-    assert time.time() - t0 < 15 and not (tmp_path / "w").exists()
+    # Rejected before generation starts: nothing written. (It reads the teacher's config, so it imports
+    # transformers; the sub-5 s bound for schema errors is asserted above, where nothing heavy is imported.)
+    assert time.time() - t0 < 60 and not (tmp_path / "w").exists()

@@ -13,17 +13,34 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
+# Secrets a user may have in the environment; none may reach logs, params, artifacts or stage outputs.
+PLANTED = {"HF_TOKEN": "hf_PLANTEDsecret0001", "AWS_SECRET_ACCESS_KEY": "PLANTEDaws0002"}
 STAGES = {"generate", "score", "prune", "distill", "evaluate"}
 
 
 def _run_cli(workdir: Path, prefect_home: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
-    env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONUNBUFFERED="1")
+    env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONUNBUFFERED="1",
+               **PLANTED)
     cmd = [sys.executable, "-m", "flows.cli", "run", str(REPO / "configs/tiny-test.yaml"),
            "--set", f"workdir={workdir}", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    for secret in PLANTED.values():
+        assert secret not in proc.stdout + proc.stderr
     return proc
+
+
+def _assert_no_secret_in(*roots: Path) -> int:
+    scanned = 0
+    for root in roots:
+        for f in root.rglob("*"):
+            if f.is_file():
+                data = f.read_bytes()
+                scanned += 1
+                for secret in PLANTED.values():
+                    assert secret.encode() not in data, f"{secret} leaked into {f}"
+    return scanned
 
 
 def _pipeline_runs(client: MlflowClient):
@@ -80,6 +97,9 @@ def test_compress_flow_end_to_end_and_rerun_hits_cache(tmp_path):
                 + 3 * (per_layer_attn + per_layer_mlp * 128 + norms))
     assert count_params(model) == expected < count_params(teacher)
     assert parent.data.metrics["student_param_fraction"] == pytest.approx(expected / count_params(teacher))
+
+    # Planted secrets appear nowhere: MLflow store and artifacts, Prefect database and logs, stage outputs.
+    assert _assert_no_secret_in(workdir, prefect_home) > 20
 
     # The student is a normal HF directory that vLLM serves unchanged.
     gen_cfg = json.dumps({"engine": "vllm", "max_prompts": 2, "max_tokens": 8, "max_model_len": 256})

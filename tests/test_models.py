@@ -61,3 +61,14 @@ def test_smollm2_alias_converts_gguf_to_safetensors():
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
     assert count_params(model) == 134_515_008
     assert model.dtype == torch.float32
+
+
+def test_truncated_weights_give_a_clear_error(tmp_path, tiny_model_dir):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    with open(bad / "model.safetensors", "r+b") as f:
+        f.truncate(1_000_000)
+    with pytest.raises(ModelRefError, match="truncated, corrupt or missing"):
+        load_model(bad)

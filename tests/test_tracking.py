@@ -51,3 +51,36 @@ def test_parent_child_runs_from_threads(tmp_path):
         assert [a.path for a in client.list_artifacts(r.info.run_id)] == ["f.txt"]
     assert (tmp_path / "mlartifacts").is_dir()  # artifacts live beside the SQLite file
     assert client.get_run(parent).data.tags["prefect.flow_run_id"] == "abc"
+
+
+def test_redact_hides_credentials_and_secret_keys():
+    from compactlm.tracking import redact
+
+    got = redact({"uri": "https://alice:s3cr3t@mlflow.example.com/x", "hf_token": "hf_abc", "nested":
+                  {"AWS_SECRET_ACCESS_KEY": "zzz", "lr": 0.1, "empty_token": None}, "l": ["s3://k:v@bucket/p"]})
+    assert got == {"uri": "https://***@mlflow.example.com/x", "hf_token": "***",
+                   "nested": {"AWS_SECRET_ACCESS_KEY": "***", "lr": 0.1, "empty_token": None},
+                   "l": ["s3://***@bucket/p"]}
+
+
+def test_logged_params_and_dicts_are_redacted(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tr = Tracker(uri, "exp")
+    rid = tr.start_run("r")
+    tr.log_params(rid, {"tracking_uri": "http://bob:PLANTED1@host:5000", "api_key": "PLANTED2"})
+    tr.log_dict(rid, {"password": "PLANTED3"}, "recipe.json")
+    tr.end_run(rid)
+    blob = (tmp_path / "mlflow.db").read_bytes() + b"".join(
+        p.read_bytes() for p in (tmp_path / "mlartifacts").rglob("*") if p.is_file())
+    assert b"PLANTED" not in blob
+
+
+def test_processes_opening_a_fresh_sqlite_store_at_once_all_succeed(tmp_path):
+    # Without the store-creation lock, 3 of 4 such processes died in MLflow's schema migration.
+    import subprocess
+    import sys
+
+    code = f"from compactlm.tracking import Tracker; Tracker('sqlite:///{tmp_path}/mlflow.db', 'exp')"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
