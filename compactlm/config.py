@@ -35,14 +35,97 @@ def _existing_file(value: str | None, what: str) -> str | None:
     return value
 
 
+#: Words that mark an instruction a text-only model cannot carry out (from the Self-Instruct paper's filter).
+SELF_INSTRUCT_BLOCKED_WORDS = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files",
+                               "map", "maps", "draw", "plot", "go to", "video", "audio", "music", "flowchart",
+                               "diagram")
+
+_TEMPLATE_FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def template_fields(template: str) -> list[str]:
+    """The row fields a prompt template names, e.g. ``"{instruction}\n\n{input}"`` -> [instruction, input].
+
+    Only plain ``{field}`` placeholders are allowed (no attribute/index access, no conversions or format
+    specs), so a recipe's template can read a row's values and nothing else. Raises ValueError otherwise.
+    """
+    import string
+
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"template {template!r} is not a valid format string ({e}); "
+                         "write literal braces as '{{' and '}}'") from None
+    fields = []
+    for _, name, spec, conv in parts:
+        if name is None:
+            continue
+        if not _TEMPLATE_FIELD.match(name) or spec or conv:
+            raise ValueError(f"template placeholder {{{name}{'!' + conv if conv else ''}"
+                             f"{':' + spec if spec else ''}}} is not allowed: use plain {{field}} names")
+        fields.append(name)
+    if not fields:
+        raise ValueError(f"template {template!r} names no field; use e.g. '{{instruction}}\\n\\n{{input}}'")
+    return fields
+
+
+class SelfInstructConfig(_Strict):
+    """Self-Instruct expansion: the teacher writes new instructions from random few-shot subsets of the seeds.
+
+    Pass 1 asks ``ceil(num_instructions * oversample)`` times for one new instruction (each prompt shows
+    `seeds_per_prompt` seeds drawn with the run seed); the candidates are parsed and filtered (length, text
+    that is not an instruction, blocked words, near-duplicates of the seeds and of each other) and the first
+    `num_instructions` survivors, in prompt order, are kept. Pass 2 answers them like any prompt set.
+    """
+
+    num_instructions: int = Field(1000, ge=1, le=1_000_000, description="New instructions to keep (at most)")
+    oversample: float = Field(
+        2.0, ge=1.0, le=50.0,
+        description="Instruction-writing requests per wanted instruction (filters drop some candidates)",
+    )
+    seeds_per_prompt: int = Field(
+        3, ge=1, le=16, description="Seed examples shown in each instruction-writing prompt (seeded random subset)"
+    )
+    include_seeds: bool = Field(True, description="Also answer the seed prompts themselves (they come first)")
+    temperature: float = Field(1.0, ge=0.0, le=5.0, description="Sampling temperature for writing instructions")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus threshold for writing instructions")
+    max_tokens: int = Field(64, ge=4, le=4096, description="Max new tokens per written instruction")
+    min_words: int = Field(3, ge=1, description="Drop instructions with fewer words")
+    max_words: int = Field(150, ge=1, description="Drop instructions with more words")
+    near_dup_threshold: float = Field(
+        0.7, gt=0.0, le=1.0,
+        description="Drop an instruction whose MinHash Jaccard similarity to a seed or an earlier kept "
+        "instruction is at least this",
+    )
+    blocked_words: list[str] = Field(
+        list(SELF_INSTRUCT_BLOCKED_WORDS),
+        description="Drop instructions containing any of these words (tasks a text model cannot do)",
+    )
+
+    @model_validator(mode="after")
+    def _words_order(self) -> SelfInstructConfig:
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) must be <= max_words ({self.max_words})")
+        return self
+
+
 class GenerateConfig(_Strict):
     """Synthetic data: the teacher answers seed prompts (vLLM offline batch; HF generate as fallback)."""
 
     prompts: str = Field(
         "builtin",
-        description="'builtin' for the shipped seed prompts, or a local .jsonl/.json/.csv/.parquet file",
+        description="'builtin' for the shipped seed prompts; a local .jsonl/.json/.csv/.parquet file; a "
+        "directory saved with datasets' save_to_disk; or 'hf:<dataset id>' for a Hugging Face hub dataset "
+        "(needs network or the local HF cache)",
     )
-    prompt_field: str = Field("prompt", description="Column holding the prompt text in the prompts file")
+    prompt_field: str = Field("prompt", description="Column holding the prompt text (ignored with template)")
+    template: str | None = Field(
+        None,
+        description="Build each prompt from its row with a format string over the row's fields, e.g. "
+        "'{instruction}\\n\\n{input}'; the result is stripped of surrounding whitespace",
+    )
+    hf_split: str = Field("train", description="Split of an 'hf:' or save_to_disk dataset")
+    hf_subset: str | None = Field(None, description="Config (subset) name of an 'hf:' dataset")
     system_prompt: str | None = Field(None, description="Optional system message (chat mode only)")
     max_prompts: int | None = Field(None, ge=1, description="Use at most this many prompts (None = all)")
     n: int = Field(1, ge=1, le=64, description="Completions per prompt")
@@ -54,13 +137,36 @@ class GenerateConfig(_Strict):
     )
     engine: Literal["vllm", "hf"] = Field("vllm", description="vLLM (fast) or HF generate (fallback)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Inference dtype; auto = bfloat16 for vLLM, float32 for HF on CPU"
+        "auto", description="Inference dtype; auto = bfloat16 on GPU and on CPUs with native bf16, else float32"
     )
     max_model_len: int = Field(1024, ge=64, description="Context length given to the engine")
     batch_size: int = Field(64, ge=1, description="HF engine batch size (vLLM schedules its own)")
     shard_size: int = Field(256, ge=1, description="Prompts per output shard (the unit of resume)")
-    min_tokens: int = Field(1, ge=0, description="Drop completions shorter than this many tokens")
-    dedup: bool = Field(True, description="Drop exact-duplicate completions")
+    self_instruct: SelfInstructConfig | None = Field(
+        None, description="Grow the prompt set first: the teacher writes new instructions from the seed prompts "
+        "(Self-Instruct), which are filtered, deduplicated and then answered; None = off",
+    )
+    # ---- completion filters (each one's drop count is in the manifest's stats.dropped)
+    min_tokens: int = Field(1, ge=0, description="Drop completions shorter than this many tokens (EOS excluded)")
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="Drop completions longer than this many tokens (EOS excluded); None = off"
+    )
+    drop_truncated: bool = Field(
+        False, description="Drop completions cut off by max_tokens (finish_reason 'length')"
+    )
+    max_repetition: float | None = Field(
+        0.5, gt=0.0, le=1.0,
+        description="Drop degenerate completions: the share of repeated token n-grams (1 - unique/total) is "
+        "above this; None = off",
+    )
+    repetition_ngram: int = Field(4, ge=1, le=32, description="n of the n-grams max_repetition counts")
+    dedup: bool = Field(True, description="Drop exact-duplicate completions (case and whitespace folded)")
+    near_dup_threshold: float | None = Field(
+        0.9, gt=0.0, le=1.0,
+        description="Drop a completion whose MinHash Jaccard similarity (word 3-gram shingles) to an earlier "
+        "kept one is at least this; None = off",
+    )
+    minhash_num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations (accuracy vs speed)")
     topk_logprobs: int = Field(
         0, ge=0, le=100, description="Store the teacher's top-k log-probs per token (0 = off)"
     )
@@ -71,9 +177,30 @@ class GenerateConfig(_Strict):
     def _prompts_exist(cls, v: str) -> str:
         if v == "builtin":
             return v
+        if v.startswith("hf:"):
+            if not v[3:].strip():
+                raise ValueError("prompts 'hf:' needs a dataset id, e.g. 'hf:tatsu-lab/alpaca'")
+            return v
+        if Path(v).expanduser().is_dir():
+            return v
         if Path(v).suffix.lower() not in {".jsonl", ".json", ".csv", ".parquet"}:
-            raise ValueError(f"prompts must be 'builtin' or a .jsonl/.json/.csv/.parquet file, got {v!r}")
+            raise ValueError(f"prompts must be 'builtin', 'hf:<dataset id>', a save_to_disk directory or a "
+                             f".jsonl/.json/.csv/.parquet file, got {v!r}")
         return _existing_file(v, "prompts")
+
+    @field_validator("template")
+    @classmethod
+    def _template_ok(cls, v: str | None) -> str | None:
+        if v is not None:
+            template_fields(v)
+        return v
+
+    @model_validator(mode="after")
+    def _lengths_order(self) -> GenerateConfig:
+        if self.max_completion_tokens is not None and self.max_completion_tokens < self.min_tokens:
+            raise ValueError(f"max_completion_tokens ({self.max_completion_tokens}) must be >= min_tokens "
+                             f"({self.min_tokens})")
+        return self
 
 
 class ScoreConfig(_Strict):
@@ -116,12 +243,43 @@ class PruneConfig(_Strict):
         description="When channels are pruned, scale RMSNorm weights by sqrt(D/D') so the normalized "
         "scale is kept (exact for removed all-zero channels)",
     )
+    params: float | None = Field(
+        None, gt=0, lt=1,
+        description="Parameter budget as a fraction of the teacher's parameters (e.g. 0.5). Instead of the "
+        "shape fields: candidate shapes (depth-only, width-only, mixed) that fit are ranked by `proxy` on "
+        "calibration data and the best is pruned",
+    )
+    candidates: int = Field(3, ge=1, description="With params: how many top-ranked candidate shapes to return")
+    search: int = Field(
+        8, ge=1, description="With params: candidate shapes scored with the proxy (at least one per kind that fits)"
+    )
+    proxy: Literal["loss", "kl"] = Field(
+        "loss",
+        description="With params: rank candidates by calibration loss ('loss') or KL(teacher || student) "
+        "('kl') right after pruning, lower is better",
+    )
+    proxy_samples: int = Field(8, ge=1, description="With params: calibration sequences for the proxy")
+    proxy_seq_len: int = Field(256, ge=8, description="With params: tokens per proxy calibration sequence")
+
+    @model_validator(mode="after")
+    def _budget_or_shape(self) -> "PruneConfig":
+        if self.params is not None:
+            given = [f for f in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
+                     if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"give either params (a parameter budget) or an explicit shape, not both: "
+                                 f"unset {', '.join(given)} or params")
+        return self
 
 
 class DistillConfig(_Strict):
     """Logit knowledge distillation of the pruned student from the teacher."""
 
-    mode: Literal["online"] = Field("online", description="online = teacher in memory")
+    mode: Literal["online", "offline"] = Field(
+        "online",
+        description="online = teacher forward on every batch; offline = KD from the top-k log-probs stored by "
+        "generation (needs generate.topk_logprobs > 0; the teacher is not loaded)",
+    )
     loss: Literal["forward_kl", "reverse_kl", "jsd", "tv"] = Field("forward_kl", description="KD divergence")
     temperature: float = Field(1.0, gt=0.0, le=20.0, description="KD temperature (loss scaled by T^2)")
     kd_weight: float = Field(1.0, ge=0.0, le=1.0, description="Weight of KD; CE on the data gets 1 - kd_weight")
@@ -144,6 +302,17 @@ class DistillConfig(_Strict):
         None, ge=1, description="Sequences per forward pass (gradient accumulation); None = batch_size"
     )
     gradient_checkpointing: bool = Field(False, description="Recompute student activations in backward (saves memory)")
+    checkpoint_every: int | None = Field(
+        None, ge=1,
+        description="Write a resumable checkpoint every N steps into <out_dir>.ckpt/ (None = off); a re-run "
+        "with the same inputs resumes from the last one",
+    )
+    hidden_weight: float = Field(
+        0.0, ge=0.0, description="Weight of hidden-state KD added to the loss (0 = off; online mode only)"
+    )
+    hidden_loss: Literal["cosine", "mse"] = Field(
+        "cosine", description="Hidden-state distance: cosine = 1 - cos per token, mse = mean squared error"
+    )
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> DistillConfig:
@@ -152,6 +321,9 @@ class DistillConfig(_Strict):
         if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
             raise ValueError(f"micro_batch_size ({self.micro_batch_size}) must divide batch_size "
                              f"({self.batch_size})")
+        if self.mode == "offline" and self.hidden_weight > 0:
+            raise ValueError("hidden_weight > 0 needs the teacher's hidden states, which offline mode does not "
+                             "have: use mode: online, or hidden_weight: 0")
         return self
 
 
@@ -181,6 +353,20 @@ class EvalConfig(_Strict):
     data_dir: str = Field(
         "../shared/data",
         description="Folder with benchmark copies for compactlm_arc_easy etc. (relative = to the repo root)",
+    )
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="Scoring engine: hf = lm-eval's HFLM in this process; vllm = lm-eval's VLLM model, run in a "
+                    "child process (python -m compactlm.evaluation)",
+    )
+    speed: bool = Field(
+        True,
+        description="Measure inference tok/s: greedy HF generation, 8 fixed prompts x 32 new tokens, batch 8",
+    )
+    min_recovery: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Quality gate: fail the run if the student keeps less than this fraction of the teacher "
+                    "(the table's '% of teacher kept' / 100); None = no gate",
     )
 
     @field_validator("tasks")

@@ -56,7 +56,7 @@ def compress(recipe: Recipe) -> dict:
         preflight(recipe, teacher)  # the prune target must fit this teacher: fail before generating
         data = generate(ctx, teacher, recipe.generate)
         scores = score(ctx, teacher, data, recipe.score)
-        pruned = prune(ctx, teacher, scores, recipe.prune)
+        pruned = prune(ctx, teacher, scores, data, recipe.prune)
         student = distill(ctx, teacher, pruned, data, recipe.distill, log_model=recipe.tracking.log_model)
         eval_dir = evaluate(ctx, {"teacher": teacher, "pruned": pruned, "student": student}, recipe.eval)
 

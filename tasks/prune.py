@@ -20,10 +20,16 @@ def _log(tracker: Tracker, run_id: str, out: Path, summary: dict) -> None:
 
 
 @task(name="prune", retries=1, retry_delay_seconds=5)
-def prune(ctx: RunContext, teacher_dir: str, scores_dir: str, cfg: PruneConfig) -> str:
+def prune(ctx: RunContext, teacher_dir: str, scores_dir: str, data_dir: str, cfg: PruneConfig) -> str:
+    """Prune to cfg's explicit shape, or, with a parameter budget (`cfg.params`), to the best of the candidate
+    shapes ranked on the generated data (which then becomes an input of the output's key)."""
     from compactlm.pruning import prune_to_dir
 
-    def produce(out: Path, log_step) -> dict:
-        return prune_to_dir(teacher_dir, scores_dir, cfg, out)
+    budget = cfg.params is not None
 
-    return run_stage(ctx, "prune", cfg, [teacher_dir, scores_dir], produce, _log)
+    def produce(out: Path, log_step) -> dict:
+        return prune_to_dir(teacher_dir, scores_dir, cfg, out, calibration=data_dir if budget else None,
+                            device=ctx.device, seed=ctx.seed)
+
+    upstream = [teacher_dir, scores_dir] + ([data_dir] if budget else [])
+    return run_stage(ctx, "prune", cfg, upstream, produce, _log)

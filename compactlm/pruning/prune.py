@@ -24,22 +24,19 @@ import copy
 import math
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compactlm.config import PruneConfig
 from compactlm.importance.arch import check_arch, head_dim_of
 from compactlm.importance.scores import ImportanceScores
+from compactlm.models import copy_model_side_files
 
 if TYPE_CHECKING:
     import torch
 
 RECORD_FILE = "pruning.json"
 SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json")
 
 
 def shape_of(config: Any) -> dict[str, int]:
@@ -55,9 +52,22 @@ def shape_of(config: Any) -> dict[str, int]:
 
 
 def target_shape(config: Any, cfg: PruneConfig) -> dict[str, int]:
-    """Validate `cfg` against the teacher `config` and return the student shape. Raises ValueError."""
+    """Validate `cfg` against the teacher `config` and return the student shape. Raises ValueError.
+
+    With ``cfg.params`` (a parameter budget) the shape is chosen later by ranking candidates
+    (:func:`compactlm.pruning.rank_candidates`); here the budget is checked to be reachable and the first
+    candidate's shape (closest to the budget among the depth-only ones, if any) is returned.
+    """
     check_arch(config)
     teacher = shape_of(config)
+    if getattr(cfg, "params", None) is not None:
+        given = [f"prune.{k}" for k in SHAPE_FIELDS if getattr(cfg, k) is not None]
+        if given:
+            raise ValueError(f"give either prune.params or an explicit shape, not both: unset {', '.join(given)}")
+        from compactlm.pruning.budget import candidate_shapes
+
+        first = candidate_shapes(config, cfg.params, max_per_kind=1)[0]
+        return {**teacher, **first["shape"]}
     student = dict(teacher)
     for name in SHAPE_FIELDS:
         value = getattr(cfg, name)
@@ -97,7 +107,15 @@ def _top_sorted(scores: torch.Tensor, k: int) -> list[int]:
 
 
 def plan_pruning(config: Any, scores: ImportanceScores, cfg: PruneConfig) -> dict[str, Any]:
-    """Which layers, heads, neurons and channels survive. Validates everything; touches no weights."""
+    """Which layers, heads, neurons and channels survive. Validates everything; touches no weights.
+
+    Needs an explicit shape: with ``cfg.params`` set, pick one with :func:`compactlm.pruning.rank_candidates`
+    (or let :func:`prune_to_dir` do it) and pass ``PruneConfig(**candidate["shape"])``.
+    """
+    if getattr(cfg, "params", None) is not None:
+        raise ValueError(f"prune.params={cfg.params} is a budget, not a shape: rank the candidate shapes first "
+                         "(compactlm.pruning.rank_candidates, or prune_to_dir(..., calibration=...)) and prune to "
+                         "the chosen candidate's shape")
     student = target_shape(config, cfg)
     teacher = shape_of(config)
     L, H, I, D = (teacher[k] for k in ("num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -205,7 +223,6 @@ def prune_model(model, scores: ImportanceScores, cfg: PruneConfig) -> tuple[Any,
     index of each student layer), ``kept_heads`` (teacher query-head indices per student layer),
     ``kept_neurons`` (count per student layer), ``kept_channels`` and parameter counts.
     """
-    import torch
     from transformers import AutoModelForCausalLM
 
     from compactlm.models import count_params
@@ -248,40 +265,100 @@ def prune_model(model, scores: ImportanceScores, cfg: PruneConfig) -> tuple[Any,
     return new, record
 
 
+def shape_kind(student: dict[str, int], teacher: dict[str, int]) -> str:
+    """"depth" (only layers cut), "width" (only hidden / MLP / heads cut), "mixed" (both) or "none"."""
+    deep = student["num_hidden_layers"] < teacher["num_hidden_layers"]
+    wide = any(student[k] < teacher[k] for k in SHAPE_FIELDS if k != "num_hidden_layers")
+    return "mixed" if deep and wide else "depth" if deep else "width" if wide else "none"
+
+
+def _with_shape(cfg: PruneConfig, shape: dict[str, Any]) -> PruneConfig:
+    """`cfg` with its shape replaced by `shape` (a dict of SHAPE_FIELDS; missing = keep) and no budget."""
+    if not isinstance(shape, dict):
+        raise ValueError(f"shape must be a dict of {', '.join(SHAPE_FIELDS)}, got {type(shape).__name__}")
+    unknown = sorted(set(shape) - set(SHAPE_FIELDS))
+    if unknown:
+        raise ValueError(f"shape has unknown keys {unknown}; allowed: {', '.join(SHAPE_FIELDS)} "
+                         "(e.g. a candidate's 'shape' from rank_candidates)")
+    return PruneConfig(**shape, layer_metric=cfg.layer_metric, rescale_norms=cfg.rescale_norms)
+
+
 def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cfg: PruneConfig,
-                 out_dir: str | os.PathLike) -> dict[str, Any]:
+                 out_dir: str | os.PathLike, *, calibration: torch.Tensor | str | os.PathLike | None = None,
+                 shape: dict[str, int] | None = None, device: str = "cpu", seed: int = 0) -> dict[str, Any]:
     """Prune the HF model in `model_dir` with the scores in `scores_dir` and publish the student to `out_dir`.
 
-    `out_dir` becomes a normal HF directory (config.json, model.safetensors, tokenizer files and chat
-    template copied from `model_dir`) plus ``pruning.json`` (the record) and ``manifest.json`` last.
-    Every target is validated before any model loads; on bad input nothing is written.
+    The student's shape comes from, in order:
+
+    1. `shape` (a dict of ``num_hidden_layers`` / ``hidden_size`` / ``intermediate_size`` /
+       ``num_attention_heads``; missing keys keep the teacher's value), e.g. one candidate's ``"shape"`` from
+       :func:`compactlm.pruning.rank_candidates` in a fan-out over the top-k; ``cfg``'s shape fields and
+       ``cfg.params`` are then ignored (``layer_metric`` and ``rescale_norms`` still apply);
+    2. ``cfg.params``: the candidates that fit the budget are ranked by ``cfg.proxy`` on `calibration` (ids
+       [N, T], or a generated dataset dir / text file; required) with the teacher in fp32 on `device`, and the
+       best is pruned;
+    3. ``cfg``'s explicit shape fields.
+
+    `out_dir` becomes a normal HF directory (config.json, model.safetensors in the teacher's dtype, tokenizer
+    files and chat template copied from `model_dir`) plus ``pruning.json`` (the record, with ``selection``
+    ("shape" | "params" | "config"), ``budget``, the chosen ``candidate`` and, for params, the full
+    ``ranking``) and ``manifest.json`` last. Every target is validated before any model loads; on bad input
+    nothing is written.
     """
+    import torch
     from transformers import AutoConfig
 
     from compactlm.artifacts import publish_dir, write_json_atomic
     from compactlm.importance.scores import load_scores
     from compactlm.models import load_model
+    from compactlm.pruning.budget import calibration_tensor, candidate_pool, score_candidates
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     scores = load_scores(scores_dir)
-    plan_pruning(config, scores, cfg)  # fail fast, before loading weights
+    pool: list[dict[str, Any]] = []
+    if shape is not None:
+        selection, explicit = "shape", _with_shape(cfg, shape)
+    elif cfg.params is not None:
+        if calibration is None:
+            raise ValueError(f"prune.params={cfg.params} ranks candidate shapes on calibration data: pass "
+                             "calibration= (token ids, a generated dataset dir or a text file), or an explicit "
+                             "shape= / shape fields instead of params")
+        selection, explicit = "params", None
+        pool = candidate_pool(config, scores, cfg)  # fail fast: budget reachable, scores match
+    else:
+        selection, explicit = "config", cfg
+    if explicit is not None:
+        plan_pruning(config, scores, explicit)  # fail fast, before loading weights
     dtype = getattr(config, "dtype", None) or "float32"
     dtype = str(dtype).removeprefix("torch.")
     if dtype not in ("float32", "bfloat16", "float16"):
         dtype = "float32"
-    model = load_model(model_dir, dtype=dtype, device="cpu")
-    student, record = prune_model(model, scores, cfg)
+    ranking = None
+    if selection == "params":
+        ids = calibration_tensor(calibration, model_dir, cfg, seed=seed)
+        model = load_model(model_dir, dtype="float32", device=device)  # fp32: bf16 matmuls are slow on CPU
+        ranking = score_candidates(model, scores, pool, ids, proxy=cfg.proxy, base=cfg)
+        explicit = _with_shape(cfg, ranking[0]["shape"])
+    else:
+        model = load_model(model_dir, dtype=dtype, device="cpu")
+    student, record = prune_model(model, scores, explicit)
+    student.to(device="cpu", dtype=getattr(torch, dtype))  # slicing is exact, so fp32 -> teacher dtype is too
+    del model
+    if ranking is not None:
+        candidate = ranking[0]
+    else:
+        s = {k: record["student"][k] for k in SHAPE_FIELDS}
+        candidate = {"kind": shape_kind(s, record["teacher"]), "shape": s, "params": record["params_after"],
+                     "param_ratio": record["param_ratio"]}
     record = {**record, "teacher_dir": str(model_dir), "scores_dir": str(scores_dir), "dtype": dtype,
-              "config": cfg.model_dump(mode="json")}
+              "config": cfg.model_dump(mode="json"), "selection": selection, "budget": cfg.params,
+              "candidate": candidate, "ranking": ranking}
     manifest = {"stage": "prune", "model_dir": str(model_dir), "scores_dir": str(scores_dir),
-                "config": cfg.model_dump(mode="json"), "student": record["student"],
+                "config": cfg.model_dump(mode="json"), "selection": selection, "student": record["student"],
                 "params_before": record["params_before"], "params_after": record["params_after"]}
     with publish_dir(out_dir, manifest) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
-        for name in TOKENIZER_FILES:
-            src = model_dir / name
-            if src.is_file() and not (tmp / name).exists():
-                shutil.copy2(src, tmp / name)
+        copy_model_side_files(model_dir, tmp, extra=("generation_config.json",))
         write_json_atomic(tmp / RECORD_FILE, record)
     return record
