@@ -1,7 +1,15 @@
 """Evaluation stage: the same lm-eval tasks and perplexity for every model, side by side.
 
 Each model's results are cached on their own (``<workdir>/eval-model/<key>``), so a new student is
-evaluated while the teacher's results are reused.
+evaluated while the teacher's results are reused. ``eval.min_recovery`` is a gate, not a measurement: it is
+left out of the per-model key, so changing it never re-evaluates a model.
+
+Quality gate: when the student keeps less than ``eval.min_recovery`` of the teacher, the task raises
+:class:`compactlm.evaluation.RecoveryError` (message = reason + comparison table) *after* everything is
+recorded: results.json / comparison.md are published, the child MLflow run holds all metrics plus
+``student_recovery`` and ends **FINISHED** with tag ``compactlm.quality_gate=failed`` (the evaluation itself
+succeeded; the verdict is the tag), and both Prefect artifacts exist. The task is not retried for a gate
+failure or bad input; the flow run then fails (its parent MLflow run ends FAILED).
 """
 
 from __future__ import annotations
@@ -14,14 +22,22 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from compactlm.artifacts import is_complete, publish_dir, stage_key
 from compactlm.config import EvalConfig
+from compactlm.evaluation.report import RecoveryError
 from compactlm.tracking import Tracker
 from tasks.common import RunContext, run_stage
+
+REFERENCE, CANDIDATE = "teacher", "student"  # the gate's labels (as the compress flow names its models)
+
+
+def _model_key_config(cfg: EvalConfig) -> dict:
+    """What a single model's scores depend on: the config minus the gate threshold."""
+    return cfg.model_dump(mode="json", exclude={"min_recovery"})
 
 
 def _evaluate_cached(ctx: RunContext, model_dir: str, cfg: EvalConfig) -> dict:
     from compactlm.evaluation import evaluate_model
 
-    out = Path(ctx.workdir) / "eval-model" / stage_key("eval-model", {"config": cfg.model_dump(mode="json"),
+    out = Path(ctx.workdir) / "eval-model" / stage_key("eval-model", {"config": _model_key_config(cfg),
                                                                       "seed": ctx.seed}, [model_dir])
     if not is_complete(out):
         result = evaluate_model(model_dir, cfg, device=ctx.device, seed=ctx.seed)
@@ -32,21 +48,53 @@ def _evaluate_cached(ctx: RunContext, model_dir: str, cfg: EvalConfig) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
-def _log(tracker: Tracker, run_id: str, out: Path, summary: dict) -> None:
-    from compactlm.evaluation import flat_metrics
+def _gate(results: dict, cfg: EvalConfig) -> tuple[str, float | None]:
+    """("off" | "passed" | "failed", the student's kept fraction or None)."""
+    from compactlm.evaluation import check_recovery, kept_fraction
 
-    results = json.loads((out / "results.json").read_text())
-    for label, result in results.items():
-        tracker.log_metrics(run_id, {f"{label}/{k}": v for k, v in flat_metrics(result).items()})
-    tracker.log_artifact(run_id, out / "results.json")
-    tracker.log_artifact(run_id, out / "comparison.md")
+    kept = (kept_fraction(results[CANDIDATE], results[REFERENCE])
+            if CANDIDATE in results and REFERENCE in results else None)
+    if cfg.min_recovery is None:
+        return "off", kept
+    try:
+        check_recovery(results, cfg.min_recovery, reference=REFERENCE, candidate=CANDIDATE)
+    except RecoveryError:
+        return "failed", kept
+    return "passed", kept
 
 
-@task(name="evaluate", retries=1, retry_delay_seconds=5)
+def _logger(cfg: EvalConfig):
+    def log(tracker: Tracker, run_id: str, out: Path, summary: dict) -> None:
+        from compactlm.evaluation import flat_metrics
+
+        results = json.loads((out / "results.json").read_text())
+        for label, result in results.items():
+            tracker.log_metrics(run_id, {f"{label}/{k}": v for k, v in flat_metrics(result).items()})
+        verdict, kept = _gate(results, cfg)
+        if kept is not None:
+            tracker.log_metrics(run_id, {f"{CANDIDATE}_recovery": kept})
+        tracker.set_tags(run_id, {"compactlm.quality_gate": verdict})
+        tracker.log_artifact(run_id, out / "results.json")
+        tracker.log_artifact(run_id, out / "comparison.md")
+
+    return log
+
+
+def _no_retry_for_verdicts(task, task_run, state) -> bool:
+    """Retry transient failures only: a failed quality gate or bad input would fail the same way again."""
+    return not isinstance(state.data, (RecoveryError, ValueError))
+
+
+@task(name="evaluate", retries=1, retry_delay_seconds=5, retry_condition_fn=_no_retry_for_verdicts)
 def evaluate(ctx: RunContext, models: dict[str, str], cfg: EvalConfig) -> str:
     """Evaluate each labelled model dir (e.g. teacher / pruned / student); return the output dir holding
-    results.json ({label: result}) and comparison.md."""
-    from compactlm.evaluation import compare_table
+    results.json ({label: result}) and comparison.md. Creates a markdown and a table Prefect artifact, then
+    applies the ``cfg.min_recovery`` gate (raises RecoveryError; see the module docstring)."""
+    from compactlm.evaluation import check_recovery, compare_rows, compare_table
+
+    if cfg.min_recovery is not None and not {REFERENCE, CANDIDATE} <= set(models):
+        raise ValueError(f"eval.min_recovery needs models labelled {REFERENCE!r} and {CANDIDATE!r}; got "
+                         f"{list(models)} (unset eval.min_recovery to evaluate without the gate)")
 
     def produce(out: Path, log_step) -> dict:
         results = {label: _evaluate_cached(ctx, d, cfg) for label, d in models.items()}
@@ -56,8 +104,13 @@ def evaluate(ctx: RunContext, models: dict[str, str], cfg: EvalConfig) -> str:
             (tmp / "comparison.md").write_text(table + "\n")
         return {"models": models}
 
-    out = run_stage(ctx, "evaluate", cfg, list(models.values()), produce, _log,
+    out = run_stage(ctx, "evaluate", cfg, list(models.values()), produce, _logger(cfg),
                     extra_key={"labels": list(models)})
     table = (Path(out) / "comparison.md").read_text()
     create_markdown_artifact(table, key="compactlm-comparison", description="teacher vs pruned vs student")
+    results = json.loads((Path(out) / "results.json").read_text())
+    header, rows = compare_rows(results, reference=next(iter(models)))
+    create_table_artifact([dict(zip(header, row)) for row in rows], key="compactlm-comparison-table",
+                          description="teacher vs pruned vs student (same figures as compactlm-comparison)")
+    check_recovery(results, cfg.min_recovery, reference=REFERENCE, candidate=CANDIDATE)
     return out

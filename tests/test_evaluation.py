@@ -12,7 +12,10 @@ import pytest
 
 from compactlm.config import EvalConfig
 from compactlm.evaluation import (
+    RecoveryError,
+    check_recovery,
     check_tasks,
+    compare_rows,
     compare_table,
     evaluate_lm,
     evaluate_model,
@@ -154,7 +157,10 @@ def test_result_shape_and_perplexity_matches_manual(tiny_model_dir, tiny_result)
     from compactlm.models import count_params, load_model, load_tokenizer
 
     r = tiny_result
-    assert set(r) == {"tasks", "perplexity", "params", "size_bytes", "seconds", "lm_eval"}
+    assert set(r) == {"tasks", "perplexity", "speed", "backend", "params", "size_bytes", "seconds", "lm_eval"}
+    assert r["backend"] == "hf"
+    assert r["speed"]["tokens"] == 8 * 32 and r["speed"]["batch_size"] == 8 and r["speed"]["tok_s"] > 0
+    assert r["speed"]["tok_s"] == pytest.approx(r["speed"]["tokens"] / r["speed"]["seconds"])
     json.dumps(r)  # JSON-serialisable, including the raw lm-eval part
     assert set(r["lm_eval"]) >= {"results", "configs", "versions", "n-samples"}
     assert not any("," in k for m in r["tasks"].values() for k in m)
@@ -201,7 +207,7 @@ def _result(acc, acc_norm, ppl, params=1_000_000, size=4_000_000, task="compactl
 def test_flat_metrics_names_are_stable_and_mlflow_safe(tiny_result):
     flat = flat_metrics(tiny_result)
     assert {"compactlm_facts/acc", "compactlm_facts/acc_norm", "perplexity/word_perplexity",
-            "perplexity/token_perplexity", "params", "size_bytes", "size_mb", "eval_seconds"} <= set(flat)
+            "perplexity/token_perplexity", "params", "size_bytes", "size_mb", "tok_s", "eval_seconds"} <= set(flat)
     assert "compactlm_facts/acc_stderr" not in flat  # None ("N/A") is dropped
     assert all(MLFLOW_NAME.match(k) and isinstance(v, float) for k, v in flat.items())
     other = flat_metrics(_result(0.5, 0.6, 12.0))
@@ -270,3 +276,159 @@ def test_benchmark_tasks_load_and_render_like_lm_eval():
     boolq = list(loaded["compactlm_boolq"].eval_docs)[0]
     text = loaded["compactlm_boolq"].doc_to_text(boolq)
     assert not text.startswith("Passage:") and text.endswith("?\nAnswer:") and "\nQuestion: " in text
+
+
+# ---------------------------------------------------------------- speed column, quality gate, config, CLI
+
+
+def _with_speed(result, tok_s):
+    return {**result, "speed": {"tok_s": tok_s, "seconds": 256 / tok_s, "tokens": 256}}
+
+
+def test_table_has_tok_s_column_when_measured():
+    results = {"teacher": _with_speed(_result(0.60, 0.80, 10.0, params=134_515_008, size=538_090_408), 120.0),
+               "student": _result(0.45, 0.60, 20.0, params=50_000_000, size=200_000_000)}  # not measured
+    lines = compare_table(results).strip().splitlines()
+    assert lines[0] == ("| model | params | size MB | tok/s ↑ | compactlm_facts (acc_norm) | word ppl ↓ "
+                        "| % of teacher kept |")
+    assert lines[2] == "| teacher | 134.5M | 538.1 | 120.0 | 0.800 | 10.00 | 100.0 |"
+    assert lines[3] == "| student | 50.0M | 200.0 | — | 0.600 | 20.00 | 62.5 |"
+    header, rows = compare_rows(results)
+    assert header[3] == "tok/s ↑" and rows[0][3] == "120.0" and len(rows) == 2
+    assert flat_metrics(results["teacher"])["tok_s"] == 120.0 and "tok_s" not in flat_metrics(results["student"])
+
+
+def test_check_recovery_gate():
+    results = {"teacher": _result(0.60, 0.80, 10.0), "pruned": _result(0.30, 0.40, 40.0),
+               "student": _result(0.45, 0.60, 20.0)}  # student keeps 0.625 (see the table test)
+    assert check_recovery(results, None) is None
+    assert check_recovery(results, 0.6) is None
+    assert check_recovery(results, 0.625) is None  # the threshold itself passes
+    with pytest.raises(RecoveryError, match=r"kept 62\.5% of teacher, below eval.min_recovery = 70\.0%") as e:
+        check_recovery(results, 0.7)
+    assert compare_table(results) in str(e.value)  # the whole table is in the message
+    assert e.value.recovery == pytest.approx(0.625) and e.value.min_recovery == 0.7
+    # Nothing comparable (different tasks, no perplexity): the gate cannot pass.
+    odd = {"teacher": _result(0.5, None, None, task="a"), "student": _result(0.5, None, None, task="b")}
+    with pytest.raises(RecoveryError, match="nothing|no task"):
+        check_recovery(odd, 0.1)
+    with pytest.raises(ValueError, match=r"min_recovery must be a fraction in \[0, 1\]"):
+        check_recovery(results, 1.5)
+    with pytest.raises(ValueError, match="lack.*student"):
+        check_recovery({"teacher": results["teacher"]}, 0.5)
+    # The gate is about the student row whatever the dict order.
+    assert check_recovery({"student": results["student"], "teacher": results["teacher"]}, 0.6) is None
+
+
+def test_eval_config_new_fields():
+    cfg = EvalConfig()
+    assert (cfg.backend, cfg.speed, cfg.min_recovery) == ("hf", True, None)
+    assert EvalConfig(backend="vllm", min_recovery=0.8).min_recovery == 0.8
+    for bad in ({"backend": "tgi"}, {"min_recovery": 1.2}, {"min_recovery": -0.1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            EvalConfig(**bad)
+
+
+def test_generation_speed_is_fixed_work_and_rejects_bad_input(tiny_model_dir):
+    from compactlm.evaluation.speed import generation_speed
+    from compactlm.models import load_model, load_tokenizer
+
+    model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    s = generation_speed(model, tok, prompts=3, new_tokens=5, batch_size=2, repeats=1)
+    assert s["tokens"] == 15 and s["tok_s"] > 0  # exactly new_tokens per prompt, even across an EOS
+    with pytest.raises(ValueError, match="new_tokens must be >= 1"):
+        generation_speed(model, tok, new_tokens=0)
+
+
+def test_evaluation_cli_bad_input_exits_2(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "r.json"
+    for config, needle in (('{"limit": 0}', "limit"), ('{"tasks": ["compactlm_nope"]}', "unknown task")):
+        proc = subprocess.run([sys.executable, "-m", "compactlm.evaluation", "--model", str(tiny_model_dir),
+                               "--config", config, "--out", str(out)], capture_output=True, text=True, cwd=repo,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and needle in proc.stderr
+        assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_vllm_backend_validates_before_spawning(tmp_path):
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="not an HF model directory"):
+        evaluate_model(tmp_path, EvalConfig(backend="vllm", perplexity=False))
+    with pytest.raises(ValueError, match="unknown task"):
+        evaluate_model(tmp_path, EvalConfig(backend="vllm", tasks=["compactlm_nope"]))
+    assert time.perf_counter() - t0 < 2.0
+
+
+# ---------------------------------------------------------------- vLLM backend (real engine, slow)
+
+
+@pytest.mark.integration
+def test_vllm_backend_matches_hf_on_facts(tiny_model_dir, tiny_result):
+    cfg = EvalConfig(limit=20, batch_size=8, backend="vllm", dtype="float32")
+    r = evaluate_model(tiny_model_dir, cfg, seed=0)
+    assert r["backend"] == "vllm" and r["params"] == tiny_result["params"]
+    assert r["size_bytes"] == tiny_result["size_bytes"] and r["speed"]["tokens"] == 256
+    assert r["lm_eval"]["n-samples"]["compactlm_facts"]["effective"] == 20
+    hf, vl = tiny_result["tasks"]["compactlm_facts"], r["tasks"]["compactlm_facts"]
+    # Same choices up to float noise on a random model: at most 2 of 20 questions flip.
+    assert abs(hf["acc"] - vl["acc"]) <= 0.1 and abs(hf["acc_norm"] - vl["acc_norm"]) <= 0.1
+    hp, vp = tiny_result["perplexity"], r["perplexity"]
+    assert vp["word_perplexity"] == pytest.approx(hp["word_perplexity"], rel=0.02)
+    assert vp["token_perplexity"] == pytest.approx(hp["token_perplexity"], rel=0.02)
+
+
+# ---------------------------------------------------------------- the evaluate task: artifacts and gate (Prefect)
+
+
+@pytest.mark.integration
+def test_evaluate_task_gate_logs_then_fails_without_retry(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from prefect import flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    import tasks.evaluate as te
+    from compactlm.tracking import Tracker
+    from tasks.common import RunContext
+
+    dirs = {}
+    for label in ("teacher", "pruned", "student"):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "config.json").write_text("{}")
+        dirs[label] = str(tmp_path / label)
+    fake = {dirs["teacher"]: _with_speed(_result(0.60, 0.80, 10.0), 100.0),
+            dirs["pruned"]: _with_speed(_result(0.30, 0.40, 40.0), 150.0),
+            dirs["student"]: _with_speed(_result(0.45, 0.60, 20.0), 150.0)}  # keeps 62.5%
+    monkeypatch.setattr(te, "_evaluate_cached", lambda ctx, d, cfg: fake[d])
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "gate-test", artifact_root=str(tmp_path / "art"))
+    parent = tracker.start_run("pipeline")
+    ctx = RunContext(workdir=str(tmp_path / "work"), tracking_uri=tracker.tracking_uri, experiment="gate-test",
+                     parent_run_id=parent)
+
+    @flow
+    def run_eval(cfg: EvalConfig) -> str:
+        return te.evaluate(ctx, dirs, cfg)
+
+    with prefect_test_harness(server_startup_timeout=300):  # a loaded 2-core CI box starts it slowly
+        with pytest.raises(RecoveryError) as err:
+            run_eval(EvalConfig(min_recovery=0.7))
+        out = run_eval(EvalConfig(min_recovery=0.6))  # passes; same per-model results
+
+    expected = compare_table({label: fake[d] for label, d in dirs.items()})
+    assert expected in str(err.value)
+    assert (Path(out) / "comparison.md").read_text().strip() == expected.strip()
+    client = MlflowClient(tracker.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("gate-test").experiment_id],
+                              filter_string="tags.`compactlm.stage` = 'evaluate'",
+                              order_by=["attributes.start_time ASC"])
+    assert len(runs) == 2  # one per flow run: the failed gate was not retried
+    failed, passed = runs
+    assert failed.info.status == "FINISHED" and failed.data.tags["compactlm.quality_gate"] == "failed"
+    assert passed.data.tags["compactlm.quality_gate"] == "passed"
+    assert failed.data.metrics["student_recovery"] == pytest.approx(0.625)
+    assert failed.data.metrics["teacher/tok_s"] == 100.0
+    assert {a.path for a in client.list_artifacts(failed.info.run_id)} >= {"results.json", "comparison.md"}

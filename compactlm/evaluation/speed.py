@@ -1,0 +1,82 @@
+"""A short, fixed greedy-generation benchmark: the "tok/s" column of the comparison table.
+
+Every model gets the same work: :data:`SPEED_PROMPTS` (8 short plain-text prompts, no chat template, so
+pruned and random models are measured the same way), left-padded into one batch of 8, and exactly
+``new_tokens`` greedy tokens each (``min_new_tokens`` = ``max_new_tokens``, so an early EOS cannot make a
+model look faster). One small warm-up call runs first; of ``repeats`` timed calls the fastest counts, which
+damps noise from other processes on a shared CPU. Throughput = generated tokens / wall seconds of the call
+(prefill included), with the model as it was loaded for scoring (float32 on CPU).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+SPEED_PROMPTS: tuple[str, ...] = (
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "A good way to learn a new language is",
+    "The largest planet in our solar system is",
+    "In 1969, the first humans to walk on the Moon",
+    "To make a cup of tea, first",
+    "Photosynthesis is the process by which plants",
+    "The three primary colors are",
+)
+
+
+def generation_speed(model, tokenizer, *, prompts: int = 8, new_tokens: int = 32, batch_size: int = 8,
+                     repeats: int = 2) -> dict[str, Any]:
+    """Greedy-generate `new_tokens` tokens for each of `prompts` fixed prompts, `batch_size` at a time.
+
+    `model` is a loaded HF causal LM (on any device), `tokenizer` its tokenizer; neither is modified
+    (padding side and pad token are set on a shallow copy of the call's settings only). Returns
+    ``{"tok_s": float, "seconds": float, "tokens": int, "prompts", "new_tokens", "batch_size", "repeats"}``
+    where ``tokens = prompts * new_tokens`` and ``seconds`` is the fastest of `repeats` timed runs.
+    """
+    import torch
+
+    for name, value in (("prompts", prompts), ("new_tokens", new_tokens), ("batch_size", batch_size),
+                        ("repeats", repeats)):
+        if value < 1:
+            raise ValueError(f"generation_speed: {name} must be >= 1, got {value}")
+    texts = [SPEED_PROMPTS[i % len(SPEED_PROMPTS)] for i in range(prompts)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+
+    def encode(batch: list[str]) -> dict[str, torch.Tensor]:
+        ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in batch]
+        width = max(len(x) for x in ids)
+        input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids], device=device)  # left pad
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+    batches = [encode(texts[i:i + batch_size]) for i in range(0, prompts, batch_size)]
+
+    def run(n_tokens: int, inputs: list[dict[str, torch.Tensor]]) -> int:
+        produced = 0
+        for b in inputs:
+            out = model.generate(**b, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
+                                 pad_token_id=pad_id)
+            produced += (out.shape[1] - b["input_ids"].shape[1]) * out.shape[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return produced
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            run(2, batches[:1])  # warm-up: first-call allocations and kernel selection
+            best = float("inf")
+            tokens = 0
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                tokens = run(new_tokens, batches)
+                best = min(best, time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+    if tokens != prompts * new_tokens:
+        raise RuntimeError(f"generation_speed: expected {prompts * new_tokens} new tokens, got {tokens}")
+    return {"tok_s": tokens / best, "seconds": best, "tokens": tokens, "prompts": prompts,
+            "new_tokens": new_tokens, "batch_size": batch_size, "repeats": repeats}
