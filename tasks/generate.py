@@ -1,10 +1,17 @@
 """Generation stage: vLLM runs in a child process (its engine memory is freed on exit, and a crash of the
-engine cannot take the flow down); shards already written are skipped on retry."""
+engine cannot take the flow down); shards already written are skipped on retry.
+
+Logged to the stage's child MLflow run: every manifest stat as a metric (prompts, completions, tokens, tok/s,
+``dropped.<filter>``, ``self_instruct.*``), the dataset as the run's input (``mlflow.data.from_pandas``, context
+"training"), a sample table ``samples.json`` (``log_table``: first SAMPLE_ROWS rows), the manifest and, with
+self-instruct, the kept instructions.
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from collections import deque
 from pathlib import Path
 
@@ -31,13 +38,46 @@ def run_logged(cmd: list[str]) -> None:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... exited with {proc.returncode}:\n" + "\n".join(tail))
 
 
-def _log(tracker: Tracker, run_id: str, out: Path, manifest: dict) -> None:
-    tracker.log_metrics(run_id, manifest["stats"])
+#: Rows of the sample table logged to MLflow (the whole dataset is the run's dataset input).
+SAMPLE_ROWS = 50
+TABLE_COLUMNS = ["id", "prompt_id", "sample", "prompt", "completion", "finish_reason", "prompt_tokens",
+                 "completion_tokens"]
+
+
+def dataset_frame(out: Path):
+    """The generated dataset as a pandas DataFrame of TABLE_COLUMNS (token lists replaced by their lengths)."""
+    import pandas as pd
+
+    try:
+        rows = read_generated(out, columns=[c for c in TABLE_COLUMNS if not c.endswith("_tokens")]
+                              + ["prompt_token_ids", "completion_token_ids"])
+    except FileNotFoundError:
+        rows = []
+    for r in rows:
+        r["prompt_tokens"] = len(r.pop("prompt_token_ids"))
+        r["completion_tokens"] = len(r.pop("completion_token_ids"))
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def log_generated(tracker: Tracker, run_id: str, out: Path, manifest: dict) -> None:
+    """Stats as metrics, the dataset as the run's input (``mlflow.data``), a sample table, the manifest."""
+    import mlflow
+    from mlflow.entities import DatasetInput, InputTag
+
+    stats = manifest["stats"]
+    tracker.log_metrics(run_id, {**stats, "dropped_total": sum(stats["dropped"].values())})
     tracker.log_artifact(run_id, out / "manifest.json")
-    rows = read_generated(out, columns=["id", "prompt", "completion", "finish_reason"])[:50]
-    tracker.log_dict(run_id, {"columns": ["id", "prompt", "completion", "finish_reason"],
-                              "data": [[r["id"], r["prompt"], r["completion"], r["finish_reason"]] for r in rows]},
-                     "samples.json")
+    instructions = out / "self_instruct" / "instructions.jsonl"
+    if instructions.is_file():
+        tracker.log_artifact(run_id, instructions, "self_instruct")
+    df = dataset_frame(out)
+    if len(df):  # mlflow cannot infer a schema from an empty frame; the manifest still says 0 rows
+        with warnings.catch_warnings():  # "source can be interpreted in multiple ways", int-column schema hint
+            warnings.simplefilter("ignore", UserWarning)
+            ds = mlflow.data.from_pandas(df, source=str((out / "data").resolve()), name=f"generated-{out.name}")
+        tracker.client.log_inputs(run_id, [DatasetInput(ds._to_mlflow_entity(),
+                                                        tags=[InputTag("mlflow.data.context", "training")])])
+    tracker.client.log_table(run_id, df.head(SAMPLE_ROWS), "samples.json")
 
 
 @task(name="generate", retries=1, retry_delay_seconds=5)
@@ -47,4 +87,7 @@ def generate(ctx: RunContext, teacher_dir: str, cfg: GenerateConfig) -> str:
                     "--config", cfg.model_dump_json(), "--seed", str(ctx.seed)])
         return read_manifest(out)
 
-    return run_stage(ctx, "generate", cfg, [teacher_dir], produce, _log)
+    # A local prompts file/dir is an input too: editing it changes the key (hf: datasets are named by id).
+    local = cfg.prompts != "builtin" and not cfg.prompts.startswith("hf:")
+    upstream = [teacher_dir] + ([str(Path(cfg.prompts).expanduser())] if local else [])
+    return run_stage(ctx, "generate", cfg, upstream, produce, log_generated)

@@ -181,11 +181,14 @@ def test_dedup_drops_planted_duplicates(tiny_model_dir, tmp_path):
     texts = ["Name a color", "Name a fruit", "Name a color", "Count to three", "Name a color", "Name a fruit"]
     prompts.write_text("".join(json.dumps({"text": t, "other": 1}) + "\n" for t in texts))
     # raw prompts: greedy decoding of the random model after the chat template is only newlines ("empty")
-    base = dict(FAST, prompts=str(prompts), prompt_field="text", temperature=0.0, shard_size=2, chat="off")
+    # (exact dedup only here: the near-dup and repetition filters have their own tests)
+    base = dict(FAST, prompts=str(prompts), prompt_field="text", temperature=0.0, shard_size=2, chat="off",
+                near_dup_threshold=None, max_repetition=None)
 
     m = generate_dataset(tiny_model_dir, GenerateConfig(**base), tmp_path / "dedup", progress=False)
     rows = _rows(tmp_path / "dedup")
-    assert m["stats"]["dropped"] == {"empty": 0, "min_tokens": 0, "duplicate": 3}
+    assert m["stats"]["dropped"] == {"empty": 0, "truncated": 0, "min_tokens": 0, "max_tokens": 0,
+                                     "repetition": 0, "duplicate": 3, "near_duplicate": 0}
     assert [r["prompt_id"] for r in rows] == [0, 1, 3]  # first occurrence kept, across shard boundaries
     assert len({r["completion"] for r in rows}) == 3
 
@@ -291,3 +294,273 @@ def test_vllm_cpu_env_is_scoped_and_respects_the_user(monkeypatch):
     with vllm_cpu_env():
         assert os.environ["TORCH_COMPILE_DISABLE"] == "1" and os.environ["VLLM_CPU_KVCACHE_SPACE"] == "7"
     assert "TORCH_COMPILE_DISABLE" not in os.environ and os.environ["VLLM_CPU_KVCACHE_SPACE"] == "7"
+
+
+# ------------------------------------------------------------------------------------- inputs and templates
+
+
+def test_prompt_sources_and_template(tmp_path):
+    """jsonl / csv / parquet / save_to_disk dir give the same prompts; a template builds them from fields."""
+    import datasets
+
+    from compactlm.generation.prompts import load_prompts
+
+    rows = [{"instruction": "Translate to French", "input": "good morning"},
+            {"instruction": "Name three colors.", "input": ""},
+            {"instruction": "Summarize", "input": None}]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    (tmp_path / "p.csv").write_text("instruction,input\nTranslate to French,good morning\nName three colors.,\n"
+                                    "Summarize,\n")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    tpl = "{instruction}\n\n{input}"
+    expect = ["Translate to French\n\ngood morning", "Name three colors.", "Summarize"]
+    for src in ("p.jsonl", "p.parquet", "p.csv", "saved"):
+        assert load_prompts(str(tmp_path / src), template=tpl) == expect, src
+        assert load_prompts(str(tmp_path / src), "instruction", max_prompts=2) == [r["instruction"] for r in rows[:2]]
+    with pytest.raises(ValueError, match=r"row 0 has no field 'question' used by generate.template.*'input'"):
+        load_prompts(str(tmp_path / "p.jsonl"), template="{question}")
+    with pytest.raises(ValueError, match="row 1: the prompt is empty"):
+        load_prompts(str(tmp_path / "p.jsonl"), "input")
+    # a template may only read fields: no attribute / index access, caught when the recipe is validated
+    with pytest.raises(ValueError, match="not allowed"):
+        GenerateConfig(template="{instruction.__class__}")
+
+
+def test_hf_dataset_offline_names_the_alternatives(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    cfg = GenerateConfig(**FAST, prompts="hf:compactlm-test/does-not-exist")
+    with pytest.raises(ValueError, match=r"cannot load dataset 'hf:compactlm-test/does-not-exist'.*offline.*"
+                                         r"\.jsonl/\.json/\.csv/\.parquet file.*save_to_disk.*'builtin'"):
+        generate_dataset(tiny_model_dir, cfg, out, progress=False)
+    assert not out.exists()
+
+
+def test_config_bad_values_name_the_field():
+    from pydantic import ValidationError
+
+    for kw, field in [({"n": 0}, "n"), ({"max_tokens": 0}, "max_tokens"), ({"prompts": "x.txt"}, "prompts"),
+                      ({"prompts": "hf:"}, "prompts"), ({"near_dup_threshold": 0}, "near_dup_threshold"),
+                      ({"self_instruct": {"num_instructions": 0}}, "self_instruct.num_instructions"),
+                      ({"self_instruct": {"min_words": 5, "max_words": 2}}, "self_instruct"),
+                      ({"min_tokens": 5, "max_completion_tokens": 2}, "")]:
+        with pytest.raises(ValidationError) as e:
+            GenerateConfig(**kw)
+        assert ".".join(map(str, e.value.errors()[0]["loc"])) == field, kw
+
+
+# ------------------------------------------------------------------------------------------------- filters
+
+
+def test_filter_primitives():
+    from compactlm.generation.filters import NearDupIndex, repetition_ratio, shingles
+
+    assert repetition_ratio([1, 2, 3] * 10, 4) > 0.8 and repetition_ratio(range(30), 4) == 0.0
+    assert repetition_ratio([1, 1], 4) == 0.0 and shingles("") == set() and shingles("Hi there") == {"hi there"}
+    base = ("The quick brown fox jumps over the lazy dog near the old river bank on a sunny afternoon in late "
+            "spring while the children play football in the park")
+    idx = NearDupIndex(0.7)
+    assert not idx.is_duplicate(base)
+    assert idx.is_duplicate(base.upper() + "!!")  # case / punctuation only
+    assert idx.is_duplicate(base.replace("football", "soccer"))  # 3 of 26 shingles change: Jaccard 23/29
+    assert not idx.is_duplicate("A recipe: boil the pasta, fry garlic in olive oil, toss with parsley and serve.")
+    assert not idx.is_duplicate("   ") and len(idx) == 2
+
+
+class PlantedEngine:
+    """A fake engine answering prompt i with a planted text, to test the filters through generate_dataset."""
+
+    name, start_seconds, dtype = "planted", 0.0, "float32"
+
+    def __init__(self, tokenizer, texts: list[str], eos: int):
+        self.tok, self.texts, self.eos = tokenizer, texts, eos
+
+    def generate(self, requests, sampling, *, progress=False):
+        from compactlm.generation.engines import Completion
+
+        out = []
+        for r in requests:
+            text = self.texts[r.prompt_id]
+            ids = self.tok(text, add_special_tokens=False)["input_ids"][:sampling.max_tokens]
+            full = len(ids) < sampling.max_tokens
+            out.append(Completion(ids + [self.eos] if full else ids, "stop" if full else "length"))
+        return out
+
+    def close(self):
+        pass
+
+
+PLANTED = [
+    "Paris is the capital of France and its largest city, known for the Eiffel Tower and the Louvre museum.",
+    "Paris is the capital of France and its largest city, known for the Eiffel Tower and the Louvre gallery.",
+    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen inside the leaves of plants.",
+    "yes yes yes yes yes yes yes yes yes yes yes yes yes yes yes yes yes yes yes yes yes yes yes yes",
+    "PARIS is the capital of France and its largest city, known for the Eiffel Tower and the Louvre museum!",
+    "The French capital, Paris, is known for the Eiffel Tower, the Louvre museum and its cafes by the Seine.",
+    "",
+    "Water boils at one hundred degrees Celsius at sea level, and at lower temperatures on high mountains.",
+]
+
+
+@pytest.fixture
+def planted(tiny_model_dir, tmp_path, monkeypatch):
+    import compactlm.generation.dataset as ds
+
+    tok = load_tokenizer(tiny_model_dir)
+    monkeypatch.setattr(ds, "_make_engine", lambda *a, **k: PlantedEngine(tok, PLANTED, tok.eos_token_id))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(len(PLANTED))))
+    return dict(engine="hf", prompts=str(prompts), max_tokens=40, max_model_len=512, shard_size=3)
+
+
+def test_near_dup_and_quality_filters_drop_planted_rows(planted, tiny_model_dir, tmp_path):
+    m = generate_dataset(tiny_model_dir, GenerateConfig(**planted, near_dup_threshold=0.7), tmp_path / "f",
+                         progress=False)
+    kept = {r["prompt_id"] for r in _rows(tmp_path / "f")}
+    # 1: last word changed (near-dup of 0: Jaccard 16/18); 3: degenerate loop; 4: case/punctuation of 0 (exact dedup
+    # normalizes case+whitespace only, so MinHash catches it); 6: empty. 5 paraphrases 0 loosely: kept.
+    assert kept == {0, 2, 5, 7}
+    assert m["stats"]["dropped"] == {"empty": 1, "truncated": 0, "min_tokens": 0, "max_tokens": 0,
+                                     "repetition": 1, "duplicate": 0, "near_duplicate": 2}
+    m = generate_dataset(tiny_model_dir, GenerateConfig(**planted, near_dup_threshold=None, max_repetition=None,
+                                                        max_completion_tokens=20, drop_truncated=True),
+                         tmp_path / "g", progress=False)
+    d = m["stats"]["dropped"]
+    tok = load_tokenizer(tiny_model_dir)
+    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in PLANTED if t]
+    assert max(lengths) < 40  # nothing truncated
+    assert d == {"empty": 1, "truncated": 0, "min_tokens": 0, "max_tokens": sum(n > 20 for n in lengths),
+                 "repetition": 0, "duplicate": 0, "near_duplicate": 0}
+    assert 0 < d["max_tokens"] < len(lengths)
+    m = generate_dataset(tiny_model_dir, GenerateConfig(**{**planted, "max_tokens": 20}, drop_truncated=True),
+                         tmp_path / "t", progress=False)
+    assert m["stats"]["dropped"]["truncated"] == sum(n >= 20 for n in lengths)
+
+
+def test_filtering_is_deterministic_under_resume(planted, tiny_model_dir, tmp_path):
+    """Near-dup state is rebuilt from finished shards: dropping the later shards and resuming = one run."""
+    cfg = GenerateConfig(**{**planted, "shard_size": 2, "max_tokens": 20}, near_dup_threshold=0.7)
+    ref = generate_dataset(tiny_model_dir, cfg, tmp_path / "ref", progress=False)
+    assert ref["stats"]["dropped"]["truncated"] == 0 and ref["stats"]["finish_reasons"]["length"] > 0
+    out = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "ref", out)
+    (out / "manifest.json").unlink()
+    for s in ("shard-00002.parquet", "shard-00003.parquet"):
+        (out / "data" / s).unlink()
+    m = generate_dataset(tiny_model_dir, cfg, out, progress=False)
+    assert m["stats"]["resumed_shards"] == 2 and m["stats"]["dropped"] == ref["stats"]["dropped"]
+    assert _rows(out) == _rows(tmp_path / "ref")
+
+
+# --------------------------------------------------------------------------------------------- self-instruct
+
+SEEDS = [("Name three colors.", ""), ("Translate to French", "good morning"), ("Write a haiku about rain.", ""),
+         ("Summarize the text", "The cat sat on the mat all day long."), ("Give an antonym", "happy")]
+
+
+def test_selection_parses_and_filters_instructions():
+    from compactlm.config import SelfInstructConfig
+    from compactlm.generation.self_instruct import parse_instruction, select_instructions, writing_prompts
+
+    assert parse_instruction("4. Task: Write a poem about the sea.\n5. Next one") == "Write a poem about the sea."
+    assert parse_instruction(' "Explain tides."\n\nMore text') == "Explain tides."
+    cfg = SelfInstructConfig(num_instructions=3)
+    seeds = ["Tell me a joke.", "Name a color you like", "What is two plus two?"]
+    cands = ["Write a poem about the sea.", "tell me a JOKE.", "### 12 34 56 !!", "Draw a picture of a cat now",
+             "Hi", "Write a poem about the sea!", "Explain how rainbows form.", "Describe your ideal day.",
+             "List prime numbers below twenty."]
+    kept, stats = select_instructions(cands, seeds, cfg, fits=lambda t: "rainbows" not in t)
+    assert kept == ["Write a poem about the sea.", "Describe your ideal day.", "List prime numbers below twenty."]
+    assert stats["surplus"] == 0 and stats["kept"] == 3 and stats["candidates"] == 9
+    assert {k: v for k, v in stats["rejected"].items() if v} == {
+        "duplicate": 1, "not_instruction": 1, "blocked_word": 1, "too_short": 1, "near_duplicate": 1,
+        "too_long_for_context": 1}
+    p = writing_prompts(seeds, cfg.model_copy(update={"seeds_per_prompt": 2}), chat=False, seed=0)
+    assert len(p) == 6 and p == writing_prompts(seeds, cfg.model_copy(update={"seeds_per_prompt": 2}),
+                                                chat=False, seed=0)
+    assert p[0].endswith("\n3.") and p != writing_prompts(seeds, cfg.model_copy(update={"seeds_per_prompt": 2}),
+                                                          chat=False, seed=1)
+
+
+@pytest.fixture(scope="module")
+def self_instructed(tiny_model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("si")
+    (d / "seeds.jsonl").write_text("".join(json.dumps({"instruction": t, "input": i}) + "\n" for t, i in SEEDS))
+    cfg = GenerateConfig(**FAST, prompts=str(d / "seeds.jsonl"), template="{instruction}\n\n{input}",
+                         shard_size=4, n=2, self_instruct=dict(num_instructions=4, oversample=2.5, max_tokens=16,
+                                                               min_words=1, blocked_words=[]))
+    manifest = generate_dataset(tiny_model_dir, cfg, d / "out", seed=5, progress=False)
+    return cfg, d / "out", manifest
+
+
+def test_self_instruct_writes_and_answers_new_instructions(self_instructed):
+    cfg, out, m = self_instructed
+    si = m["self_instruct"]
+    assert si["candidates"] == 10 and si["seeds"] == si["first_new_prompt_id"] == 5
+    assert si["kept"] + si["surplus"] + sum(si["rejected"].values()) == 10 and si["kept"] >= 1
+    new = [json.loads(line) for line in (out / "self_instruct" / "instructions.jsonl").read_text().splitlines()]
+    assert len(new) == si["kept"] and [r["prompt_id"] for r in new] == list(range(5, 5 + len(new)))
+    assert len(list((out / "self_instruct").glob("shard-*.parquet"))) == 3  # 10 writing prompts / 4
+    rows = _rows(out)
+    prompts = {r["prompt_id"]: r["prompt"] for r in rows}
+    assert m["stats"]["prompts"] == 5 + len(new) and m["stats"]["self_instruct"]["kept"] == len(new)
+    assert prompts.get(1) in (None, "Translate to French\n\ngood morning")
+    for r in new:  # every new instruction is answered (unless all its answers were filtered)
+        assert prompts.get(r["prompt_id"], r["instruction"]) == r["instruction"]
+    assert any(pid >= 5 for pid in prompts)
+    # the writing prompts are stored with their few-shot seeds
+    first = pq.read_table(out / "self_instruct" / "shard-00000.parquet").to_pylist()[0]
+    assert "Here are some examples" in first["prompt"] and first["prompt_text"].endswith("assistant\n")
+
+
+def test_self_instruct_is_deterministic_and_resumable(self_instructed, tiny_model_dir, tmp_path):
+    cfg, out, m = self_instructed
+    # a crash after pass 1's second shard: pass 2 and the instruction list are rebuilt, identically
+    part = tmp_path / "part"
+    shutil.copytree(out, part)
+    (part / "manifest.json").unlink()
+    (part / "self_instruct" / "shard-00002.parquet").unlink()
+    (part / "self_instruct" / "instructions.jsonl").unlink()
+    shutil.rmtree(part / "data")
+    again = generate_dataset(tiny_model_dir, cfg, part, seed=5, progress=False)
+    assert again["self_instruct"]["writing_pass"]["resumed_shards"] == 2
+    assert _rows(part) == _rows(out)
+    assert (part / "self_instruct" / "instructions.jsonl").read_text() == \
+        (out / "self_instruct" / "instructions.jsonl").read_text()
+    for key in ("candidates", "kept", "surplus", "rejected"):
+        assert again["self_instruct"][key] == m["self_instruct"][key]
+
+
+def test_self_instruct_bad_input_writes_nothing(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    cfg = GenerateConfig(**{**FAST, "max_model_len": 160}, max_prompts=3,
+                         self_instruct=dict(num_instructions=2, max_tokens=120))
+    with pytest.raises(ValueError, match=r"generate.self_instruct.max_tokens \(120\) \+ the longest prompt"):
+        generate_dataset(tiny_model_dir, cfg, out, progress=False)
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------- MLflow
+
+
+def test_mlflow_dataset_input_sample_table_and_stats(sampled, tmp_path):
+    from compactlm.tracking import Tracker
+    from tasks.generate import SAMPLE_ROWS, log_generated
+
+    _, out, manifest = sampled
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "gen-test")
+    run_id = tracker.start_run("generate")
+    log_generated(tracker, run_id, out, manifest)
+    tracker.end_run(run_id)
+    run = tracker.client.get_run(run_id)
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.name == f"generated-{out.name}" and inp.tags[0].value == "training"
+    assert json.loads(inp.dataset.profile)["num_rows"] == manifest["stats"]["completions"]
+    metrics = run.data.metrics
+    assert metrics["completions"] == manifest["stats"]["completions"] and "dropped.near_duplicate" in metrics
+    assert metrics["completion_tokens_per_s"] > 0 and "dropped_total" in metrics
+    table = tracker.client.load_table(tracker.experiment_id, "samples.json", run_ids=[run_id])
+    assert len(table) == min(SAMPLE_ROWS, manifest["stats"]["completions"])
+    assert {"prompt", "completion", "finish_reason", "completion_tokens"} <= set(table.columns)

