@@ -16,7 +16,8 @@ from compactlm.artifacts import is_complete, read_manifest
 from compactlm.config import DistillConfig
 from compactlm.distillation import distill
 from compactlm.distillation.losses import (
-    chunked_cross_entropy, forward_kl, generalized_jsd, kd_loss, reverse_kl, total_variation,
+    chunked_cross_entropy, forward_kl, generalized_jsd, hidden_state_loss, kd_loss, reverse_kl, topk_kd_loss,
+    total_variation,
 )
 from compactlm.distillation.trainer import DistillError, _lr_at
 from compactlm.models import load_model, load_tokenizer
@@ -322,3 +323,370 @@ def test_small_data_cycles_deterministically_with_micro_batches(teacher_dir, stu
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)  # accumulation == one big batch
     wa, wb = load_model(tmp_path / "a").model.norm.weight, load_model(tmp_path / "b").model.norm.weight
     torch.testing.assert_close(wa, wb, rtol=1e-4, atol=1e-6)  # same seed, same rows, same update
+
+
+# ============================================================================== round 2: checkpoints / resume
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def _curve(out: Path) -> list[dict]:
+    """train_log.jsonl without the timing fields (which differ run to run)."""
+    lines = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in lines]
+
+
+KILL_SCRIPT = """
+import sys, time
+from pathlib import Path
+from compactlm.config import DistillConfig
+from compactlm.distillation import distill
+teacher, student, data, out = sys.argv[1:5]
+cfg = DistillConfig.model_validate_json(sys.argv[5])
+distill(teacher, student, data, cfg, out, seed=1, log_fn=lambda m, s: time.sleep(0.4))
+"""
+
+
+@pytest.mark.integration  # a subprocess and three short runs: ~25 s idle, much more on a loaded machine
+def test_sigkill_then_rerun_resumes_bit_identically(teacher_dir, student_dir, data_dir, tmp_path):
+    """A real SIGKILL after a checkpoint; the re-run resumes and matches an uninterrupted run bit for bit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from compactlm.distillation.checkpoint import checkpoint_root
+
+    c = cfg(steps=8, checkpoint_every=2, log_every=1)
+    ref = distill(teacher_dir, student_dir, data_dir, c, tmp_path / "ref", seed=1)
+    assert ref["resumed_from"] == 0 and not checkpoint_root(tmp_path / "ref").exists()  # removed on success
+
+    out = tmp_path / "killed"
+    root = checkpoint_root(out)
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(teacher_dir), str(student_dir), str(data_dir),
+                             str(out), c.model_dump_json()], env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    try:
+        deadline = time.monotonic() + 240
+        while not (root / "step-00000004").is_dir():
+            assert proc.poll() is None, "distill subprocess ended before its step-4 checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()  # nothing published
+    assert not (root / "step-00000002").exists()  # older checkpoints are pruned
+    (root / ".tmp-step-00000006-deadbeef").mkdir()  # as if killed mid-write: must be ignored and cleaned
+
+    logged: list[int] = []
+    resumed = distill(teacher_dir, student_dir, data_dir, c, out, seed=1, log_fn=lambda m, s: logged.append(s))
+    assert resumed["resumed_from"] in (4, 6)
+    assert logged == list(range(resumed["resumed_from"] + 1, 9))  # only the new steps are reported
+    assert not root.exists()
+    a, b = _weights(tmp_path / "ref"), _weights(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _curve(out) == _curve(tmp_path / "ref")
+    assert resumed["loss"] == ref["loss"] and resumed["initial_loss"] == ref["initial_loss"]
+    assert resumed["tokens"] == ref["tokens"] and resumed["loss_tokens"] == ref["loss_tokens"]
+
+
+def test_non_finite_loss_keeps_last_good_checkpoint_and_rerun_resumes(teacher_dir, student_dir, data_dir,
+                                                                       tmp_path, monkeypatch):
+    from compactlm.distillation import checkpoint as ckpt
+    from compactlm.distillation import losses
+
+    real, calls = losses.kd_loss, {"n": 0}
+
+    def flaky(*a, **kw):
+        calls["n"] += 1
+        value = real(*a, **kw)
+        return value * float("nan") if calls["n"] == 4 else value
+
+    monkeypatch.setattr(losses, "kd_loss", flaky)
+    c = cfg(steps=5, checkpoint_every=2)
+    out = tmp_path / "out"
+    with pytest.raises(FloatingPointError, match="last good checkpoint"):
+        distill(teacher_dir, student_dir, data_dir, c, out, seed=2)
+    root = ckpt.checkpoint_root(out)
+    assert not out.exists() and [p.name for p in root.iterdir()] == ["step-00000002"]
+    assert all(torch.isfinite(t).all() for t in _weights_from(root / "step-00000002" / "student.safetensors"))
+
+    monkeypatch.setattr(losses, "kd_loss", real)
+    again = distill(teacher_dir, student_dir, data_dir, c, out, seed=2)
+    assert again["resumed_from"] == 2 and is_complete(out)
+    # a checkpoint of another run is not resumed; this fresh run is also the uninterrupted reference
+    other = tmp_path / "other"
+    ckpt.save(ckpt.checkpoint_root(other), 3, {"student": load_model(student_dir)},
+              torch.optim.AdamW(load_model(student_dir).parameters()), {"fingerprint": "not-this-run"})
+    fresh = distill(teacher_dir, student_dir, data_dir, c, other, seed=2)
+    assert fresh["resumed_from"] == 0
+    a, b = _weights(other), _weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a) and _curve(out) == _curve(other)
+
+
+def _weights_from(path: Path) -> list[torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return list(load_file(str(path)).values())
+
+
+# ============================================================================================= offline KD
+
+@pytest.fixture(scope="module")
+def topk_data_dir(teacher_dir, tmp_path_factory) -> Path:
+    """The sharp tiny teacher answers 24 built-in prompts with HF generate, storing its top-20 log-probs."""
+    from compactlm.config import GenerateConfig
+    from compactlm.generation import generate_dataset
+
+    out = tmp_path_factory.mktemp("gen-topk") / "ds"
+    gc = GenerateConfig(engine="hf", topk_logprobs=20, max_prompts=24, max_tokens=24, n=1, shard_size=8,
+                        min_tokens=1)
+    generate_dataset(teacher_dir, gc, out, seed=0, progress=False)
+    return out
+
+
+def test_stored_topk_match_a_teacher_forward(topk_data_dir, teacher_dir):
+    """Generation contract: topk row t is the teacher's distribution of completion token t (raw log-probs)."""
+    from compactlm.datasets import read_generated
+
+    teacher = load_model(teacher_dir)
+    rows = read_generated(topk_data_dir)[:4]
+    for r in rows:
+        p, c = r["prompt_token_ids"], r["completion_token_ids"]
+        with torch.no_grad():
+            logp = F.log_softmax(teacher(torch.tensor([p + c])).logits[0].float(), -1)
+        pred = logp[len(p) - 1:len(p) - 1 + len(c)]  # logits at t predict token t + 1
+        ids, lps = torch.tensor(r["topk_ids"]), torch.tensor(r["topk_logprobs"], dtype=torch.float32)
+        assert ids.shape == (len(c), 20)
+        torch.testing.assert_close(pred.gather(-1, ids), lps, atol=3e-2, rtol=1e-2)
+
+
+def test_packing_carries_topk_for_completion_positions(tmp_path, student_dir):
+    """Synthetic top-k whose first id is the token itself: after packing, every completion position's target
+    row must describe the token at that position; prompt positions carry filler and mask 0."""
+    from compactlm.datasets import iter_examples, pack
+    from compactlm.distillation.data import pack_with_topk
+
+    tok = load_tokenizer(student_dir)
+    ds = write_generated(tmp_path / "ds", tok, texts(12), shard_rows=5)
+    for shard in sorted((ds / "data").glob("*.parquet")):
+        t = pq.read_table(shard)
+        ids = [[[x, x + 1, x + 2] for x in row] for row in t.column("completion_token_ids").to_pylist()]
+        lps = [[[-0.1, -2.5, -3.0] for _ in row] for row in ids]
+        t = t.append_column("topk_ids", pa.array(ids, pa.list_(pa.list_(pa.int32()))))
+        t = t.append_column("topk_logprobs", pa.array(lps, pa.list_(pa.list_(pa.float16()))))
+        pq.write_table(t, shard)
+    packed = pack_with_topk(ds, 16, seed=5)
+    ref_ids, ref_mask = pack(list(iter_examples(ds)), 16, seed=5)
+    assert torch.equal(packed.ids, ref_ids) and torch.equal(packed.mask, ref_mask)  # same rows as online
+    on = packed.mask.bool()
+    assert packed.topk_ids.shape == (*packed.ids.shape, 3) and packed.topk_logprobs.dtype == torch.float16
+    assert torch.equal(packed.topk_ids[..., 0][on], packed.ids[on].int())
+    assert torch.equal(packed.topk_ids[..., 2][on], packed.ids[on].int() + 2)
+    assert (packed.topk_ids[~on] == 0).all()
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_topk_loss_with_all_but_one_id_equals_full_kd(kind):
+    """k = V - 1: the rest bucket is the single remaining id, so the coarse loss is the full-vocabulary one."""
+    torch.manual_seed(0)
+    V = 13
+    s, t = (torch.randn(2, 5, V) * 2).requires_grad_(True), torch.randn(2, 5, V) * 2
+    mask = torch.rand(2, 5) > 0.3
+    t_logp = F.log_softmax(t, -1)
+    lp, ids = t_logp.topk(V - 1, dim=-1)
+    for T in (1.0, 2.0):
+        ref = kd_loss(s, t, mask, kind, T)
+        got = topk_kd_loss(s, ids, lp, mask, kind, T, chunk_size=3)
+        assert got.item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-6)
+        (g_ref,), (g,) = torch.autograd.grad(ref, s), torch.autograd.grad(got, s)
+        torch.testing.assert_close(g, g_ref, rtol=1e-3, atol=1e-6)
+
+
+def test_topk_loss_hand_worked_rest_bucket_and_lower_bound():
+    # teacher p = [.5, .3, .2] stored as top-1 {id 0: log .5}: coarse p = [.5, .5 (rest)]
+    # student q = [.25, .25, .5] -> coarse q = [.25, .75]; KL = .5 ln(.5/.25) + .5 ln(.5/.75)
+    s = torch.log(torch.tensor([[0.25, 0.25, 0.5]]))
+    got = topk_kd_loss(s, torch.tensor([[0]]), torch.log(torch.tensor([[0.5]])).half(), None)
+    assert got.item() == pytest.approx(0.5 * math.log(2) + 0.5 * math.log(0.5 / 0.75), rel=1e-3)
+    # the coarse KL never exceeds the full KL (data processing), for any k
+    torch.manual_seed(1)
+    s, t = torch.randn(64, 50) * 3, torch.randn(64, 50) * 3
+    full = forward_kl(s, t).item()
+    for k in (1, 5, 20, 49):
+        lp, ids = F.log_softmax(t, -1).topk(k, dim=-1)
+        assert topk_kd_loss(s, ids, lp, None).item() <= full + 1e-5
+    # fp16-rounded top-k whose mass reaches 1 (a one-hot teacher) stays finite
+    lp = torch.zeros(3, 1, dtype=torch.float16)
+    assert math.isfinite(topk_kd_loss(torch.randn(3, 50), torch.zeros(3, 1, dtype=torch.long), lp, None).item())
+    with pytest.raises(ValueError, match="leading shape"):
+        topk_kd_loss(torch.randn(2, 4, 50), torch.zeros(2, 3, 5, dtype=torch.long), torch.zeros(2, 3, 5), None)
+
+
+def test_offline_loss_close_to_online_topk_loss_and_training_lowers_it(topk_data_dir, teacher_dir, student_dir,
+                                                                        tmp_path):
+    from compactlm.datasets import read_generated
+
+    student, teacher = load_model(student_dir), load_model(teacher_dir)
+    offline, online_topk, online_full = [], [], []
+    for r in read_generated(topk_data_dir)[:6]:  # one example at a time: the context the teacher had
+        p, c = r["prompt_token_ids"], r["completion_token_ids"]
+        ids = torch.tensor([p + c])
+        m = torch.tensor([[0] * (len(p) - 1) + [1] * len(c)], dtype=torch.bool)  # positions predicting c
+        with torch.no_grad():
+            s = student(ids).logits[:, :-1]
+            t_logp = F.log_softmax(teacher(ids).logits[:, :-1].float(), -1)
+        stored_ids = torch.zeros(1, len(p) + len(c) - 1, 20, dtype=torch.long)
+        stored_lp = torch.zeros(1, len(p) + len(c) - 1, 20, dtype=torch.float16)
+        stored_ids[0, len(p) - 1:] = torch.tensor(r["topk_ids"])
+        stored_lp[0, len(p) - 1:] = torch.tensor(r["topk_logprobs"], dtype=torch.float16)
+        lp, tk = t_logp.topk(20, dim=-1)
+        offline.append(topk_kd_loss(s, stored_ids, stored_lp, m).item())
+        online_topk.append(topk_kd_loss(s, tk, lp, m).item())
+        online_full.append(kd_loss(s, t_logp, m).item())
+    # differences: fp16 storage and batched (left-padded, cached) generation numerics only
+    assert sum(offline) == pytest.approx(sum(online_topk), rel=0.02), (offline, online_topk)
+    assert all(a <= b + 1e-5 for a, b in zip(online_topk, online_full))
+
+    # a short offline run: the teacher is never loaded (its directory has no weights at all)
+    stub = tmp_path / "teacher-stub"
+    stub.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (stub / name).write_bytes((teacher_dir / name).read_bytes())
+    logged: list[dict] = []
+    summary = distill(stub, student_dir, topk_data_dir, cfg(mode="offline", steps=8, seq_len=64, temperature=1.0),
+                      tmp_path / "off", seed=0, log_fn=lambda mm, st: logged.append(mm))
+    assert logged[-1]["kd_loss"] < 0.9 * logged[0]["kd_loss"], [x["kd_loss"] for x in logged]
+    assert summary["loss"] == pytest.approx(summary["kd_loss"]) and is_complete(tmp_path / "off")
+
+
+def test_offline_mode_needs_topk_data_and_no_hidden(teacher_dir, student_dir, data_dir, tmp_path):
+    with pytest.raises(DistillError, match="topk_logprobs"):
+        distill(teacher_dir, student_dir, data_dir, cfg(mode="offline"), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="hidden_weight"):
+        DistillConfig(mode="offline", hidden_weight=1.0)
+
+
+# ======================================================================================== hidden-state KD
+
+def _pruned_student(teacher_dir: Path, out: Path, **shape) -> Path:
+    """Prune the tiny teacher with random (seeded) scores; writes pruning.json like the prune stage."""
+    from compactlm.config import PruneConfig
+    from compactlm.importance import ImportanceScores
+    from compactlm.pruning.prune import prune_model
+
+    model = load_model(teacher_dir)
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    L, H, I, D = c.num_hidden_layers, c.num_attention_heads, c.intermediate_size, c.hidden_size
+    scores = ImportanceScores(heads=torch.rand(L, H, generator=g), neurons=torch.rand(L, I, generator=g),
+                              channels=torch.rand(D, generator=g), layer_block_influence=torch.rand(L, generator=g),
+                              num_key_value_heads=c.num_key_value_heads)
+    student, record = prune_model(model, scores, PruneConfig(**shape))
+    student.save_pretrained(out)
+    load_tokenizer(teacher_dir).save_pretrained(out)
+    (out / "pruning.json").write_text(json.dumps(record))
+    return out
+
+
+def test_layer_map_pairs_and_projection_init(tmp_path):
+    from compactlm.distillation.hidden import layer_map, make_projection, state_pairs
+
+    assert layer_map(tmp_path, 2, 4) == [1, 3] and layer_map(tmp_path, 3, 3) == [0, 1, 2]
+    (tmp_path / "pruning.json").write_text(json.dumps({"kept_layers": [0, 2]}))
+    assert layer_map(tmp_path, 2, 4) == [0, 2]
+    assert state_pairs([0, 2], 4) == [(1, 1), (2, 4)]  # the last student state is post-norm: teacher's last
+    with pytest.raises(ValueError, match="kept_layers"):
+        layer_map(tmp_path, 3, 4)
+    assert make_projection(8, 8) is None
+    proj = make_projection(3, 6, [1, 4, 5])
+    x = torch.randn(2, 3)
+    assert torch.equal(proj(x)[:, [1, 4, 5]], x) and (proj(x)[:, [0, 2, 3]] == 0).all()
+
+
+def test_hidden_state_loss_values():
+    a = torch.randn(2, 3, 8)
+    assert hidden_state_loss(a, a * 3.0, None, "cosine").item() == pytest.approx(0.0, abs=1e-6)
+    assert hidden_state_loss(a, -a, None, "cosine").item() == pytest.approx(2.0, abs=1e-6)
+    mask = torch.tensor([[1, 0, 0], [0, 0, 1]], dtype=torch.bool)
+    assert hidden_state_loss(a, a + 2.0, mask, "mse").item() == pytest.approx(4.0, rel=1e-6)
+    with pytest.raises(ValueError, match="project"):
+        hidden_state_loss(a, torch.randn(2, 3, 9), None)
+
+
+@pytest.mark.parametrize("shape", [dict(num_hidden_layers=2), dict(num_hidden_layers=2, hidden_size=128)],
+                         ids=["depth", "depth+width"])
+def test_hidden_state_kd_trains_student_and_projection(shape, teacher_dir, data_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from compactlm.distillation.checkpoint import checkpoint_root
+
+    student = _pruned_student(teacher_dir, tmp_path / "student", **shape)
+    out = tmp_path / "out"
+    seen_ckpt: list[set[str]] = []
+
+    def log(m: dict, step: int) -> None:
+        if step == 3:  # the step-2 checkpoint exists now
+            seen_ckpt.append({p.name for p in (checkpoint_root(out) / "step-00000002").iterdir()})
+
+    logged: list[dict] = []
+    summary = distill(teacher_dir, student, data_dir,
+                      cfg(kd_weight=0.0, hidden_weight=1.0, steps=6, checkpoint_every=2, lr=3e-3),
+                      out, seed=0, log_fn=lambda m, s: (logged.append(m), log(m, s)))
+    h = [x["hidden_loss"] for x in logged]
+    assert all(math.isfinite(x) for x in h) and h[-1] < h[0], h
+    assert summary["hidden_loss"] == pytest.approx(h[-1]) and summary["kd_loss"] is None
+    has_proj = "hidden_size" in shape
+    assert ("projection.safetensors" in seen_ckpt[0]) == has_proj
+    # the published student has exactly the student's tensors: the projection is not saved into it
+    assert set(load_file(str(out / "model.safetensors"))) == set(load_file(str(student / "model.safetensors")))
+    assert (out / "pruning.json").is_file()
+
+
+# ========================================================================================= data parallel
+
+DDP_SCRIPT = """
+import json, os, sys
+from compactlm.config import DistillConfig
+from compactlm.distillation import distill
+teacher, student, data, out = sys.argv[1:5]
+cfg = DistillConfig.model_validate_json(sys.argv[5])
+summary = distill(teacher, student, data, cfg, out, seed=4)
+print("RESULT " + json.dumps({"rank": int(os.environ["RANK"]), **summary}), flush=True)
+"""
+
+
+@pytest.mark.integration  # two torchrun processes (gloo) + a reference run
+def test_torchrun_two_cpu_processes_match_single_process(teacher_dir, student_dir, data_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    c = cfg(steps=3, batch_size=4, micro_batch_size=1, hidden_weight=0.5)
+    script = tmp_path / "run.py"
+    script.write_text(DDP_SCRIPT)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), str(teacher_dir),
+                           str(student_dir), str(data_dir), str(tmp_path / "ddp"), c.model_dump_json()],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(Path.cwd()), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert all(r["world_size"] == 2 and r["ranks_in_sync"] for r in results)  # identical weights on both ranks
+    assert results[0]["loss"] == pytest.approx(results[1]["loss"])  # all-reduced metrics
+    assert is_complete(tmp_path / "ddp")
+
+    single = distill(teacher_dir, student_dir, data_dir, c, tmp_path / "single", seed=4)
+    assert results[0]["loss"] == pytest.approx(single["loss"], rel=1e-4)
+    assert results[0]["tokens"] == single["tokens"] and results[0]["loss_tokens"] == single["loss_tokens"]
+    a, b = _weights(tmp_path / "ddp"), _weights(tmp_path / "single")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)

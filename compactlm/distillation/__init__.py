@@ -1,6 +1,8 @@
-"""Knowledge distillation of a pruned student from its teacher (online logit KD).
+"""Knowledge distillation of a pruned student from its teacher.
 
-Importing this package is cheap: ``distill`` and the losses load torch/transformers on first access.
+Logit KD online (teacher forward per batch) or offline (the teacher's top-k log-probs stored by generation),
+optional hidden-state KD, resumable checkpoints, data parallel under torchrun. Importing this package is cheap:
+``distill`` and the losses load torch/transformers on first access.
 
     from compactlm.distillation import distill
     summary = distill(teacher_dir, student_dir, data_dir, cfg, out_dir, seed=0, device="cpu")
@@ -12,11 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from compactlm.distillation.losses import (  # noqa: F401
-        forward_kl, generalized_jsd, kd_loss, reverse_kl, total_variation,
+        forward_kl, generalized_jsd, hidden_state_loss, kd_loss, reverse_kl, topk_kd_loss, total_variation,
     )
     from compactlm.distillation.trainer import distill  # noqa: F401
 
-__all__ = ["distill", "kd_loss", "forward_kl", "reverse_kl", "generalized_jsd", "total_variation"]
+__all__ = ["distill", "kd_loss", "topk_kd_loss", "hidden_state_loss", "forward_kl", "reverse_kl", "generalized_jsd",
+           "total_variation"]
 
 
 def __getattr__(name: str) -> Any:

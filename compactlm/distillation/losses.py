@@ -11,9 +11,10 @@ Conventions shared by every loss here:
 * p = teacher distribution, q = student distribution.
 
 :func:`kd_loss` is what the trainer calls: it selects the masked tokens, then evaluates the divergence in chunks
-of ``chunk_size`` tokens under activation checkpointing, so the fp32 softmax intermediates of only one chunk
-exist at a time, in the forward *and* the backward pass (cf. torchtune's chunked KD loss). With a 128k vocabulary
-and chunk_size=1024, that is ~0.5 GB per intermediate instead of ``tokens x V x 4`` bytes for the whole batch.
+of ``chunk_size`` tokens, each chunk's gradient computed right away into one buffer the size of the logits
+(:class:`_ChunkedSum`), so the fp32 softmax intermediates of only one chunk exist at a time and nothing is
+recomputed (cf. torchtune's chunked KD loss, Liger's fused losses). With a 128k vocabulary and chunk_size=1024,
+that is ~0.5 GB per intermediate instead of ``tokens x V x 4`` bytes for the whole batch.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 KDKind = Literal["forward_kl", "reverse_kl", "jsd", "tv"]
 KD_KINDS: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "tv")
@@ -146,17 +146,55 @@ def _select(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x if mask is None else x[mask.reshape(-1).bool()]
 
 
+class _ChunkedSum(torch.autograd.Function):
+    """sum over row chunks of fn(x_chunk, *consts_chunk), with d/dx computed chunk by chunk in the forward.
+
+    Each chunk runs forward + backward once, right away, and its gradient is written into one preallocated
+    buffer the size of `x`; backward only scales that buffer. So at most one chunk's fp32 intermediates are
+    alive at any time, nothing is recomputed (cf. activation checkpointing, which runs every chunk's forward
+    twice), and there is no per-chunk full-size slice gradient. The graph supports a single backward (the
+    buffer is scaled in place).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fn: Callable[..., torch.Tensor], chunk_size: int,
+                *consts: torch.Tensor) -> torch.Tensor:
+        need = ctx.needs_input_grad[0]
+        grad = torch.empty_like(x) if need else None
+        total = x.new_zeros((), dtype=torch.float32)
+        for start in range(0, x.shape[0], chunk_size):
+            xc = x[start:start + chunk_size].detach()
+            cs = [c[start:start + chunk_size] for c in consts]
+            if need:
+                xc.requires_grad_(True)
+                with torch.enable_grad():
+                    value = fn(xc, *cs)
+                (g,) = torch.autograd.grad(value, xc)
+                grad[start:start + chunk_size] = g
+            else:
+                value = fn(xc, *cs)
+            total = total + value.detach()
+        ctx.save_for_backward(grad) if need else None
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return (grad.mul_(grad_out.to(grad.dtype)), None, None, *([None] * (len(ctx.needs_input_grad) - 3)))
+
+
 def _chunked_sum(fn: Callable[..., torch.Tensor], tensors: list[torch.Tensor], chunk_size: int) -> torch.Tensor:
-    """Sum of fn(*chunk) over row chunks; checkpointed when a gradient is needed, so only one chunk's
-    intermediates are alive at a time in backward as well."""
+    """Sum of fn(*chunk) over row chunks of ``tensors`` (the first may need a gradient; the others are constants).
+    Memory: one chunk's intermediates plus one gradient buffer the size of ``tensors[0]`` (see _ChunkedSum)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    n = tensors[0].shape[0]
-    total = tensors[0].new_zeros((), dtype=torch.float32)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    for start in range(0, n, chunk_size):
-        chunk = [t[start:start + chunk_size] for t in tensors]
-        total = total + (checkpoint(fn, *chunk, use_reentrant=False) if needs_grad else fn(*chunk))
+    x, *consts = tensors
+    consts = [c.detach() for c in consts]
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ChunkedSum.apply(x, fn, chunk_size, *consts)
+    total = x.new_zeros((), dtype=torch.float32)
+    for start in range(0, x.shape[0], chunk_size):
+        total = total + fn(*[t[start:start + chunk_size] for t in [x, *consts]])
     return total
 
 
@@ -207,3 +245,117 @@ def chunked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torc
         return F.cross_entropy(x.float(), y, reduction="sum")
 
     return _chunked_sum(chunk_loss, [rows, targets], chunk_size) / rows.shape[0]
+
+
+# ------------------------------------------------------------------------------------- offline (top-k) KD
+
+#: Floor for the teacher's "rest" mass 1 - sum(top-k probs): fp16 storage can make the top-k sum reach or pass
+#: 1, and a zero bucket would give log 0. The coarse distribution is renormalised after flooring.
+REST_FLOOR = 1e-6
+
+
+def _coarse_student(s: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 log-probs [N, k + 1] of the student on the teacher's top-k ids plus one bucket for every other id.
+
+    One fused log_softmax over V (the cost of a cross-entropy), then O(k) work: the rest mass is
+    ``1 - sum(top-k probs)``, floored at :data:`REST_FLOOR` like the teacher's and renormalised (fp32 rounding
+    of the sum is ~1e-7, so below the floor the exact value would be noise anyway).
+    """
+    top = F.log_softmax(s.float(), dim=-1).gather(-1, ids)
+    rest = torch.log((1.0 - top.exp().sum(-1, keepdim=True)).clamp_min(REST_FLOOR))
+    coarse = torch.cat([top, rest], dim=-1)
+    return coarse - coarse.logsumexp(-1, keepdim=True)
+
+
+def _coarse_teacher(lp: torch.Tensor) -> torch.Tensor:
+    """fp32 log-probs [N, k + 1] from stored top-k log-probs [N, k]: the k values plus the rest mass."""
+    lp = lp.float()
+    rest = torch.log((1.0 - lp.exp().sum(-1, keepdim=True)).clamp_min(REST_FLOOR))
+    coarse = torch.cat([lp, rest], dim=-1)
+    return coarse - coarse.logsumexp(-1, keepdim=True)
+
+
+def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                 mask: torch.Tensor | None, kind: KDKind = "forward_kl", temperature: float = 1.0,
+                 chunk_size: int = 1024, jsd_beta: float = 0.5) -> torch.Tensor:
+    """Offline KD against a sparse teacher: its top-k log-probs as stored by generation, plus a "rest" bucket.
+
+    Tail mass. The teacher's top-k log-probs do not say how the remaining mass ``1 - sum(top-k probs)`` is spread
+    over the other ``V - k`` ids. We do not renormalise over the top-k (that would claim the teacher puts zero
+    mass elsewhere and pushes the student's tail to zero, over-sharpening it by exactly the dropped mass).
+    Instead both distributions are *coarsened* to the same ``k + 1`` outcomes: each top-k id on its own and one
+    "rest" bucket, with rest masses ``1 - sum(p_topk)`` for the teacher and ``1 - sum(q_topk)`` for the student
+    (q from its full softmax), both floored at :data:`REST_FLOOR` and renormalised (fp16 storage can push the
+    teacher's top-k sum to 1). The divergence ``kind`` is then taken between
+    the two ``(k + 1)``-way distributions. Consequences: it is exact on everything the data holds (the top-k
+    probabilities and the tail mass), it is 0 iff the student matches them, and for KL it is a lower bound of
+    the full-vocabulary KL (data-processing inequality), approaching it as k grows or the teacher is peaked.
+
+    Temperature. Generation stores raw log-probs (T = 1). Softening the full teacher distribution would need
+    the unknown tail, so ``temperature`` softens both *coarse* distributions the same way
+    (``log_softmax(coarse / T)``, the rest bucket treated as one outcome) and the result is scaled by T². At
+    T = 1 this is the quantity above; at T != 1 it is a consistent (0 iff matched) but not identical surrogate
+    for the online tempered loss.
+
+    Args:
+        student_logits: ``[..., V]``; gradients flow into it. The caller aligns positions: the logits at t
+            predict token t + 1, so pass ``logits[:, :-1]`` with the targets of tokens ``1..T-1``.
+        topk_ids: ``[..., k]`` integer ids of the teacher's top-k tokens at each position.
+        topk_logprobs: ``[..., k]`` the teacher's raw log-probs of those ids (fp16 as stored is fine).
+        mask: ``[...]`` positions that count (completion tokens); rows with mask 0 are never read, so prompt
+            positions may hold any filler.
+        kind, temperature, chunk_size, jsd_beta: as in :func:`kd_loss`.
+
+    Returns: 0-dim fp32 tensor, the mean over masked positions (0 when none is selected).
+    """
+    lead = student_logits.shape[:-1]
+    if topk_ids.shape != topk_logprobs.shape or topk_ids.shape[:-1] != lead:
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_logprobs {tuple(topk_logprobs.shape)} must "
+                         f"both be [..., k] with leading shape {tuple(lead)} (the student's logits' positions)")
+    if topk_ids.shape[-1] >= student_logits.shape[-1]:
+        raise ValueError(f"top-k width {topk_ids.shape[-1]} must be smaller than the vocabulary "
+                         f"{student_logits.shape[-1]}; use online KD for full distributions")
+    if mask is not None and mask.shape != lead:
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal the logits' leading shape {tuple(lead)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    per_token = _per_token_fn(kind, jsd_beta)
+    s_rows = _select(student_logits, mask)
+    ids_rows = _select(topk_ids, mask).long()
+    lp_rows = _select(topk_logprobs.detach(), mask)
+    if s_rows.shape[0] == 0:
+        return student_logits.sum().float() * 0.0
+
+    def chunk_loss(s: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+        s_c, t_c = _coarse_student(s, ids), _coarse_teacher(lp)
+        if temperature != 1.0:
+            s_c, t_c = F.log_softmax(s_c / temperature, dim=-1), F.log_softmax(t_c / temperature, dim=-1)
+        return per_token(s_c, t_c).sum()
+
+    return _chunked_sum(chunk_loss, [s_rows, ids_rows, lp_rows], chunk_size) / s_rows.shape[0] * temperature**2
+
+
+# ------------------------------------------------------------------------------------------- hidden states
+
+HIDDEN_KINDS: tuple[str, ...] = ("cosine", "mse")
+
+
+def hidden_state_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor | None,
+                      kind: Literal["cosine", "mse"] = "cosine") -> torch.Tensor:
+    """Mean over masked positions of the distance between (projected) student and teacher hidden states.
+
+    Both are ``[..., D]`` with the same D (project the student first when widths differ); ``mask`` is ``[...]``.
+    ``cosine``: 1 - cos(s, t) per position, in [0, 2], scale-free (the residual stream's norm grows with depth).
+    ``mse``: mean over the D channels of (s - t)², per position. fp32 math; the teacher is detached.
+    """
+    if student_hidden.shape != teacher_hidden.shape:
+        raise ValueError(f"student hidden {tuple(student_hidden.shape)} and teacher hidden "
+                         f"{tuple(teacher_hidden.shape)} differ; project the student to the teacher's width first")
+    s, t = student_hidden.float(), teacher_hidden.detach().float()
+    if kind == "cosine":
+        per = 1.0 - F.cosine_similarity(s, t, dim=-1, eps=1e-6)
+    elif kind == "mse":
+        per = (s - t).pow(2).mean(-1)
+    else:
+        raise ValueError(f"unknown hidden loss {kind!r}; choose one of {', '.join(HIDDEN_KINDS)}")
+    return _masked_mean(per, mask)
