@@ -492,3 +492,25 @@ def preflight(recipe: Recipe, teacher_dir: str | os.PathLike | None = None) -> N
             target_shape(AutoConfig.from_pretrained(teacher_dir, trust_remote_code=False), recipe.prune)
         except ValueError as e:
             raise RecipeError(f"invalid recipe:\n  prune: {e}") from None
+
+
+def parse_stage_config(raw: str, cls: type[BaseModel]) -> BaseModel:
+    """A stage config from a command line's ``--config``: a JSON object, or a path to a .json/.yaml file.
+
+    Raises ValueError (bad JSON, missing file, not a mapping) or pydantic's ValidationError (bad fields).
+    """
+    text = raw.strip()
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config is not valid JSON: {e}") from None
+    else:
+        path = Path(raw).expanduser()
+        if not path.is_file():
+            raise ValueError(f"--config: {raw!r} is neither a JSON object nor an existing .json/.yaml file")
+        data = (yaml.safe_load(path.read_text()) or {}) if path.suffix.lower() in (".yaml", ".yml") \
+            else json.loads(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"--config must be a JSON object of {cls.__name__} fields")
+    return cls.model_validate(data)

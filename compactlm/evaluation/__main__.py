@@ -17,27 +17,9 @@ from typing import Any
 
 
 def _load_config(raw: str) -> Any:
-    from compactlm.config import EvalConfig
+    from compactlm.config import EvalConfig, parse_stage_config
 
-    text = raw.strip()
-    if text.startswith("{"):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--config is not valid JSON: {e}") from None
-    else:
-        path = Path(raw).expanduser()
-        if not path.is_file():
-            raise ValueError(f"--config: {raw!r} is neither a JSON object nor an existing .json/.yaml file")
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(path.read_text()) or {}
-        else:
-            data = json.loads(path.read_text())
-    if not isinstance(data, dict):
-        raise ValueError("--config must be a JSON object of EvalConfig fields")
-    return EvalConfig.model_validate(data)
+    return parse_stage_config(raw, EvalConfig)
 
 
 def main(argv: list[str] | None = None) -> int:
