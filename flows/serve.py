@@ -115,17 +115,33 @@ def deploy(state_dir: str | os.PathLike = "runs/serve") -> None:
                    timeout=300)
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process of group `pgid` is still running (zombies, which only wait to be reaped, are not)."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: fall back to the signal probe, which also counts zombies
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # exited while we looked
+        state, pgrp = fields[0], int(fields[2])
+        if pgrp == pgid and state != "Z":
+            return True
+    return False
+
+
 def _gone(pid: int) -> bool:
-    """True once no process of the group is left (reaping the leader if it is our own child)."""
+    """True once no process of the group is left running (reaping the leader if it is our own child)."""
     try:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:  # started by another process (e.g. `make serve`): init reaps it
         pass
-    try:
-        os.killpg(pid, 0)
-        return False
-    except ProcessLookupError:
-        return True
+    return not group_alive(pid)
 
 
 def _kill_group(pid: int, grace: float = 10) -> None:

@@ -3,7 +3,6 @@ deployments of prefect.yaml, a run triggered through the Prefect API (as the UI'
 clean teardown."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -21,14 +20,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 @pytest.mark.integration
@@ -71,5 +62,5 @@ def test_deployment_run_through_api_logs_to_mlflow_server(tmp_path):
         assert any((state_dir / "mlartifacts").rglob("comparison.md"))
     finally:
         serve.stop(state_dir)
-    assert not any(_alive(pid) for pid in state["pids"].values()), "a service outlived stop()"
+    assert not any(serve.group_alive(pid) for pid in state["pids"].values()), "a service outlived stop()"
     assert not (state_dir / "services.json").exists()
