@@ -75,8 +75,15 @@ def log_generated(tracker: Tracker, run_id: str, out: Path, manifest: dict) -> N
         with warnings.catch_warnings():  # "source can be interpreted in multiple ways", int-column schema hint
             warnings.simplefilter("ignore", UserWarning)
             ds = mlflow.data.from_pandas(df, source=str((out / "data").resolve()), name=f"generated-{out.name}")
-        tracker.client.log_inputs(run_id, [DatasetInput(ds._to_mlflow_entity(),
-                                                        tags=[InputTag("mlflow.data.context", "training")])])
+        inputs = [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])]
+        try:
+            tracker.client.log_inputs(run_id, inputs)
+        except mlflow.exceptions.MlflowException as e:
+            # Two runs logging the same dataset at once race in MLflow's get-or-create (UNIQUE constraint on
+            # the datasets table); by now the other run created it, so a second attempt links to it.
+            if "UNIQUE constraint" not in str(e):
+                raise
+            tracker.client.log_inputs(run_id, inputs)
     tracker.client.log_table(run_id, df.head(SAMPLE_ROWS), "samples.json")
 
 
