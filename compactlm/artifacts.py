@@ -13,10 +13,14 @@ under a temporary name and renamed into place. So:
 
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import time
 import uuid
 from contextlib import contextmanager
@@ -24,6 +28,72 @@ from pathlib import Path
 from typing import Any, Iterator
 
 MANIFEST = "manifest.json"
+
+# Write failures as the libraries report them: OSError (parquet, json), SafetensorError "I/O error: ... (os error
+# 28)", torch.save's "PytorchStreamWriter failed writing file" / "unexpected pos" (errno lost).
+_FULL_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large",
+                errno.EDQUOT: "disk quota exceeded"}
+_OS_ERROR_CODE = re.compile(r"(?:os error|errno)\s*(\d+)", re.IGNORECASE)
+_TORCH_WRITE_FAILED = ("failed writing file", "unexpected pos", "iostream error", "file write failed")
+
+
+def _fsize_limit() -> int | None:
+    """This process's file size limit (``ulimit -f``) in bytes, or None when unlimited."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+class WriteError(OSError):
+    """A stage could not write its output (disk full, quota, file size limit): names the path and the cause.
+
+    Raised in place of the library's own error (which often names neither); the original is its ``__cause__``.
+    Nothing half-written is published; finished shards / checkpoints stay and a rerun with space resumes.
+    """
+
+
+def as_write_error(exc: BaseException, path: str | os.PathLike, keeps: str = "") -> WriteError | None:
+    """`exc` as a :class:`WriteError` naming `path` when it is an out-of-space / size-limit failure, else None.
+
+    `keeps` tells the user what survives (e.g. "finished shards are kept"); it is added to the message.
+    """
+    if isinstance(exc, WriteError):
+        return None
+    code: int | None = None
+    seen: BaseException | None = exc
+    torch_write = False
+    for _ in range(6):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in _FULL_ERRNOS:
+            code = seen.errno
+            break
+        m = _OS_ERROR_CODE.search(str(seen))
+        if m and int(m.group(1)) in _FULL_ERRNOS:
+            code = int(m.group(1))
+            break
+        torch_write = torch_write or any(t in str(seen) for t in _TORCH_WRITE_FAILED)
+        seen = seen.__cause__ or seen.__context__
+    if code is None and not torch_write:
+        return None
+    free = ""
+    try:
+        usage = shutil.disk_usage(next(p for p in Path(path).parents if p.exists()))
+        free = f"; {usage.free / 2**20:.1f} MiB free on that filesystem"
+        if code is None and usage.free < 1 << 20:  # torch.save drops the errno; an empty disk tells
+            code = errno.ENOSPC
+    except (OSError, StopIteration):
+        pass
+    if code is None and _fsize_limit() is not None:
+        code = errno.EFBIG
+    cause = _FULL_ERRNOS[code] if code else "the write failed (disk full or over a file size limit?)"
+    if code == errno.EFBIG:
+        limit = _fsize_limit()
+        cause += f" (over the file size limit, ulimit -f = {limit} bytes)" if limit else " (over a file size limit)"
+    msg = (f"could not write {path}: {cause}{free}. Free space (or raise the limit) and rerun"
+           + (f": {keeps}" if keeps else "") + ". Nothing half-written was published")
+    return WriteError(code or errno.EIO, msg)
 
 
 def code_version() -> str:
@@ -70,11 +140,47 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON to a temp file, fsync it, then rename over `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _tmp_prefix(final: Path) -> str:
+    return f".{final.name}.tmp-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(final: str | os.PathLike) -> list[Path]:
+    """Remove the temp directories of `final` left behind by killed processes of this host; return them.
+
+    Temp names carry ``<host>-<pid>``; one is stale when its host is this one and that pid is gone. Temp
+    directories of live processes, of other hosts (a shared filesystem) or in an older naming are kept:
+    nothing ever reads a temp directory, so keeping one costs only space.
+    """
+    final = Path(final)
+    prefix, host = _tmp_prefix(final), socket.gethostname()
+    removed = []
+    for p in final.parent.glob(glob.escape(prefix) + "*"):
+        parts = p.name[len(prefix):].rsplit("-", 2)
+        if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 @contextmanager
@@ -82,17 +188,32 @@ def publish_dir(final: str | os.PathLike, manifest: dict[str, Any]) -> Iterator[
     """Yield a temporary directory; on success write `manifest` into it and rename it to `final`.
 
     The caller may add entries to `manifest` inside the block. On an exception the temporary directory is
-    removed and `final` is untouched.
+    removed and `final` is untouched; an out-of-space / file-size-limit failure is re-raised as
+    :class:`WriteError` naming `final`. Temp directories of `final` left by killed processes (SIGKILL, power
+    loss) are removed first (:func:`remove_stale_tmp`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_stale_tmp(final)
+    tmp = final.parent / f"{_tmp_prefix(final)}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as e:
+            err = as_write_error(e, final)
+            if err is not None:
+                raise err from e
+            raise
         manifest.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         manifest.setdefault("compactlm_version", code_version())
-        write_json_atomic(tmp / MANIFEST, manifest)
+        try:
+            write_json_atomic(tmp / MANIFEST, manifest)
+        except OSError as e:
+            err = as_write_error(e, final)
+            if err is not None:
+                raise err from e
+            raise
         if final.exists() and not is_complete(final):
             shutil.rmtree(final)  # leftovers of an older, interrupted layout
         try:

@@ -10,11 +10,58 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Bounds on MLflow's HTTP retries, applied when the user has not set them. MLflow's own defaults (7 retries,
+#: backoff factor 2, 120 s timeout) make one call to a stopped server take about 4 minutes before it fails.
+#: With these a refused connection fails in about 7-10 s and a hung server in at most ~1 min per call.
+HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking store could not be reached (server down, hung or refusing connections).
+
+    The message names the tracking URI, the cause and how to fix it. Stage outputs that were already
+    published stay valid: a rerun after the store is back reuses them (cache hits).
+    """
+
+
+#: tracking URI -> when a call to it last failed as unreachable (this process): best-effort calls skip it
+_DOWN_SINCE: dict[str, float] = {}
+_DOWN_MEMORY_S = 120.0
+
+
+def bound_http_retries() -> dict[str, str]:
+    """Set :data:`HTTP_BOUNDS` in ``os.environ`` where the user has not set them; returns what is in effect."""
+    for k, v in HTTP_BOUNDS.items():
+        os.environ.setdefault(k, v)
+    return {k: os.environ[k] for k in HTTP_BOUNDS}
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    """True for failures to reach an MLflow server (refused, reset, timed out, retries of 5xx exhausted),
+    False for errors the server itself reported (bad parameter, missing run, ...)."""
+    import requests
+
+    seen: BaseException | None = exc
+    for _ in range(8):  # MLflow wraps the requests error without `from`, so walk cause and context
+        if seen is None:
+            return False
+        if isinstance(seen, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                             requests.exceptions.RetryError, ConnectionError, TimeoutError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 _BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-./: ]")
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s:]+(:[^/@\s]*)?@")
@@ -71,14 +118,42 @@ class Tracker:
 
         self.tracking_uri = tracking_uri
         self.experiment = experiment
+        self.unavailable: TrackingUnavailableError | None = None  # set once a call could not reach the store
+        if tracking_uri.startswith(("http://", "https://")):
+            bound_http_retries()
         # Opening a SQLite store the first time creates its schema (alembic migrations); two processes doing
         # it at once corrupt the version table. Serialise store creation across processes.
         sqlite = tracking_uri.startswith("sqlite:///")
         with output_lock(tracking_uri.removeprefix("sqlite:///")) if sqlite else contextlib.nullcontext():
             self.client = MlflowClient(tracking_uri=tracking_uri)
-            self.client.search_experiments(max_results=1)  # forces the store (and its schema) into existence
+            # forces the store (and its schema) into existence; fails here, before any compute, when a
+            # tracking server is down
+            self.call(lambda: self.client.search_experiments(max_results=1))
             mlflow.set_tracking_uri(tracking_uri)
-            self.experiment_id = self._experiment_id(artifact_root)
+            self.experiment_id = self.call(lambda: self._experiment_id(artifact_root))
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run MLflow client call(s) in `fn`; an unreachable store becomes :class:`TrackingUnavailableError`
+        (for code that uses ``self.client`` directly)."""
+        try:
+            return fn()
+        except TrackingUnavailableError:
+            raise
+        except Exception as e:
+            if not _is_unreachable(e):
+                raise
+            cause = redact(" ".join(str(e).split()))
+            if len(cause) > 400:
+                cause = cause[:400] + " ..."
+            bounds = ", ".join(f"{k}={os.environ.get(k, 'unset')}" for k in HTTP_BOUNDS)
+            err = TrackingUnavailableError(
+                f"MLflow tracking store {redact(self.tracking_uri)} is unreachable ({cause}). Start it again "
+                "(`make serve`, or `mlflow server --host 127.0.0.1 --port ...`) or point MLFLOW_TRACKING_URI / "
+                "tracking.tracking_uri at a reachable store, then rerun: stage outputs already published are "
+                f"reused. HTTP retries: {bounds}.")
+            self.unavailable = err
+            _DOWN_SINCE[self.tracking_uri] = time.monotonic()
+            raise err from e
 
     def _experiment_id(self, artifact_root: str | None) -> str:
         exp = self.client.get_experiment_by_name(self.experiment)
@@ -99,15 +174,29 @@ class Tracker:
         tags = dict(tags or {})
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        run = self.call(lambda: self.client.create_run(self.experiment_id, run_name=name, tags=tags))
         return run.info.run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+        """Mark `run_id` ended. Marking a run FAILED/KILLED is best effort: it happens while another error
+        propagates, so an unreachable store is only logged (and not even retried once this tracker found it
+        down, nor when another tracker of this process found the same URI down in the last 2 minutes) rather
+        than raised over the error that matters."""
+        if status == "FINISHED":
+            self.call(lambda: self.client.set_terminated(run_id, status=status))
+            return
+        down_at = _DOWN_SINCE.get(self.tracking_uri)
+        if self.unavailable is not None or (down_at is not None and time.monotonic() - down_at < _DOWN_MEMORY_S):
+            log.warning("MLflow run %s left RUNNING: %s is unreachable", run_id, redact(self.tracking_uri))
+            return
+        try:
+            self.call(lambda: self.client.set_terminated(run_id, status=status))
+        except TrackingUnavailableError as e:
+            log.warning("could not mark MLflow run %s %s: %s", run_id, status, e)
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         for k, v in redact(tags).items():
-            self.client.set_tag(run_id, k, str(v))
+            self.call(lambda: self.client.set_tag(run_id, k, str(v)))
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -116,31 +205,29 @@ class Tracker:
         items = [Param(metric_name(k), json.dumps(v) if isinstance(v, (list, dict)) else str(v)[:6000])
                  for k, v in flat.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100])
+            self.call(lambda: self.client.log_batch(run_id, params=items[i:i + 100]))
 
     def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         items = [Metric(metric_name(k), float(v), ts, step or 0) for k, v in flatten(metrics).items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
         for i in range(0, len(items), 500):
-            self.client.log_batch(run_id, metrics=items[i:i + 500])
+            self.call(lambda: self.client.log_batch(run_id, metrics=items[i:i + 500]))
 
     def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
-            self.client.log_artifacts(run_id, str(path), artifact_path)
+            self.call(lambda: self.client.log_artifacts(run_id, str(path), artifact_path))
         else:
-            self.client.log_artifact(run_id, str(path), artifact_path)
+            self.call(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.client.log_text(run_id, text, artifact_file)
+        self.call(lambda: self.client.log_text(run_id, text, artifact_file))
 
     def log_dict(self, run_id: str, obj: dict, artifact_file: str) -> None:
-        self.client.log_dict(run_id, redact(obj), artifact_file)
+        self.call(lambda: self.client.log_dict(run_id, redact(obj), artifact_file))
 
     def run_url(self, run_id: str) -> str:
         """Link for http tracking servers; for local stores, the command that opens the UI."""

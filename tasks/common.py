@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from prefect import get_run_logger
 from prefect.context import FlowRunContext, TaskRunContext
+from prefect.exceptions import MissingContextError
 from pydantic import BaseModel
 
 from compactlm.artifacts import is_complete, output_lock, read_manifest, stage_key
-from compactlm.tracking import Tracker
+from compactlm.tracking import Tracker, TrackingUnavailableError
 
 
 class RunContext(BaseModel):
@@ -44,6 +46,15 @@ def prefect_ids() -> dict[str, str]:
 LogFn = Callable[[Tracker, str, Path, dict[str, Any]], None]
 
 
+def stage_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect run logger inside a flow or task run, else the ``compactlm.stage`` logger (a task's
+    ``.fn`` called from plain Python, as the fault tests do)."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("compactlm.stage")
+
+
 def run_stage(ctx: RunContext, stage: str, config: Any, upstream: list[str],
               produce: Callable[[Path, Callable[[dict, int], None]], dict], log: LogFn | None = None,
               extra_key: dict[str, Any] | None = None) -> str:
@@ -54,8 +65,13 @@ def run_stage(ctx: RunContext, stage: str, config: Any, upstream: list[str],
     recomputed, but the child run is still logged (tagged ``compactlm.cache_hit``), so every pipeline run
     has its full run tree; `log` then gets the manifest with ``"cache_hit": True`` and may skip re-uploading
     large artifacts.
+
+    MLflow going away: an unreachable store fails the stage before any compute (opening the tracker and the
+    child run). If it goes away *during* the compute, per-step metrics stop being logged (one warning) and
+    the compute finishes and publishes its output; logging the finished stage then raises
+    :class:`TrackingUnavailableError` naming the tracking URI and the complete output, which a rerun reuses.
     """
-    logger = get_run_logger()
+    logger = stage_logger()
     key_material = {"config": config.model_dump(mode="json") if hasattr(config, "model_dump") else config,
                     "seed": ctx.seed, **(extra_key or {})}
     key = stage_key(stage, key_material, upstream)
@@ -77,14 +93,23 @@ def run_stage(ctx: RunContext, stage: str, config: Any, upstream: list[str],
                 logger.info("%s: computing into %s", stage, out)
 
                 def log_step(metrics: dict, step: int) -> None:
-                    tracker.log_metrics(run_id, metrics, step=step)
+                    if tracker.unavailable is not None:
+                        return  # already reported; the compute goes on
+                    try:
+                        tracker.log_metrics(run_id, metrics, step=step)
+                    except TrackingUnavailableError as e:
+                        logger.warning("%s: step metrics are no longer logged, the stage goes on: %s", stage, e)
 
                 summary = produce(out, log_step)
-        tracker.set_tags(run_id, {"compactlm.cache_hit": str(cached).lower(), "compactlm.output": out})
-        if log is not None:
-            log(tracker, run_id, out, summary)
-        tracker.log_metrics(run_id, {"stage_seconds": time.time() - t0})
-        tracker.end_run(run_id)
+        try:
+            tracker.set_tags(run_id, {"compactlm.cache_hit": str(cached).lower(), "compactlm.output": out})
+            if log is not None:
+                tracker.call(lambda: log(tracker, run_id, out, summary))
+            tracker.log_metrics(run_id, {"stage_seconds": time.time() - t0})
+            tracker.end_run(run_id)
+        except TrackingUnavailableError as e:
+            raise TrackingUnavailableError(f"{stage}: the output {out} is complete and a rerun reuses it, but "
+                                           f"logging the stage failed: {e}") from e
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise

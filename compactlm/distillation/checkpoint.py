@@ -26,7 +26,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compactlm.artifacts import write_json_atomic
+from compactlm.artifacts import as_write_error, write_json_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -88,6 +88,12 @@ def save(root: str | os.PathLike, step: int, modules: dict[str, torch.nn.Module]
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
+    except Exception as e:
+        err = as_write_error(e, root / f"step-{step:08d}", "the last good checkpoint is kept and a rerun resumes "
+                             "from it" if _step_dirs(root) else "")
+        if err is not None:
+            raise err from e
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in _step_dirs(root):

@@ -31,7 +31,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compactlm.artifacts import MANIFEST, is_complete, read_manifest, write_json_atomic
+from compactlm.artifacts import MANIFEST, as_write_error, is_complete, read_manifest, write_json_atomic
 from compactlm.generation.engines import Completion, Request, SamplingSettings
 from compactlm.generation.filters import DROP_FILTERS, CompletionFilter, normalize_text  # noqa: F401 (re-export)
 
@@ -130,11 +130,18 @@ def _write_shard(path: Path, rows: list[dict], topk: int, meta: dict[str, Any]) 
     schema = _schema(topk).with_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
     table = pa.Table.from_pylist(rows, schema=schema)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # a failed write frees its space at once and leaves no partial shard
+        err = as_write_error(e, path, "finished shards are kept and a rerun resumes after them")
+        if err is not None:
+            raise err from e
+        raise
 
 
 def _read_shard(path: Path, fingerprint: str) -> tuple[dict[str, Any], list[str]]:
