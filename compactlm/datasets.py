@@ -102,3 +102,52 @@ def calibration_ids(source: str | os.PathLike, tokenizer, *, num_samples: int, s
             examples.append((toks, [1] * len(toks)))
     ids, _ = pack(examples, seq_len, seed=seed)
     return ids[:num_samples]
+
+
+def corpus_dataset(source: str | os.PathLike, tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                   max_tokens: int, seed: int = 0, text_field: str = "text", doc_tokens: int = 1024) -> dict:
+    """Write a plain-text corpus as a dataset in the generated format, for CE fine-tuning on classic text.
+
+    Documents come from :func:`read_text` (blank-line separated paragraphs of a .txt file, or `text_field` of
+    each .jsonl line). They are visited in a seeded random order, tokenized with the tokenizer in
+    `tokenizer_dir` (EOS appended) and cut into rows of at most `doc_tokens` tokens until `max_tokens` tokens are
+    taken. Each row has an empty prompt and the text as its completion, so every token counts in the loss and
+    :func:`compactlm.distillation.distill` with ``kd_weight=0`` is plain fine-tuning on the corpus (``kd_weight > 0``
+    is logit KD on it). Published atomically (``data/shard-00000.parquet`` then ``manifest.json``); returns the
+    manifest. Raises ValueError when `max_tokens` < 1 or the corpus has no text.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from compactlm.artifacts import publish_dir
+    from compactlm.generation.dataset import _schema
+    from compactlm.models import load_tokenizer
+
+    if max_tokens < 1 or doc_tokens < 1:
+        raise ValueError(f"max_tokens ({max_tokens}) and doc_tokens ({doc_tokens}) must be >= 1")
+    docs = read_text(source, text_field)
+    if not docs:
+        raise ValueError(f"{source} has no text (expected blank-line separated paragraphs or {text_field!r} rows)")
+    tok = load_tokenizer(tokenizer_dir)
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    rows: list[dict] = []
+    taken = 0
+    for i in order:
+        ids = tok(docs[i], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        for start in range(0, len(ids), doc_tokens):
+            chunk = ids[start:start + doc_tokens][:max_tokens - taken]
+            rows.append({"id": f"{i}-{start}", "prompt_id": i, "sample": start // doc_tokens, "prompt": "",
+                         "prompt_text": "", "completion": tok.decode(chunk), "prompt_token_ids": [],
+                         "completion_token_ids": chunk, "finish_reason": "length"})
+            taken += len(chunk)
+            if taken >= max_tokens:
+                break
+        if taken >= max_tokens:
+            break
+    manifest = {"stage": "corpus", "source": str(source), "tokenizer": str(tokenizer_dir), "seed": seed,
+                "stats": {"rows": len(rows), "tokens": taken, "documents_available": len(docs)}}
+    with publish_dir(out_dir, manifest) as tmp:
+        (tmp / "data").mkdir()
+        pq.write_table(pa.Table.from_pylist(rows, schema=_schema(0)), tmp / "data" / "shard-00000.parquet")
+    return manifest
