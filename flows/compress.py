@@ -20,7 +20,7 @@ from tasks.distill import distill
 from tasks.evaluate import evaluate
 from tasks.generate import generate
 from tasks.models import resolve_teacher
-from tasks.prune import prune
+from tasks.prune import check_runner, prune
 from tasks.score import score
 
 
@@ -41,12 +41,14 @@ def compress(recipe: Recipe) -> dict:
     """Compress `recipe.teacher` into a pruned, distilled student and benchmark all three models."""
     logger = get_run_logger()
     preflight(recipe)  # fail before any compute (the UI form already enforced the schema)
+    check_runner(recipe.runner)
     workdir = Path(recipe.workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(default_tracking_uri(workdir, recipe.tracking.tracking_uri), recipe.tracking.experiment)
     parent = tracker.start_run(recipe.name, tags={"compactlm.recipe": recipe.name, **prefect_ids()})
     try:
-        tracker.log_params(parent, {"teacher": recipe.teacher, "seed": recipe.seed, "device": recipe.device})
+        tracker.log_params(parent, {"teacher": recipe.teacher, "seed": recipe.seed, "device": recipe.device,
+                                    "runner": recipe.runner})
         tracker.log_dict(parent, recipe.model_dump(mode="json"), "recipe.json")
         ctx = RunContext(workdir=str(workdir), tracking_uri=tracker.tracking_uri, experiment=tracker.experiment,
                          parent_run_id=parent, seed=recipe.seed, device=pick_device(recipe.device),
@@ -56,7 +58,7 @@ def compress(recipe: Recipe) -> dict:
         preflight(recipe, teacher)  # the prune target must fit this teacher: fail before generating
         data = generate(ctx, teacher, recipe.generate)
         scores = score(ctx, teacher, data, recipe.score)
-        pruned = prune(ctx, teacher, scores, data, recipe.prune)
+        pruned = prune(ctx, teacher, scores, data, recipe.prune, runner=recipe.runner)
         student = distill(ctx, teacher, pruned, data, recipe.distill, log_model=recipe.tracking.log_model)
         eval_dir = evaluate(ctx, {"teacher": teacher, "pruned": pruned, "student": student}, recipe.eval)
 

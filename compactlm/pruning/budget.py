@@ -6,6 +6,10 @@
   mixed shapes how much depth is cut), so the pool is small and diverse.
 * :func:`rank_candidates` — prune the teacher to each candidate and rank them by a cheap proxy measured right
   after pruning (before any distillation): the calibration loss, or KL(teacher || student).
+* Fan-out (one unit of work per candidate, e.g. one Prefect task each): :func:`plan_candidates` lists the pool
+  from the directories (no weights loaded), :func:`measure_candidate` prunes and measures one candidate on its
+  own, :func:`rank_measured` orders the gathered results. Together they give exactly what
+  :func:`rank_candidates` gives (same pool, same per-candidate computation, same stable sort).
 
 Width grids: hidden sizes are multiples of the student's head count (transformers' Llama requires
 ``hidden_size % num_attention_heads == 0``) and of 8; MLP sizes multiples of 8 (64 for large MLPs); heads
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -33,6 +38,7 @@ KINDS = ("depth", "width", "mixed")
 MIN_WIDTH_FRACTION = 0.25
 PROXY_BATCH_SIZE = 4
 TEACHER_CACHE_BYTES = 1 << 30  # KL proxy: cache the teacher's fp32 log-probs up to this size, else recompute
+_LOAD_LOCK = threading.Lock()  # one model load at a time per process (measure_candidate in threads)
 
 
 def _counter(config: Any) -> Callable[[int, int, int, int], tuple[int, int]]:
@@ -185,6 +191,41 @@ def _kl(student, ids: torch.Tensor, teacher_logp, batch_size: int) -> float:
     return total / count
 
 
+def _measure(model, scores: ImportanceScores, candidate: dict[str, Any], calibration: torch.Tensor, *,
+             proxy: str, opts: dict[str, Any], teacher_logp, batch_size: int) -> dict[str, Any]:
+    """Prune `model` to one candidate's shape and measure the proxy: {**candidate, "proxy", "proxy_value"}."""
+    from compactlm.importance.compute import calibration_loss
+    from compactlm.pruning.prune import prune_model
+
+    student, _ = prune_model(model, scores, PruneConfig(**candidate["shape"], **opts))
+    if proxy == "loss":
+        value = calibration_loss(student, calibration, batch_size=batch_size)
+    else:
+        logp = teacher_logp if teacher_logp is not None else _teacher_logprobs(model, calibration, batch_size)
+        value = _kl(student, calibration, logp, batch_size)
+    del student
+    return {**candidate, "proxy": proxy, "proxy_value": float(value)}
+
+
+def _check_proxy_inputs(proxy: str, calibration: torch.Tensor) -> None:
+    if proxy not in ("loss", "kl"):
+        raise ValueError(f"prune.proxy must be 'loss' or 'kl', got {proxy!r}")
+    if calibration.ndim != 2 or calibration.shape[1] < 2:
+        raise ValueError(f"calibration ids must be [num_samples, seq_len >= 2], got {tuple(calibration.shape)}")
+
+
+def rank_measured(measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Measured candidates (each with "proxy_value"), in pool order, as a ranking: new dicts with "rank"
+    (1 = best = lowest proxy), sorted best first; ties keep the given order. This is the one ordering both
+    :func:`score_candidates` and a fan-out over :func:`measure_candidate` use, so they pick the same shape."""
+    missing = [i for i, c in enumerate(measured) if "proxy_value" not in c or "shape" not in c]
+    if missing:
+        raise ValueError(f"candidates {missing} have no 'shape'/'proxy_value': measure them first "
+                         "(measure_candidate / score_candidates)")
+    out = sorted(measured, key=lambda c: c["proxy_value"])  # stable
+    return [{**c, "rank": r} for r, c in enumerate(out, start=1)]
+
+
 def score_candidates(model, scores: ImportanceScores, candidates: list[dict[str, Any]], calibration: torch.Tensor,
                      *, proxy: str = "loss", base: PruneConfig | None = None,
                      batch_size: int = PROXY_BATCH_SIZE) -> list[dict[str, Any]]:
@@ -195,13 +236,7 @@ def score_candidates(model, scores: ImportanceScores, candidates: list[dict[str,
     `base` supplies layer_metric / rescale_norms. Returns new dicts with "proxy", "proxy_value" and "rank"
     (1 = best), sorted best first (ties keep the given order). `model` is not modified.
     """
-    from compactlm.importance.compute import calibration_loss
-    from compactlm.pruning.prune import prune_model
-
-    if proxy not in ("loss", "kl"):
-        raise ValueError(f"prune.proxy must be 'loss' or 'kl', got {proxy!r}")
-    if calibration.ndim != 2 or calibration.shape[1] < 2:
-        raise ValueError(f"calibration ids must be [num_samples, seq_len >= 2], got {tuple(calibration.shape)}")
+    _check_proxy_inputs(proxy, calibration)
     base = base or PruneConfig()
     opts = {"layer_metric": base.layer_metric, "rescale_norms": base.rescale_norms}
     teacher_logp: list | None = None
@@ -209,18 +244,8 @@ def score_candidates(model, scores: ImportanceScores, candidates: list[dict[str,
         n, t = calibration.shape
         if n * (t - 1) * model.config.vocab_size * 4 <= TEACHER_CACHE_BYTES:
             teacher_logp = list(_teacher_logprobs(model, calibration, batch_size))
-    out = []
-    for c in candidates:
-        student, _ = prune_model(model, scores, PruneConfig(**c["shape"], **opts))
-        if proxy == "loss":
-            value = calibration_loss(student, calibration, batch_size=batch_size)
-        else:
-            logp = teacher_logp if teacher_logp is not None else _teacher_logprobs(model, calibration, batch_size)
-            value = _kl(student, calibration, logp, batch_size)
-        del student
-        out.append({**c, "proxy": proxy, "proxy_value": float(value)})
-    out.sort(key=lambda c: c["proxy_value"])  # stable
-    return [{**c, "rank": r} for r, c in enumerate(out, start=1)]
+    return rank_measured([_measure(model, scores, c, calibration, proxy=proxy, opts=opts,
+                                   teacher_logp=teacher_logp, batch_size=batch_size) for c in candidates])
 
 
 def calibration_tensor(calibration: torch.Tensor | str | os.PathLike, model_dir: str | os.PathLike,
@@ -284,15 +309,59 @@ def rank_candidates(model_dir: str | os.PathLike, scores_dir: str | os.PathLike,
 def _rank_dir(model_dir, scores_dir, cfg: PruneConfig, calibration, *, device: str = "cpu", seed: int = 0,
               model=None) -> list[dict[str, Any]]:
     """All ranked pool candidates; loads the teacher unless `model` (fp32) is given."""
-    from transformers import AutoConfig
-
     from compactlm.importance.scores import load_scores
     from compactlm.models import load_model
 
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     scores = load_scores(scores_dir)
-    pool = candidate_pool(config, scores, cfg)
+    pool = _pool_from_dirs(model_dir, scores, cfg)
     ids = calibration_tensor(calibration, model_dir, cfg, seed=seed)
     if model is None:
         model = load_model(model_dir, dtype="float32", device=device)
     return score_candidates(model, scores, pool, ids, proxy=cfg.proxy, base=cfg)
+
+
+def _pool_from_dirs(model_dir, scores: ImportanceScores, cfg: PruneConfig) -> list[dict[str, Any]]:
+    from transformers import AutoConfig
+
+    return candidate_pool(AutoConfig.from_pretrained(model_dir, trust_remote_code=False), scores, cfg)
+
+
+def plan_candidates(model_dir: str | os.PathLike, scores_dir: str | os.PathLike,
+                    cfg: PruneConfig) -> list[dict[str, Any]]:
+    """The candidate pool :func:`rank_candidates` would measure for `model_dir` (config.json and the scores
+    only, no weights): the units of a fan-out. Each item: {"kind", "shape", "params", "param_ratio"}.
+    Raises ValueError when ``cfg.params`` is unset, no shape fits or the scores do not match the model."""
+    from compactlm.importance.scores import load_scores
+
+    if cfg.params is None:
+        raise ValueError("prune.params is not set: ranking candidates needs a parameter budget (e.g. 0.5)")
+    return _pool_from_dirs(model_dir, load_scores(scores_dir), cfg)
+
+
+def measure_candidate(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cfg: PruneConfig,
+                      calibration: torch.Tensor | str | os.PathLike, candidate: dict[str, Any], *,
+                      device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+    """One fan-out unit: load the teacher (fp32, on `device`), prune it to ``candidate["shape"]`` and measure
+    ``cfg.proxy`` on `calibration` (tokenized exactly as :func:`rank_candidates` does, with `seed`).
+
+    Returns ``{**candidate, "proxy", "proxy_value"}`` (JSON-serializable, no rank). Gathering the results for
+    every item of :func:`plan_candidates`, in pool order, and passing them to :func:`rank_measured` gives the
+    same ranking as :func:`rank_candidates` (``prune_to_dir(..., ranking=...)`` then prunes to its first).
+    Each call loads the teacher itself: parallel calls hold one teacher copy each.
+    """
+    from compactlm.importance.scores import load_scores
+    from compactlm.models import load_model
+
+    if not isinstance(candidate, dict) or not isinstance(candidate.get("shape"), dict):
+        raise ValueError(f"candidate must be an item of plan_candidates() with a 'shape' dict, got {candidate!r}")
+    unknown = set(candidate["shape"]) - set(SHAPE_FIELDS)
+    if unknown:
+        raise ValueError(f"candidate shape has unknown fields {sorted(unknown)}; allowed: {list(SHAPE_FIELDS)}")
+    ids = calibration_tensor(calibration, model_dir, cfg, seed=seed)
+    _check_proxy_inputs(cfg.proxy, ids)
+    scores = load_scores(scores_dir)
+    with _LOAD_LOCK:  # transformers' from_pretrained is not thread-safe (process-global meta-device init)
+        model = load_model(model_dir, dtype="float32", device=device)
+    opts = {"layer_metric": cfg.layer_metric, "rescale_norms": cfg.rescale_norms}
+    return _measure(model, scores, candidate, ids, proxy=cfg.proxy, opts=opts, teacher_logp=None,
+                    batch_size=PROXY_BATCH_SIZE)

@@ -283,9 +283,18 @@ def _with_shape(cfg: PruneConfig, shape: dict[str, Any]) -> PruneConfig:
     return PruneConfig(**shape, layer_metric=cfg.layer_metric, rescale_norms=cfg.rescale_norms)
 
 
+def _shape_key(candidate: dict[str, Any]) -> tuple:
+    shape = candidate.get("shape") if isinstance(candidate, dict) else None
+    if not isinstance(shape, dict):
+        raise ValueError(f"ranking items need a 'shape' dict (items of rank_measured / rank_candidates), got "
+                         f"{candidate!r}")
+    return tuple(sorted(shape.items()))
+
+
 def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cfg: PruneConfig,
                  out_dir: str | os.PathLike, *, calibration: torch.Tensor | str | os.PathLike | None = None,
-                 shape: dict[str, int] | None = None, device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+                 shape: dict[str, int] | None = None, device: str = "cpu", seed: int = 0,
+                 ranking: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Prune the HF model in `model_dir` with the scores in `scores_dir` and publish the student to `out_dir`.
 
     The student's shape comes from, in order:
@@ -296,7 +305,10 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
        ``cfg.params`` are then ignored (``layer_metric`` and ``rescale_norms`` still apply);
     2. ``cfg.params``: the candidates that fit the budget are ranked by ``cfg.proxy`` on `calibration` (ids
        [N, T], or a generated dataset dir / text file; required) with the teacher in fp32 on `device`, and the
-       best is pruned;
+       best is pruned; with `ranking` (the same pool already measured elsewhere, e.g. by a fan-out of
+       :func:`compactlm.pruning.budget.measure_candidate` tasks ordered by ``rank_measured``) nothing is
+       measured again and ``ranking[0]`` is pruned (`calibration` is then not needed); its shapes must be
+       exactly the pool's;
     3. ``cfg``'s explicit shape fields.
 
     `out_dir` becomes a normal HF directory (config.json, model.safetensors in the teacher's dtype, tokenizer
@@ -311,7 +323,7 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
     from compactlm.artifacts import publish_dir, write_json_atomic
     from compactlm.importance.scores import load_scores
     from compactlm.models import load_model
-    from compactlm.pruning.budget import calibration_tensor, candidate_pool, score_candidates
+    from compactlm.pruning.budget import calibration_tensor, candidate_pool, rank_measured, score_candidates
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
@@ -320,12 +332,16 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
     if shape is not None:
         selection, explicit = "shape", _with_shape(cfg, shape)
     elif cfg.params is not None:
-        if calibration is None:
+        if calibration is None and ranking is None:
             raise ValueError(f"prune.params={cfg.params} ranks candidate shapes on calibration data: pass "
                              "calibration= (token ids, a generated dataset dir or a text file), or an explicit "
                              "shape= / shape fields instead of params")
         selection, explicit = "params", None
         pool = candidate_pool(config, scores, cfg)  # fail fast: budget reachable, scores match
+        if ranking is not None and sorted(map(_shape_key, ranking)) != sorted(map(_shape_key, pool)):
+            raise ValueError(f"ranking= does not measure this config's candidate pool ({len(ranking)} ranked vs "
+                             f"{len(pool)} in the pool for prune.params={cfg.params}); rank the pool of the same "
+                             "teacher, scores and prune config (budget.plan_candidates)")
     else:
         selection, explicit = "config", cfg
     if explicit is not None:
@@ -334,14 +350,18 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
     dtype = str(dtype).removeprefix("torch.")
     if dtype not in ("float32", "bfloat16", "float16"):
         dtype = "float32"
-    ranking = None
-    if selection == "params":
+    if selection != "params":
+        ranking = None  # a given ranking only applies to a budget
+        model = load_model(model_dir, dtype=dtype, device="cpu")
+    elif ranking is not None:  # measured elsewhere (a fan-out): prune its best, exactly as below
+        ranking = rank_measured([{k: v for k, v in c.items() if k != "rank"} for c in ranking])
+        model = load_model(model_dir, dtype="float32", device="cpu")
+        explicit = _with_shape(cfg, ranking[0]["shape"])
+    else:
         ids = calibration_tensor(calibration, model_dir, cfg, seed=seed)
         model = load_model(model_dir, dtype="float32", device=device)  # fp32: bf16 matmuls are slow on CPU
         ranking = score_candidates(model, scores, pool, ids, proxy=cfg.proxy, base=cfg)
         explicit = _with_shape(cfg, ranking[0]["shape"])
-    else:
-        model = load_model(model_dir, dtype=dtype, device="cpu")
     student, record = prune_model(model, scores, explicit)
     student.to(device="cpu", dtype=getattr(torch, dtype))  # slicing is exact, so fp32 -> teacher dtype is too
     del model
