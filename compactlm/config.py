@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -313,6 +313,15 @@ class DistillConfig(_Strict):
     hidden_loss: Literal["cosine", "mse"] = Field(
         "cosine", description="Hidden-state distance: cosine = 1 - cos per token, mse = mean squared error"
     )
+    peak_tflops: float | None = Field(
+        None, gt=0,
+        description="Peak dense TFLOP/s of one device in the training dtype, for the MFU metric; None = the "
+        "bf16 peak of a known GPU (H100, A100, L4, ...), not reported on CPU",
+    )
+
+    #: Fields that change how a run is observed, not what it computes: left out of the stage key, so changing
+    #: them reuses a finished student.
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"log_every", "checkpoint_every", "peak_tflops"})
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> DistillConfig:
@@ -401,6 +410,12 @@ class Recipe(_Strict):
     workdir: str = Field("runs", description="Where stage outputs are written (keyed by their inputs)")
     seed: int = Field(0, ge=0, description="Seed for sampling, data order and training")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device for score/distill/eval")
+    runner: Literal["thread", "process", "ray"] = Field(
+        "thread",
+        description="Prefect task runner for the pruning-candidate fan-out (prune.params: one task per "
+        "candidate): thread = threads of the flow's process, process = a local process pool, ray = Ray "
+        "($RAY_ADDRESS, else a local instance limited to 2 CPUs; needs the `ray` extra). Same choice either way",
+    )
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)

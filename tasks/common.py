@@ -55,13 +55,21 @@ def stage_logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger("compactlm.stage")
 
 
+def stage_key_material(config: Any, seed: int, extra_key: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a stage's output is keyed by (with the upstream artifacts): the config less its ``NOT_IN_KEY``
+    fields (settings that change how a run is observed, e.g. ``distill.log_every``), the seed, `extra_key`."""
+    if hasattr(config, "model_dump"):
+        config = config.model_dump(mode="json", exclude=set(getattr(config, "NOT_IN_KEY", ())))
+    return {"config": config, "seed": seed, **(extra_key or {})}
+
+
 def run_stage(ctx: RunContext, stage: str, config: Any, upstream: list[str],
               produce: Callable[[Path, Callable[[dict, int], None]], dict], log: LogFn | None = None,
               extra_key: dict[str, Any] | None = None) -> str:
     """Run one stage under a child MLflow run and return its output directory.
 
-    The output lives at ``<workdir>/<stage>/<key>``, keyed by the stage config, the seed, the upstream
-    artifacts and the code version. If that directory is complete, the stage is a cache hit: nothing is
+    The output lives at ``<workdir>/<stage>/<key>``, keyed by :func:`stage_key_material` (the stage config,
+    the seed), the upstream artifacts and the code version. If that directory is complete, the stage is a cache hit: nothing is
     recomputed, but the child run is still logged (tagged ``compactlm.cache_hit``), so every pipeline run
     has its full run tree; `log` then gets the manifest with ``"cache_hit": True`` and may skip re-uploading
     large artifacts.
@@ -72,15 +80,15 @@ def run_stage(ctx: RunContext, stage: str, config: Any, upstream: list[str],
     :class:`TrackingUnavailableError` naming the tracking URI and the complete output, which a rerun reuses.
     """
     logger = stage_logger()
-    key_material = {"config": config.model_dump(mode="json") if hasattr(config, "model_dump") else config,
-                    "seed": ctx.seed, **(extra_key or {})}
+    key_material = stage_key_material(config, ctx.seed, extra_key)
     key = stage_key(stage, key_material, upstream)
     out = Path(ctx.workdir) / stage / key
     tracker = ctx.tracker()
     run_id = tracker.start_run(stage, parent_id=ctx.parent_run_id,
                                tags={"compactlm.stage": stage, "compactlm.key": key, **prefect_ids()})
     try:
-        tracker.log_params(run_id, key_material)
+        tracker.log_params(run_id, {**key_material, "config": config.model_dump(mode="json")}
+                           if hasattr(config, "model_dump") else key_material)
         for i, u in enumerate(upstream):
             tracker.log_params(run_id, {f"input_{i}": u})
         t0 = time.time()

@@ -336,7 +336,7 @@ def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
 def _curve(out: Path) -> list[dict]:
     """train_log.jsonl without the timing fields (which differ run to run)."""
     lines = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in lines]
+    return [{k: v for k, v in x.items() if k not in ("tokens_per_s", "model_tflops", "mfu")} for x in lines]
 
 
 KILL_SCRIPT = """
@@ -721,3 +721,33 @@ def test_corpus_dataset_makes_plain_text_trainable(teacher_dir, student_dir, tmp
     with pytest.raises(ValueError, match="no text"):
         corpus_dataset(tmp_path / "empty.txt", student_dir, tmp_path / "bad", max_tokens=10)
     assert not (tmp_path / "bad").exists()
+
+
+def test_flops_per_token_by_hand_and_mfu_logged_when_peak_known(teacher_dir, student_dir, data_dir, tmp_path):
+    from compactlm.distillation.flops import forward_flops_per_token, peak_flops, train_flops_per_token
+
+    conf = {"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+            "intermediate_size": 16, "vocab_size": 10}
+    # per layer: q,o 8x8 each + k,v 8x4 each = 192 MACs, MLP 3x8x16 = 384 MACs, scores 2 x 2 heads x 4 x 5 ctx
+    per_layer = 2 * (192 + 384) + 2 * 2 * 2 * 4 * 5
+    assert forward_flops_per_token(conf, 5) == 2 * per_layer + 2 * 8 * 10
+    assert train_flops_per_token(conf, 5, conf) == 4 * forward_flops_per_token(conf, 5)
+    assert peak_flops("cpu") is None and peak_flops("cpu", 2.0) == 2e12
+
+    logged: list[dict] = []
+    distill(teacher_dir, student_dir, data_dir, cfg(steps=2, peak_tflops=0.5), tmp_path / "o", seed=0,
+            log_fn=lambda m, s: logged.append(m))
+    assert all(m["model_tflops"] > 0 and m["mfu"] == pytest.approx(m["model_tflops"] / 0.5) for m in logged)
+    logged.clear()
+    distill(teacher_dir, student_dir, data_dir, cfg(steps=1), tmp_path / "p", seed=0,
+            log_fn=lambda m, s: logged.append(m))
+    assert "mfu" not in logged[0] and logged[0]["model_tflops"] > 0  # CPU peak unknown: no MFU
+
+
+def test_observation_settings_are_not_in_the_stage_key():
+    from tasks.common import stage_key_material
+
+    base = stage_key_material(cfg(), 0)
+    assert stage_key_material(cfg(log_every=5, checkpoint_every=2, peak_tflops=989), 0) == base
+    assert stage_key_material(cfg(lr=1e-3), 0) != base and stage_key_material(cfg(), 1) != base
+    assert "log_every" not in base["config"] and "steps" in base["config"]

@@ -172,8 +172,9 @@ def distill(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data
     A non-finite loss or gradient stops training before the update, so the last checkpoint stays good.
 
     `log_fn(metrics, step)` is called every `cfg.log_every` steps and at the last step with ``loss``, ``ce_loss``,
-    ``lr``, ``grad_norm``, ``tokens_per_s``, ``tokens_seen``, ``epoch`` and, when used, ``kd_loss`` /
-    ``hidden_loss``. After a resume it is called for the new steps only (``train_log.jsonl`` has them all).
+    ``lr``, ``grad_norm``, ``tokens_per_s`` and ``model_tflops`` (all processes together; see
+    :mod:`compactlm.distillation.flops`), ``tokens_seen``, ``epoch`` and, when used, ``kd_loss`` /
+    ``hidden_loss``, and ``mfu`` (0-1) when the peak FLOP/s is known (a known GPU or ``cfg.peak_tflops``). After a resume it is called for the new steps only (``train_log.jsonl`` has them all).
 
     Returns the summary: final ``loss``/``kd_loss``/``ce_loss``/``hidden_loss`` (None when unused),
     ``initial_loss``, ``steps``, ``tokens`` (input tokens trained on), ``loss_tokens`` (completion tokens),
@@ -188,6 +189,7 @@ def distill(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data
     import torch
 
     from compactlm.distillation import checkpoint as ckpt
+    from compactlm.distillation.flops import peak_flops, train_flops_per_token
     from compactlm.distillation.hidden import kept_channels, layer_map, make_projection, state_pairs
     from compactlm.distillation.losses import chunked_cross_entropy, hidden_state_loss, kd_loss, topk_kd_loss
 
@@ -283,6 +285,8 @@ def distill(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data
     stream = _row_stream(n_rows, seed)
     for _ in range(state["rows_drawn"]):
         next(stream)
+    flops_per_token = train_flops_per_token(s_conf, cfg.seq_len, t_conf if load_teacher else None)
+    peak = peak_flops(device, cfg.peak_tflops)
     t_session = time.perf_counter()
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
@@ -372,7 +376,10 @@ def distill(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data
         if state["first_loss"] is None:
             state["first_loss"] = totals["loss"]
         last = {**totals, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": n_tokens / dt,
+                "model_tflops": n_tokens * flops_per_token / dt / 1e12,  # n_tokens: the all-process batch
                 "tokens_seen": float(state["tokens_seen"]), "epoch": float(state["epoch"])}
+        if peak is not None:
+            last["mfu"] = last["model_tflops"] * 1e12 / (peak * world)
         if not use_kd:
             last.pop("kd_loss")
         if not use_hidden:
