@@ -111,7 +111,6 @@ class Tracker:
     """Logs to explicit MLflow runs of one experiment; tasks rebuild it from (tracking_uri, experiment)."""
 
     def __init__(self, tracking_uri: str, experiment: str, artifact_root: str | None = None):
-        import mlflow
         from mlflow.tracking import MlflowClient
 
         from compactlm.artifacts import output_lock
@@ -129,7 +128,8 @@ class Tracker:
             # forces the store (and its schema) into existence; fails here, before any compute, when a
             # tracking server is down
             self.call(lambda: self.client.search_experiments(max_results=1))
-            mlflow.set_tracking_uri(tracking_uri)
+            # No mlflow.set_tracking_uri(): it also exports MLFLOW_TRACKING_URI, so in a long-lived process (a
+            # worker, a test session) the next pipeline's default_tracking_uri() would log into this store.
             self.experiment_id = self.call(lambda: self._experiment_id(artifact_root))
 
     def call(self, fn: Callable[[], T]) -> T:

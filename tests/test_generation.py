@@ -567,6 +567,9 @@ def test_mlflow_dataset_input_sample_table_and_stats(sampled, tmp_path):
     metrics = run.data.metrics
     assert metrics["completions"] == manifest["stats"]["completions"] and "dropped.near_duplicate" in metrics
     assert metrics["completion_tokens_per_s"] > 0 and "dropped_total" in metrics
-    table = tracker.client.load_table(tracker.experiment_id, "samples.json", run_ids=[run_id])
-    assert len(table) == min(SAMPLE_ROWS, manifest["stats"]["completions"])
-    assert {"prompt", "completion", "finish_reason", "completion_tokens"} <= set(table.columns)
+    # logged as an MLflow table (what the UI's artifact view renders); read back with the run's own client
+    # (MlflowClient.load_table goes through the process-global tracking URI, which compactlm never sets)
+    assert {"path": "samples.json", "type": "table"} in json.loads(run.data.tags["mlflow.loggedArtifacts"])
+    table = json.loads(Path(tracker.client.download_artifacts(run_id, "samples.json", str(tmp_path))).read_text())
+    assert len(table["data"]) == min(SAMPLE_ROWS, manifest["stats"]["completions"])
+    assert {"prompt", "completion", "finish_reason", "completion_tokens"} <= set(table["columns"])

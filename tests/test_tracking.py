@@ -1,5 +1,6 @@
 """MLflow tracking through explicit run ids (real MLflow, SQLite store)."""
 
+import os
 import threading
 
 from mlflow.tracking import MlflowClient
@@ -84,3 +85,14 @@ def test_processes_opening_a_fresh_sqlite_store_at_once_all_succeed(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True) for _ in range(4)]
     errors = [p.communicate()[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], errors
+
+
+def test_a_tracker_does_not_redirect_the_next_pipeline(tmp_path, monkeypatch):
+    """One long-lived process (a worker, a test session) runs two pipelines with different workdirs: opening the
+    first one's store must not make the second one log into it (mlflow.set_tracking_uri exports the env var)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = default_tracking_uri(tmp_path / "a")
+    Tracker(first, "exp-a").start_run("r")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    second = default_tracking_uri(tmp_path / "b")
+    assert second != first and second.endswith(str(tmp_path / "b" / "mlflow.db"))
