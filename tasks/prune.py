@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import get_run_logger, task
-from prefect.exceptions import MissingContextError
+from prefect import task
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from compactlm.config import PruneConfig
 from compactlm.tracking import Tracker
-from tasks.common import RunContext, run_stage
+from tasks.common import RunContext, run_stage, stage_logger
 
 Runner = Literal["thread", "process", "ray"]
 RUNNERS: tuple[str, ...] = ("thread", "process", "ray")
@@ -75,13 +73,6 @@ def prune_candidate(ctx: RunContext, teacher_dir: str, scores_dir: str, data_dir
     return measure_candidate(teacher_dir, scores_dir, cfg, data_dir, candidate, device=ctx.device, seed=ctx.seed)
 
 
-def _logger() -> logging.Logger | logging.LoggerAdapter:
-    try:
-        return get_run_logger()
-    except MissingContextError:  # the task's .fn called from plain Python
-        return logging.getLogger("compactlm.prune")
-
-
 def fan_out_candidates(ctx: RunContext, teacher_dir: str, scores_dir: str, data_dir: str, cfg: PruneConfig,
                        runner: str = "thread") -> list[dict[str, Any]]:
     """Measure every candidate of ``cfg.params`` as its own ``prune-candidate`` task on a `runner` task runner;
@@ -90,7 +81,7 @@ def fan_out_candidates(ctx: RunContext, teacher_dir: str, scores_dir: str, data_
     from compactlm.pruning.budget import plan_candidates, rank_measured
 
     pool = plan_candidates(teacher_dir, scores_dir, cfg)  # fails fast: no weights loaded yet
-    _logger().info("prune: fanning out %d candidates on the %s runner", len(pool), runner)
+    stage_logger().info("prune: fanning out %d candidates on the %s runner", len(pool), runner)
     with task_runner(runner, max_workers=min(len(pool), os.cpu_count() or 1)) as pool_runner:
         futures = [pool_runner.submit(prune_candidate.with_options(
                        task_run_name=f"prune-candidate-{i}-{c['kind']}"),
