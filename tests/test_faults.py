@@ -119,32 +119,29 @@ def _manifest(path: Path) -> dict:
 
 # Each script pauses right after the stage has written its big file into the publish temp directory (before
 # the manifest and the rename), announces it, and is killed there.
-SCORE_SCRIPT = """
+PAUSE_PRELUDE = """
 import sys, time
+def pause_after(real):
+    def wrapped(*a, **kw):
+        out = real(*a, **kw)
+        print("IN-PUBLISH", flush=True)
+        time.sleep(600)
+        return out
+    return wrapped
+"""
+
+SCORE_SCRIPT = PAUSE_PRELUDE + """
 import compactlm.importance.score as S, compactlm.importance.plots as PL
 from compactlm.config import ScoreConfig
-real = PL.write_plots
-def pause_after(*a, **kw):
-    out = real(*a, **kw)
-    print("IN-PUBLISH", flush=True)
-    time.sleep(600)
-    return out
-PL.write_plots = pause_after
+PL.write_plots = pause_after(PL.write_plots)
 model, calib, out, cfg = sys.argv[1:5]
 S.score_model(model, calib, ScoreConfig.model_validate_json(cfg), out, seed=0)
 """
 
-PRUNE_SCRIPT = """
-import sys, time
+PRUNE_SCRIPT = PAUSE_PRELUDE + """
 import compactlm.pruning.prune as P
 from compactlm.config import PruneConfig
-real = P.copy_model_side_files
-def pause_after(*a, **kw):
-    out = real(*a, **kw)
-    print("IN-PUBLISH", flush=True)
-    time.sleep(600)
-    return out
-P.copy_model_side_files = pause_after
+P.copy_model_side_files = pause_after(P.copy_model_side_files)
 model, scores, out, cfg = sys.argv[1:5]
 P.prune_to_dir(model, scores, PruneConfig.model_validate_json(cfg), out, seed=0)
 """
