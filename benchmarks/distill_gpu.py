@@ -1,0 +1,148 @@
+"""Distillation throughput and MFU on one GPU at the ~1B scale: CE, online logit KD and offline top-k KD.
+
+    python benchmarks/distill_gpu.py      [--layers 16 --teacher-layers 24 --batch-size 8 --seq-len 2048]
+
+Models: Llama-shaped, random init (throughput does not depend on the weights), hidden 2048, 32 query / 8 KV
+heads of 64, MLP 8192, the SmolLM2 tokenizer's 49,152-token vocabulary, tied embeddings: the student has
+``--layers`` layers (16: 1.0B parameters), the teacher ``--teacher-layers`` (24: 1.4B). Data: Gutenberg novels
+from ../shared/data through :func:`compactlm.datasets.corpus_dataset`, packed to ``--seq-len``; for the offline
+mode, top-k (``--topk``) teacher log-probs of every position are added in the generated-dataset layout.
+
+Each mode trains through :func:`compactlm.distillation.distill` (the pipeline's own trainer: fp32 master
+weights, bf16 autocast, fused AdamW, chunked KD loss) for ``--steps`` steps; the first ``--warmup`` steps are
+dropped and the figures are medians of the rest, as logged by the trainer: tokens/s, model TFLOP/s (PaLM-style
+count: 3 x the student's forward, plus the teacher's forward in online mode) and MFU against the device's bf16
+peak. Peak GPU memory per mode from ``torch.cuda.max_memory_allocated``.
+
+Prints one JSON object as its last line and writes it to benchmarks/results/distill_gpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+SHARED = REPO.parent / "shared" / "data"
+
+
+def add_topk(data_dir: Path, teacher_dir: Path, out_dir: Path, k: int, device: str) -> Path:
+    """A copy of the dataset at `data_dir` with the teacher's top-k log-probs of every completion token."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from compactlm.generation.dataset import _schema
+    from compactlm.models import load_model
+
+    teacher = load_model(teacher_dir, dtype="bfloat16", device=device).eval()
+    (out_dir / "data").mkdir(parents=True)
+    for shard in sorted((data_dir / "data").glob("*.parquet")):
+        rows = pq.read_table(shard).to_pylist()
+        for r in rows:
+            ids = torch.tensor([r["prompt_token_ids"] + r["completion_token_ids"]], device=device)
+            with torch.inference_mode():
+                logp = torch.log_softmax(teacher(ids).logits[0].float(), dim=-1)
+            p = len(r["prompt_token_ids"])
+            # position p-1+t predicts completion token t; with an empty prompt (a corpus row) the first token
+            # has no predictor in the row: it gets a flat placeholder (k ids at probability 1/vocab each)
+            lp, li = logp[max(p - 1, 0): p - 1 + len(r["completion_token_ids"])].topk(k, dim=-1)
+            pad = len(r["completion_token_ids"]) - lp.shape[0]
+            flat = -float(torch.log(torch.tensor(float(logp.shape[-1]))))
+            r["topk_ids"] = [list(range(k))] * pad + li.cpu().tolist()
+            r["topk_logprobs"] = [[flat] * k] * pad + lp.cpu().tolist()
+        pq.write_table(pa.Table.from_pylist(rows, schema=_schema(k)), out_dir / "data" / shard.name)
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    (out_dir / "manifest.json").write_text(json.dumps({**manifest, "topk_logprobs": k}))
+    del teacher
+    torch.cuda.empty_cache()
+    return out_dir
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--teacher-layers", type=int, default=24)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--micro-batch-size", type=int, default=None)
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=3, help="first steps dropped from the medians")
+    ap.add_argument("--topk", type=int, default=50)
+    ap.add_argument("--modes", default="ce,kd_online,kd_offline")
+    ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
+    ap.add_argument("--name", default="distill_gpu")
+    args = ap.parse_args()
+
+    import torch
+
+    from compactlm.config import DistillConfig
+    from compactlm.datasets import corpus_dataset
+    from compactlm.distillation import distill
+    from compactlm.models import count_params, load_model, make_tiny_model
+
+    if not torch.cuda.is_available():
+        raise SystemExit("distill_gpu.py needs a CUDA device")
+    device = "cuda"
+    work = Path(args.work or tempfile.mkdtemp(prefix="distill-gpu-"))
+    shape = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+                 intermediate_size=8192, tie_word_embeddings=True, max_position_embeddings=args.seq_len)
+    t0 = time.perf_counter()
+    student = make_tiny_model(work / "student", num_hidden_layers=args.layers, seed=0, **shape)
+    teacher = make_tiny_model(work / "teacher", num_hidden_layers=args.teacher_layers, seed=1, **shape)
+    tokens = (args.steps + 1) * args.batch_size * args.seq_len
+    data = work / "data"
+    if not (data / "manifest.json").is_file():
+        corpus_dataset(SHARED / "gutenberg" / "gutenberg_14books_clean.txt", student, data, max_tokens=tokens,
+                       seed=0, doc_tokens=args.seq_len)
+    modes = args.modes.split(",")
+    topk_data = add_topk(data, teacher, work / "data-topk", args.topk, device) if "kd_offline" in modes else None
+    setup_s = time.perf_counter() - t0
+    n_student = count_params(load_model(student))
+    n_teacher = count_params(load_model(teacher))
+
+    results: dict[str, dict] = {}
+    for mode in modes:
+        fields = {"ce": {"kd_weight": 0.0}, "kd_online": {"kd_weight": 1.0},
+                  "kd_offline": {"kd_weight": 1.0, "mode": "offline"}}[mode]
+        cfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                            seq_len=args.seq_len, lr=3e-4, warmup_steps=2, log_every=1, **fields)
+        logged: list[dict] = []
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        distill(teacher, student, topk_data if mode == "kd_offline" else data, cfg, work / f"out-{mode}", seed=0,
+                device=device, log_fn=lambda m, s: logged.append(m))
+        wall = time.perf_counter() - t
+        kept = logged[args.warmup:]
+        results[mode] = {
+            "tokens_per_s": round(statistics.median(m["tokens_per_s"] for m in kept)),
+            "model_tflops": round(statistics.median(m["model_tflops"] for m in kept), 1),
+            "mfu": round(statistics.median(m["mfu"] for m in kept), 3) if "mfu" in kept[0] else None,
+            "step_s": round(args.batch_size * args.seq_len / statistics.median(m["tokens_per_s"] for m in kept), 3),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
+            "first_loss": round(logged[0]["loss"], 4), "last_loss": round(logged[-1]["loss"], 4),
+            "call_wall_s": round(wall, 1),
+        }
+        print(f"[distill_gpu] {mode}: {results[mode]}", flush=True)
+
+    out = {
+        "benchmark": "distill_gpu", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "student_params": n_student, "teacher_params": n_teacher, "layers": args.layers,
+        "teacher_layers": args.teacher_layers, "batch_size": args.batch_size,
+        "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len,
+        "tokens_per_step": args.batch_size * args.seq_len, "steps": args.steps, "warmup_dropped": args.warmup,
+        "topk": args.topk, "setup_s": round(setup_s, 1), "modes": results, "python": platform.python_version(),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
