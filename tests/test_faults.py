@@ -632,6 +632,50 @@ def test_unreachable_tracking_server_fails_fast_with_the_uri(monkeypatch):
     assert {k: os.environ[k] for k in HTTP_BOUNDS} == HTTP_BOUNDS
 
 
+def test_hung_tracking_server_fails_within_the_timeout_bounds(monkeypatch):
+    """A server that accepts connections and never answers (a hung process, a stuck proxy): the call times
+    out per attempt and fails after the bounded retries with the same clear error, instead of hanging."""
+    import socket
+    import threading
+
+    from compactlm.tracking import Tracker, TrackingUnavailableError
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")  # the user's settings win over HTTP_BOUNDS
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept_and_hold():  # read nothing, answer nothing, close nothing
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(srv.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept_and_hold, daemon=True)
+    thread.start()
+    uri = f"http://127.0.0.1:{srv.getsockname()[1]}"
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(TrackingUnavailableError, match=f"MLflow tracking store {uri} is unreachable") as info:
+            Tracker(uri, "x")
+        seconds = time.monotonic() - t0
+    finally:
+        stop.set()
+        thread.join()
+        for c in accepted:
+            c.close()
+        srv.close()
+    assert len(accepted) == 2  # the first attempt and one retry, each held until its read timeout
+    assert 4 <= seconds < 20, f"took {seconds:.1f} s"  # two 2-s read timeouts + backoff, not forever
+    assert "timed out" in str(info.value).lower() and "MLFLOW_HTTP_REQUEST_TIMEOUT=2" in str(info.value)
+
+
 def test_user_http_retry_settings_are_kept(monkeypatch, tmp_path):
     from compactlm.tracking import Tracker, bound_http_retries
 
