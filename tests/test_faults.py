@@ -346,6 +346,53 @@ def test_disk_full_while_writing_a_shard_then_resume(mode, tiny_model_dir, gen_d
             assert manifest["stats"][key] == ref["stats"][key], key
 
 
+SI_SCRIPT = LIMIT_PRELUDE + """
+import compactlm.generation.dataset as D
+from compactlm.config import GenerateConfig
+model, out, cfg = sys.argv[1:4]
+real = D._write_jsonl_atomic
+def write_jsonl(path, *a, **kw):
+    limit_writes(16)  # the instruction list is the next file written, and longer than this
+    return real(path, *a, **kw)
+D._write_jsonl_atomic = write_jsonl
+D.generate_dataset(model, GenerateConfig.model_validate_json(cfg), out, seed=5, progress=False)
+"""
+
+
+@pytest.mark.integration  # three small self-instruct runs (one in a subprocess): ~30 s idle
+def test_file_size_limit_while_writing_self_instruct_instructions_then_rerun(tiny_model_dir, tmp_path):
+    from compactlm.datasets import read_generated
+    from compactlm.generation import generate_dataset
+    from test_generation import SEEDS
+
+    (tmp_path / "seeds.jsonl").write_text("".join(json.dumps({"instruction": t, "input": i}) + "\n"
+                                                  for t, i in SEEDS))
+    cfg = GenerateConfig(engine="hf", max_tokens=8, max_model_len=512, prompts=str(tmp_path / "seeds.jsonl"),
+                         template="{instruction}\n\n{input}", shard_size=4, n=1,
+                         self_instruct=dict(num_instructions=4, oversample=2.5, max_tokens=16, min_words=1,
+                                            blocked_words=[]))
+    ref = tmp_path / "ref"
+    ref_manifest = generate_dataset(tiny_model_dir, cfg, ref, seed=5, progress=False)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", SI_SCRIPT, str(tiny_model_dir), str(out), cfg.model_dump_json()],
+                          cwd=REPO, env=SUB_ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    target = out / "self_instruct" / "instructions.jsonl"
+    assert "WriteError" in last and f"could not write {target}" in last and "file too large" in last, last
+    assert "instruction-writing shards are kept" in last
+    # no partial instruction list, no temp file; the writing pass's shards are whole; nothing published
+    assert sorted(p.name for p in target.parent.iterdir()) == [f"shard-0000{i}.parquet" for i in range(3)]
+    assert not is_complete(out) and not (out / "data").exists()
+
+    manifest = generate_dataset(tiny_model_dir, cfg, out, seed=5, progress=False)
+    assert manifest["self_instruct"]["writing_pass"]["resumed_shards"] == 3
+    assert target.read_text() == (ref / "self_instruct" / "instructions.jsonl").read_text()
+    assert read_generated(out) == read_generated(ref)
+    for key in ("candidates", "kept", "surplus", "rejected"):
+        assert manifest["self_instruct"][key] == ref_manifest["self_instruct"][key], key
+
+
 TIMING = ("tokens_per_s", "model_tflops", "mfu")  # train_log fields that depend on wall time
 
 DISTILL_SCRIPT = LIMIT_PRELUDE + """

@@ -235,14 +235,21 @@ def _run_pass(engine: _LazyEngine, prompts: list[FormattedPrompt], data_dir: Pat
             "finish_reasons": finish, "resumed_shards": resumed}
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+def _write_jsonl_atomic(path: Path, rows: list[dict], keeps: str = "") -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)  # no partial file left behind; the space is freed at once
+        err = as_write_error(e, path, keeps)
+        if err is not None:
+            raise err from e
+        raise
 
 
 def _pass_completions(stats: dict[str, Any], out_dir: Path) -> list[str]:
@@ -321,7 +328,9 @@ def generate_dataset(model_dir: str | os.PathLike, cfg: GenerateConfig, out_dir:
                                  "generate.self_instruct.oversample, loosen its filters or set include_seeds")
             first_new = len(answer) - len(new)
             _write_jsonl_atomic(si_dir / INSTRUCTIONS_FILE,
-                                [{"prompt_id": first_new + i, "instruction": t} for i, t in enumerate(new)])
+                                [{"prompt_id": first_new + i, "instruction": t} for i, t in enumerate(new)],
+                                "the instruction-writing shards are kept and a rerun derives this file again "
+                                "from them")
             prompts = format_prompts(answer, tokenizer, chat=chat, system_prompt=cfg.system_prompt)
             si_manifest = {"seeds": len(seeds), "seeds_answered": first_new, "first_new_prompt_id": first_new,
                            "instructions_file": f"{SELF_INSTRUCT_DIR}/{INSTRUCTIONS_FILE}", **sel,
