@@ -20,8 +20,9 @@ from compactlm.distillation import distill
 from compactlm.evaluation import evaluate_model
 from compactlm.generation import generate_dataset
 from compactlm.importance import load_scores, score_model
-from compactlm.models import load_model, load_tokenizer
-from test_distillation import texts, write_generated
+from compactlm.models import load_model
+# the sharp-headed GQA teacher, the 2-layer student and their dataset, shared with the CPU distillation tests
+from test_distillation import data_dir, student_dir, teacher_dir, texts  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pytest -m gpu)")]
@@ -33,28 +34,6 @@ def _cpu_logp(model, prompt_ids: list[int], completion_ids: list[int]) -> torch.
     with torch.inference_mode():
         logp = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
     return logp[len(prompt_ids) - 1: len(prompt_ids) - 1 + len(completion_ids)]
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tiny_gqa_model_dir, tmp_path_factory) -> Path:
-    """The GQA tiny model with a 5x sharper head (as in test_distillation), so KD has something to learn."""
-    out = tmp_path_factory.mktemp("cuda-teacher")
-    model = load_model(tiny_gqa_model_dir)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(5.0)
-    model.save_pretrained(out)
-    load_tokenizer(tiny_gqa_model_dir).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def student_dir(tiny_factory) -> Path:
-    return tiny_factory(num_hidden_layers=2)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory, student_dir) -> Path:
-    return write_generated(tmp_path_factory.mktemp("cuda-gen") / "ds", load_tokenizer(student_dir), texts(40))
 
 
 @pytest.mark.parametrize("dtype,atol", [("float32", 2e-2), ("bfloat16", 1.5e-1)])
