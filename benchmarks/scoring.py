@@ -13,6 +13,8 @@ model's tokenizer, exactly as the score stage packs a text file. Two passes are 
 Every measurement runs in a fresh subprocess, so peaks do not mix: the child loads the model in fp32, runs a
 tiny warm-up forward (one-time library initialisation), resets the kernel's peak-RSS mark
 (``/proc/self/clear_refs``), records VmRSS, runs the pass, and reports VmHWM - VmRSS as the peak increase.
+Children run with a fixed glibc mmap threshold (``MALLOC_MMAP_THRESHOLD_=65536``) so that freed tensors leave
+the RSS at once and the peak measures live tensors, not heap fragmentation.
 The two modes alternate (plain, score, score, plain, ...) over ``--repeats`` rounds; wall time is the best
 round, peak increase the largest. Process CPU time (all threads) is reported beside wall time: on a shared,
 oversubscribed machine wall time mostly measures the neighbours, CPU time the work done. The 1-minute load
@@ -76,7 +78,11 @@ def child(mode: str, model_dir: str, ids_path: str, batch_size: int, threads: in
 def _run_child(mode: str, model_dir: Path, ids_path: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--child", mode, "--model-dir", str(model_dir), "--ids", str(ids_path),
            "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    # A fixed mmap threshold: glibc otherwise raises it as large blocks are freed, after which freed tensors stay
+    # in the heap and the peak RSS depends on fragmentation (+-60 MiB between runs of the same pass, measured).
+    # With it every large tensor is mapped and unmapped, so the peak follows the live tensors in both passes.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 16)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{mode} child failed:\n{proc.stderr[-4000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
