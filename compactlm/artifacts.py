@@ -136,19 +136,34 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(path) / MANIFEST).read_text())
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to a temp file, fsync it, then rename over `path`."""
+@contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w", *, keeps: str | None = None) -> Iterator[Any]:
+    """Yield a file opened on a temp name beside `path` (``mode`` "w" text, "wb" binary); once the block ends, fsync
+    it and rename it over `path`, so `path` is either absent, the old file or the whole new one.
+
+    On any failure the temp file is deleted at once (a full disk gets its space back). With `keeps` given, an
+    out-of-space / size-limit failure is raised as a :class:`WriteError` naming `path` and what survives.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        with open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        err = as_write_error(e, path, keeps) if keeps is not None else None
+        if err is not None:
+            raise err from e
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON to a temp file, fsync it, then rename over `path`."""
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
 
 
 def _tmp_prefix(final: Path) -> str:

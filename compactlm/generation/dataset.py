@@ -27,11 +27,10 @@ import json
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compactlm.artifacts import MANIFEST, as_write_error, is_complete, read_manifest, write_json_atomic
+from compactlm.artifacts import MANIFEST, atomic_file, is_complete, read_manifest, write_json_atomic
 from compactlm.generation.engines import Completion, Request, SamplingSettings
 from compactlm.generation.filters import DROP_FILTERS, CompletionFilter, normalize_text  # noqa: F401 (re-export)
 
@@ -129,19 +128,8 @@ def _write_shard(path: Path, rows: list[dict], topk: int, meta: dict[str, Any]) 
 
     schema = _schema(topk).with_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
     table = pa.Table.from_pylist(rows, schema=schema)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)  # a failed write frees its space at once and leaves no partial shard
-        err = as_write_error(e, path, "finished shards are kept and a rerun resumes after them")
-        if err is not None:
-            raise err from e
-        raise
+    with atomic_file(path, "wb", keeps="finished shards are kept and a rerun resumes after them") as f:
+        pq.write_table(table, f)
 
 
 def _read_shard(path: Path, fingerprint: str) -> tuple[dict[str, Any], list[str]]:
@@ -236,20 +224,9 @@ def _run_pass(engine: _LazyEngine, prompts: list[FormattedPrompt], data_dir: Pat
 
 
 def _write_jsonl_atomic(path: Path, rows: list[dict], keeps: str = "") -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)  # no partial file left behind; the space is freed at once
-        err = as_write_error(e, path, keeps)
-        if err is not None:
-            raise err from e
-        raise
+    with atomic_file(path, keeps=keeps) as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
 def _pass_completions(stats: dict[str, Any], out_dir: Path) -> list[str]:
