@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from compactlm.config import DistillConfig, EvalConfig, GenerateConfig, ScoreConfig
+from compactlm.config import EvalConfig, GenerateConfig, ScoreConfig
 from compactlm.datasets import read_generated
 from compactlm.distillation import distill
 from compactlm.evaluation import evaluate_model
@@ -22,34 +22,27 @@ from compactlm.generation import generate_dataset
 from compactlm.importance import load_scores, score_model
 from compactlm.models import load_model
 # the sharp-headed GQA teacher, the 2-layer student and their dataset, shared with the CPU distillation tests
-from test_distillation import data_dir, student_dir, teacher_dir, texts  # noqa: F401 (fixtures)
+from test_distillation import cfg, data_dir, student_dir, teacher_dir, texts  # noqa: F401 (fixtures)
+from test_generation import _hf_topk
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pytest -m gpu)")]
-
-
-def _cpu_logp(model, prompt_ids: list[int], completion_ids: list[int]) -> torch.Tensor:
-    """fp32 CPU log-probs of one plain forward over prompt + completion, at each completion position [T, V]."""
-    ids = torch.tensor([prompt_ids + completion_ids])
-    with torch.inference_mode():
-        logp = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
-    return logp[len(prompt_ids) - 1: len(prompt_ids) - 1 + len(completion_ids)]
 
 
 @pytest.mark.parametrize("dtype,atol", [("float32", 2e-2), ("bfloat16", 1.5e-1)])
 def test_hf_engine_on_cuda_matches_a_cpu_forward(teacher_dir, tmp_path, dtype, atol):
     """Batched, left-padded, KV-cached decoding on CUDA stores the log-probs a plain fp32 CPU forward gives
     (fp16 storage: 2e-2 at values near -10; bf16 weights and activations: 0.15), and is seeded."""
-    cfg = GenerateConfig(engine="hf", dtype=dtype, max_tokens=12, max_model_len=512, max_prompts=6, n=2,
+    gen = GenerateConfig(engine="hf", dtype=dtype, max_tokens=12, max_model_len=512, max_prompts=6, n=2,
                          shard_size=3, topk_logprobs=4, batch_size=4)
-    generate_dataset(teacher_dir, cfg, tmp_path / "a", seed=3, progress=False)
-    generate_dataset(teacher_dir, cfg, tmp_path / "b", seed=3, progress=False)
+    generate_dataset(teacher_dir, gen, tmp_path / "a", seed=3, progress=False)
+    generate_dataset(teacher_dir, gen, tmp_path / "b", seed=3, progress=False)
     rows, again = read_generated(tmp_path / "a"), read_generated(tmp_path / "b")
     assert len(rows) == 12
     assert [r["completion_token_ids"] for r in rows] == [r["completion_token_ids"] for r in again]
     model = load_model(teacher_dir)
     for r in rows:
-        logp = _cpu_logp(model, r["prompt_token_ids"], r["completion_token_ids"])
+        logp = _hf_topk(model, r["prompt_token_ids"], r["completion_token_ids"], 4)  # fp32 CPU forward
         stored_ids = torch.tensor(r["topk_ids"])
         stored_lp = torch.tensor(r["topk_logprobs"], dtype=torch.float32)
         torch.testing.assert_close(logp.gather(1, stored_ids), stored_lp, atol=atol, rtol=0)
@@ -60,9 +53,9 @@ def test_hf_engine_on_cuda_matches_a_cpu_forward(teacher_dir, tmp_path, dtype, a
 def test_scores_on_cuda_equal_cpu_scores(tiny_gqa_model_dir, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text("\n\n".join(p + " " + c for p, c in texts(24)))
-    cfg = ScoreConfig(num_samples=6, seq_len=32, batch_size=4, layer_loss=True)
-    score_model(tiny_gqa_model_dir, calib, cfg, tmp_path / "cpu", device="cpu", seed=0)
-    score_model(tiny_gqa_model_dir, calib, cfg, tmp_path / "cuda", device="cuda", seed=0)
+    score_cfg = ScoreConfig(num_samples=6, seq_len=32, batch_size=4, layer_loss=True)
+    score_model(tiny_gqa_model_dir, calib, score_cfg, tmp_path / "cpu", device="cpu", seed=0)
+    score_model(tiny_gqa_model_dir, calib, score_cfg, tmp_path / "cuda", device="cuda", seed=0)
     cpu, cuda = load_scores(tmp_path / "cpu"), load_scores(tmp_path / "cuda")
     for name in ("heads", "neurons", "channels", "layer_block_influence", "layer_loss_increase"):
         torch.testing.assert_close(getattr(cuda, name).cpu(), getattr(cpu, name), rtol=1e-3, atol=1e-5)
@@ -70,11 +63,9 @@ def test_scores_on_cuda_equal_cpu_scores(tiny_gqa_model_dir, tmp_path):
 
 
 def _train(teacher_dir, student_dir, data_dir, out: Path, device: str, **kw) -> list[dict]:
-    cfg = DistillConfig(**{**dict(steps=8, batch_size=2, seq_len=32, lr=3e-3, warmup_steps=1, chunk_size=20,
-                                  log_every=1), **kw})
     logged: list[dict] = []
-    distill(teacher_dir, student_dir, data_dir, cfg, out, seed=1, device=device,
-            log_fn=lambda m, s: logged.append(m))
+    distill(teacher_dir, student_dir, data_dir, cfg(**{"steps": 8, "log_every": 1, **kw}), out, seed=1,
+            device=device, log_fn=lambda m, s: logged.append(m))
     return logged
 
 
@@ -98,9 +89,9 @@ def test_online_kd_on_cuda_matches_cpu_and_trains(teacher_dir, student_dir, data
 
 def test_offline_and_hidden_kd_on_cuda(teacher_dir, student_dir, tmp_path):
     """Top-k data written on CUDA trains a student offline on CUDA; hidden-state KD runs on CUDA too."""
-    cfg = GenerateConfig(engine="hf", max_tokens=24, max_model_len=512, max_prompts=8, n=2, shard_size=4,
+    gen = GenerateConfig(engine="hf", max_tokens=24, max_model_len=512, max_prompts=8, n=2, shard_size=4,
                          topk_logprobs=8, batch_size=8)
-    generate_dataset(teacher_dir, cfg, tmp_path / "topk", seed=0, progress=False)
+    generate_dataset(teacher_dir, gen, tmp_path / "topk", seed=0, progress=False)
     offline = _train(teacher_dir, student_dir, tmp_path / "topk", tmp_path / "off", "cuda", mode="offline")
     assert offline[-1]["kd_loss"] < offline[0]["kd_loss"]
     hidden = _train(teacher_dir, student_dir, tmp_path / "topk", tmp_path / "hid", "cuda", hidden_weight=1.0)
@@ -109,10 +100,10 @@ def test_offline_and_hidden_kd_on_cuda(teacher_dir, student_dir, tmp_path):
 
 def test_evaluation_on_cuda_matches_cpu(tiny_model_dir):
     """fp32 on CUDA gives the CPU's accuracies and perplexity; bf16 (the CUDA default) stays close."""
-    cfg = EvalConfig(limit=20, batch_size=8, speed=False)
-    cpu = evaluate_model(tiny_model_dir, cfg, device="cpu", seed=0)
-    fp32 = evaluate_model(tiny_model_dir, cfg.model_copy(update={"dtype": "float32"}), device="cuda", seed=0)
-    bf16 = evaluate_model(tiny_model_dir, cfg, device="cuda", seed=0)
+    eval_cfg = EvalConfig(limit=20, batch_size=8, speed=False)
+    cpu = evaluate_model(tiny_model_dir, eval_cfg, device="cpu", seed=0)
+    fp32 = evaluate_model(tiny_model_dir, eval_cfg.model_copy(update={"dtype": "float32"}), device="cuda", seed=0)
+    bf16 = evaluate_model(tiny_model_dir, eval_cfg, device="cuda", seed=0)
     for key in ("acc", "acc_norm"):
         assert fp32["tasks"]["compactlm_facts"][key] == pytest.approx(cpu["tasks"]["compactlm_facts"][key], abs=0.051)
     ppl = cpu["perplexity"]["word_perplexity"]
