@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import tempfile
@@ -54,7 +55,7 @@ def add_topk(data_dir: Path, teacher_dir: Path, out_dir: Path, k: int, device: s
             # has no predictor in the row: it gets a flat placeholder (k ids at probability 1/vocab each)
             lp, li = logp[max(p - 1, 0): p - 1 + len(r["completion_token_ids"])].topk(k, dim=-1)
             pad = len(r["completion_token_ids"]) - lp.shape[0]
-            flat = -float(torch.log(torch.tensor(float(logp.shape[-1]))))
+            flat = -math.log(logp.shape[-1])
             r["topk_ids"] = [list(range(k))] * pad + li.cpu().tolist()
             r["topk_logprobs"] = [[flat] * k] * pad + lp.cpu().tolist()
         pq.write_table(pa.Table.from_pylist(rows, schema=_schema(k)), out_dir / "data" / shard.name)
@@ -120,11 +121,12 @@ def main() -> None:
                 device=device, log_fn=lambda m, s: logged.append(m))
         wall = time.perf_counter() - t
         kept = logged[args.warmup:]
+        tok_s = statistics.median(m["tokens_per_s"] for m in kept)
         results[mode] = {
-            "tokens_per_s": round(statistics.median(m["tokens_per_s"] for m in kept)),
+            "tokens_per_s": round(tok_s),
             "model_tflops": round(statistics.median(m["model_tflops"] for m in kept), 1),
             "mfu": round(statistics.median(m["mfu"] for m in kept), 3) if "mfu" in kept[0] else None,
-            "step_s": round(args.batch_size * args.seq_len / statistics.median(m["tokens_per_s"] for m in kept), 3),
+            "step_s": round(args.batch_size * args.seq_len / tok_s, 3),
             "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1),
             "first_loss": round(logged[0]["loss"], 4), "last_loss": round(logged[-1]["loss"], 4),
             "call_wall_s": round(wall, 1),

@@ -275,8 +275,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     ax = flat[2 * len(curved)]
     names = [s for s in students if any(r["student"] == s and r["arm"] == "kd_online" for r in rows)]
     for j, (arm, color) in enumerate((("pruned", "tab:gray"), ("kd_online", "tab:green"))):
-        vals = [min((r["word_perplexity"] for r in rows if r["student"] == s and r["arm"] == arm),
-                    default=float("nan")) for s in names]
+        vals = [max(((r["tokens"], r["word_perplexity"]) for r in rows if r["student"] == s and r["arm"] == arm),
+                    default=(0, float("nan")))[1] for s in names]  # the row with the most training tokens
         ax.bar([k + 0.4 * j for k in range(len(names))], vals, width=0.4, color=color,
                label=arm + (" (most tokens)" if arm != "pruned" else ""))
     ax.set_yscale("log")
