@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pydantic import ValidationError
 
+    from compactlm.artifacts import write_json_atomic
     from compactlm.evaluation.runner import evaluate_in_process
     from compactlm.models import resolve_model
 
@@ -48,9 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2, default=str))
-    os.replace(tmp, out)
+    write_json_atomic(out, result)
     print(json.dumps({"out": str(out), "seconds": result["seconds"]}), flush=True)
     return 0
 
