@@ -53,7 +53,7 @@ def make_student(teacher_dir: Path, out: Path, keep: int) -> Path:
     from compactlm.config import PruneConfig
     from compactlm.importance import ImportanceScores
     from compactlm.models import load_model, load_tokenizer
-    from compactlm.pruning.prune import prune_model
+    from compactlm.pruning import prune_model
 
     model = load_model(teacher_dir)
     c = model.config
@@ -73,10 +73,9 @@ def make_student(teacher_dir: Path, out: Path, keep: int) -> Path:
 
 def make_dataset(teacher_dir: Path, out: Path, n: int, k: int) -> Path:
     """gsm8k (question -> answer) rows with the teacher's top-k log-probs of each answer token."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import torch
 
+    from compactlm.formats.generated import write_dataset
     from compactlm.models import load_model, load_tokenizer
 
     tok, teacher = load_tokenizer(teacher_dir), load_model(teacher_dir)
@@ -95,14 +94,7 @@ def make_dataset(teacher_dir: Path, out: Path, n: int, k: int) -> Path:
                      "prompt_text": prompt_text, "completion": item["answer"], "prompt_token_ids": p,
                      "completion_token_ids": c, "finish_reason": "stop", "topk_ids": ids.tolist(),
                      "topk_logprobs": lp.tolist()})
-    schema = pa.schema([("id", pa.string()), ("prompt_id", pa.int64()), ("sample", pa.int64()),
-                        ("prompt", pa.string()), ("prompt_text", pa.string()), ("completion", pa.string()),
-                        ("prompt_token_ids", pa.list_(pa.int32())), ("completion_token_ids", pa.list_(pa.int32())),
-                        ("finish_reason", pa.string()), ("topk_ids", pa.list_(pa.list_(pa.int32()))),
-                        ("topk_logprobs", pa.list_(pa.list_(pa.float16())))])
-    (out / "data").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), out / "data" / "shard-00000.parquet")
-    (out / "manifest.json").write_text(json.dumps({"stage": "generate", "rows": len(rows), "topk_logprobs": k}))
+    write_dataset(out, rows, {"stage": "generate", "rows": len(rows), "topk_logprobs": k}, topk=k)
     return out
 
 

@@ -35,32 +35,27 @@ SHARED = REPO.parent / "shared" / "data"
 
 def add_topk(data_dir: Path, teacher_dir: Path, out_dir: Path, k: int, device: str) -> Path:
     """A copy of the dataset at `data_dir` with the teacher's top-k log-probs of every completion token."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     import torch
 
-    from compactlm.generation.dataset import _schema
+    from compactlm.formats import generated as fmt
     from compactlm.models import load_model
 
     teacher = load_model(teacher_dir, dtype="bfloat16", device=device).eval()
-    (out_dir / "data").mkdir(parents=True)
-    for shard in sorted((data_dir / "data").glob("*.parquet")):
-        rows = pq.read_table(shard).to_pylist()
-        for r in rows:
-            ids = torch.tensor([r["prompt_token_ids"] + r["completion_token_ids"]], device=device)
-            with torch.inference_mode():
-                logp = torch.log_softmax(teacher(ids).logits[0].float(), dim=-1)
-            p = len(r["prompt_token_ids"])
-            # position p-1+t predicts completion token t; with an empty prompt (a corpus row) the first token
-            # has no predictor in the row: it gets a flat placeholder (k ids at probability 1/vocab each)
-            lp, li = logp[max(p - 1, 0): p - 1 + len(r["completion_token_ids"])].topk(k, dim=-1)
-            pad = len(r["completion_token_ids"]) - lp.shape[0]
-            flat = -math.log(logp.shape[-1])
-            r["topk_ids"] = [list(range(k))] * pad + li.cpu().tolist()
-            r["topk_logprobs"] = [[flat] * k] * pad + lp.cpu().tolist()
-        pq.write_table(pa.Table.from_pylist(rows, schema=_schema(k)), out_dir / "data" / shard.name)
+    rows = fmt.read_rows(data_dir)
+    for r in rows:
+        ids = torch.tensor([r["prompt_token_ids"] + r["completion_token_ids"]], device=device)
+        with torch.inference_mode():
+            logp = torch.log_softmax(teacher(ids).logits[0].float(), dim=-1)
+        p = len(r["prompt_token_ids"])
+        # position p-1+t predicts completion token t; with an empty prompt (a corpus row) the first token
+        # has no predictor in the row: it gets a flat placeholder (k ids at probability 1/vocab each)
+        lp, li = logp[max(p - 1, 0): p - 1 + len(r["completion_token_ids"])].topk(k, dim=-1)
+        pad = len(r["completion_token_ids"]) - lp.shape[0]
+        flat = -math.log(logp.shape[-1])
+        r["topk_ids"] = [list(range(k))] * pad + li.cpu().tolist()
+        r["topk_logprobs"] = [[flat] * k] * pad + lp.cpu().tolist()
     manifest = json.loads((data_dir / "manifest.json").read_text())
-    (out_dir / "manifest.json").write_text(json.dumps({**manifest, "topk_logprobs": k}))
+    fmt.write_dataset(out_dir, rows, {**manifest, "topk_logprobs": k}, topk=k)
     del teacher
     torch.cuda.empty_cache()
     return out_dir
@@ -118,7 +113,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         distill(teacher, student, topk_data if mode == "kd_offline" else data, cfg, work / f"out-{mode}", seed=0,
-                device=device, log_fn=lambda m, s: logged.append(m))
+                device=device, log_fn=lambda m, s, out=logged: out.append(m))
         wall = time.perf_counter() - t
         kept = logged[args.warmup:]
         tok_s = statistics.median(m["tokens_per_s"] for m in kept)

@@ -190,8 +190,8 @@ def pick_shapes(teacher: Path, scores: Path, calib: Path, p: dict[str, Any], see
 
     shapes = {}
     for b in p["budgets"]:
-        ranked = rank_candidates(teacher, scores, PruneConfig(params=b, search=8, candidates=8, proxy="loss"),
-                                 calib, seed=seed)
+        budget = dict(params=b, search=8, candidates=8, proxy="loss")
+        ranked = rank_candidates(teacher, scores, PruneConfig(budget=budget), calib, seed=seed)
         for kind in p["kinds"]:
             best = next((c for c in ranked if c["kind"] == kind), None)
             if best is None:
@@ -205,7 +205,7 @@ def evaluate(model_dir: Path, p: dict[str, Any], seed: int) -> dict[str, Any]:
     from compactlm.evaluation import evaluate_model, main_metric
 
     cfg = EvalConfig(tasks=list(TASKS), limit=p["limit"], batch_size=p["eval_batch_size"], perplexity=True,
-                     speed=False)
+                     speed=False, data_dir=str(SHARED))
     res = evaluate_model(model_dir, cfg, device=p["device"], seed=seed)
     scores = {t: res["tasks"][t][main_metric(res["tasks"][t])] for t in TASKS}
     return {"scores": scores, "avg": sum(scores.values()) / len(scores),
@@ -386,7 +386,7 @@ def main() -> None:
                         distill(teacher, sdir, data, cfg, model_dir, seed=args.seed, device=p["device"])
                 train = json.loads((model_dir / "manifest.json").read_text()).get("metrics", {})
             with timer("evaluate"):
-                ev = _json_cached(root / "eval" / f"{key}.json", lambda: evaluate(model_dir, p, args.seed))
+                ev = _json_cached(root / "eval" / f"{key}.json", lambda d=model_dir: evaluate(d, p, args.seed))
             row = {"student": sname, "arm": label, "tokens": steps * p["batch_size"] * p["seq_len"], **ev,
                    **kept(ev, t_eval), "train_loss": train.get("loss"), "train_seconds": train.get("seconds")}
             rows.append(row)

@@ -110,7 +110,7 @@ def main() -> None:
 
     from safetensors.torch import save_file
 
-    from compactlm.datasets import calibration_ids
+    from compactlm.calibration import calibration_ids
     from compactlm.models import load_tokenizer, resolve_model
 
     load_before = os.getloadavg()

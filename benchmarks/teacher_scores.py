@@ -2,12 +2,12 @@
 
     .venv/bin/python benchmarks/teacher_scores.py [--limit 200 --batch-size 16 --backend hf]
 
-Uses the shipped local copies of the benchmarks (``compactlm_<task>`` over /work/shared/data, the
-``eval.data_dir`` default), the first ``--limit`` examples of each, through
+Uses the shipped local tasks over local copies of the benchmarks (``compactlm_<task>`` with ``eval.data_dir``
+= ``--data-dir``, default ../shared/data beside the repository), the first ``--limit`` examples of each, through
 :func:`compactlm.evaluation.evaluate_model` exactly as the pipeline's evaluate stage does (float32 on CPU,
 bootstrap off), plus held-out perplexity and the greedy tok/s benchmark. ``cpu_seconds`` (process CPU time,
-all threads) next to the wall time tells how much of the wall time is other load on a shared machine. Prints one JSON object as its last
-line and writes it to benchmarks/results/teacher_scores.json.
+all threads) next to the wall time tells how much of the wall time is other load on a shared machine. Prints one JSON
+object as its last line and writes it to benchmarks/results/teacher_scores.json.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TASKS = ("compactlm_arc_easy", "compactlm_piqa", "compactlm_hellaswag", "compactlm_winogrande")
 
 
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--limit", type=int, default=200)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--data-dir", default=str(SHARED), help="folder with the benchmark copies (eval.data_dir)")
     ap.add_argument("--backend", choices=("hf", "vllm"), default="hf")
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--name", default="teacher_scores")
@@ -46,7 +48,7 @@ def main() -> None:
 
     model_dir = resolve_model(args.model)
     cfg = EvalConfig(tasks=args.tasks.split(","), limit=args.limit, batch_size=args.batch_size,
-                     backend=args.backend, perplexity=True, speed=True)
+                     backend=args.backend, perplexity=True, speed=True, data_dir=args.data_dir)
     load_before = _load()
     t0, c0 = time.perf_counter(), time.process_time()
     res = evaluate_model(model_dir, cfg, device="cpu", seed=0)

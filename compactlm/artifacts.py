@@ -23,9 +23,10 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 MANIFEST = "manifest.json"
 

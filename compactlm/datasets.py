@@ -1,7 +1,5 @@
-"""Reading training and calibration data: generated datasets and plain text, tokenized and packed.
-
-A *generated dataset* is the directory the generation stage writes (see docs/architecture.md): parquet shards
-under ``data/`` with ``prompt_token_ids`` and ``completion_token_ids`` per row, and ``manifest.json``.
+"""Training text: packing token examples into fixed-length rows, reading plain-text corpora, and converting a
+corpus into the generated-dataset format (:mod:`compactlm.formats.generated`, which owns that format).
 """
 
 from __future__ import annotations
@@ -10,33 +8,6 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Iterator
-
-SHARD_GLOB = "data/shard-*.parquet"
-
-
-def shard_paths(data_dir: str | os.PathLike) -> list[Path]:
-    return sorted(Path(data_dir).glob(SHARD_GLOB))
-
-
-def read_generated(data_dir: str | os.PathLike, columns: list[str] | None = None) -> list[dict]:
-    """All rows of a generated dataset, in shard order."""
-    import pyarrow.parquet as pq
-
-    shards = shard_paths(data_dir)
-    if not shards:
-        raise FileNotFoundError(f"no shards under {data_dir}/data: is it a generated dataset directory?")
-    rows: list[dict] = []
-    for s in shards:
-        rows.extend(pq.read_table(s, columns=columns).to_pylist())
-    return rows
-
-
-def iter_examples(data_dir: str | os.PathLike) -> Iterator[tuple[list[int], list[int]]]:
-    """(input_ids, loss_mask) per example: prompt tokens masked out (0), completion tokens counted (1)."""
-    for row in read_generated(data_dir, columns=["prompt_token_ids", "completion_token_ids"]):
-        p, c = list(row["prompt_token_ids"]), list(row["completion_token_ids"])
-        yield p + c, [0] * len(p) + [1] * len(c)
 
 
 def pack(examples: list[tuple[list[int], list[int]]], seq_len: int, *, seed: int = 0,
@@ -85,25 +56,6 @@ def read_text(path: str | os.PathLike, text_field: str = "text") -> list[str]:
     return [p.strip() for p in path.read_text().split("\n\n") if p.strip()]
 
 
-def calibration_ids(source: str | os.PathLike, tokenizer, *, num_samples: int, seq_len: int, seed: int = 0,
-                    text_field: str = "text"):
-    """[num_samples, seq_len] token ids for calibration: from a generated dataset dir or a text file.
-
-    Fewer rows come back when the source is too small; at least one row is required.
-    """
-    source = Path(source)
-    if source.is_dir():
-        examples = list(iter_examples(source))
-    else:
-        eos = tokenizer.eos_token_id
-        examples = []
-        for doc in read_text(source, text_field):
-            toks = tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos]
-            examples.append((toks, [1] * len(toks)))
-    ids, _ = pack(examples, seq_len, seed=seed)
-    return ids[:num_samples]
-
-
 def corpus_dataset(source: str | os.PathLike, tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                    max_tokens: int, seed: int = 0, text_field: str = "text", doc_tokens: int = 1024) -> dict:
     """Write a plain-text corpus as a dataset in the generated format, for CE fine-tuning on classic text.
@@ -116,11 +68,7 @@ def corpus_dataset(source: str | os.PathLike, tokenizer_dir: str | os.PathLike, 
     is logit KD on it). Published atomically (``data/shard-00000.parquet`` then ``manifest.json``); returns the
     manifest. Raises ValueError when `max_tokens` < 1 or the corpus has no text.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from compactlm.artifacts import publish_dir
-    from compactlm.generation.dataset import _schema
+    from compactlm.formats.generated import write_dataset
     from compactlm.models import load_tokenizer
 
     if max_tokens < 1 or doc_tokens < 1:
@@ -147,7 +95,4 @@ def corpus_dataset(source: str | os.PathLike, tokenizer_dir: str | os.PathLike, 
             break
     manifest = {"stage": "corpus", "source": str(source), "tokenizer": str(tokenizer_dir), "seed": seed,
                 "stats": {"rows": len(rows), "tokens": taken, "documents_available": len(docs)}}
-    with publish_dir(out_dir, manifest) as tmp:
-        (tmp / "data").mkdir()
-        pq.write_table(pa.Table.from_pylist(rows, schema=_schema(0)), tmp / "data" / "shard-00000.parquet")
-    return manifest
+    return write_dataset(out_dir, rows, manifest)

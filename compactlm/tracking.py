@@ -15,8 +15,9 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -196,7 +197,7 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         for k, v in redact(tags).items():
-            self.call(lambda: self.client.set_tag(run_id, k, str(v)))
+            self.call(lambda k=k, v=v: self.client.set_tag(run_id, k, str(v)))
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -205,7 +206,7 @@ class Tracker:
         items = [Param(metric_name(k), json.dumps(v) if isinstance(v, (list, dict)) else str(v)[:6000])
                  for k, v in flat.items()]
         for i in range(0, len(items), 100):
-            self.call(lambda: self.client.log_batch(run_id, params=items[i:i + 100]))
+            self.call(lambda i=i: self.client.log_batch(run_id, params=items[i:i + 100]))
 
     def log_metrics(self, run_id: str, metrics: dict[str, Any], step: int | None = None) -> None:
         from mlflow.entities import Metric
@@ -214,7 +215,7 @@ class Tracker:
         items = [Metric(metric_name(k), float(v), ts, step or 0) for k, v in flatten(metrics).items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
         for i in range(0, len(items), 500):
-            self.call(lambda: self.client.log_batch(run_id, metrics=items[i:i + 500]))
+            self.call(lambda i=i: self.client.log_batch(run_id, metrics=items[i:i + 500]))
 
     def log_artifact(self, run_id: str, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         path = Path(path)
@@ -233,4 +234,5 @@ class Tracker:
         """Link for http tracking servers; for local stores, the command that opens the UI."""
         if self.tracking_uri.startswith("http"):
             return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
-        return f"mlflow ui --backend-store-uri {redact(self.tracking_uri)}  (experiment {self.experiment!r}, run {run_id})"
+        return (f"mlflow ui --backend-store-uri {redact(self.tracking_uri)}  (experiment {self.experiment!r}, "
+                f"run {run_id})")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prefect import get_run_logger
 from prefect.context import FlowRunContext, TaskRunContext
@@ -69,10 +70,10 @@ def run_stage(ctx: RunContext, stage: str, config: Any, upstream: list[str],
     """Run one stage under a child MLflow run and return its output directory.
 
     The output lives at ``<workdir>/<stage>/<key>``, keyed by :func:`stage_key_material` (the stage config,
-    the seed), the upstream artifacts and the code version. If that directory is complete, the stage is a cache hit: nothing is
-    recomputed, but the child run is still logged (tagged ``compactlm.cache_hit``), so every pipeline run
-    has its full run tree; `log` then gets the manifest with ``"cache_hit": True`` and may skip re-uploading
-    large artifacts.
+    the seed), the upstream artifacts and the code version. If that directory is complete, the stage is a cache
+    hit: nothing is recomputed, but the child run is still logged (tagged ``compactlm.cache_hit``), so every
+    pipeline run has its full run tree; `log` then gets the manifest with ``"cache_hit": True`` and may skip
+    re-uploading large artifacts.
 
     MLflow going away: an unreachable store fails the stage before any compute (opening the tracker and the
     child run). If it goes away *during* the compute, per-step metrics stop being logged (one warning) and

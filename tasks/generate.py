@@ -19,7 +19,7 @@ from prefect import get_run_logger, task
 
 from compactlm.artifacts import read_manifest
 from compactlm.config import GenerateConfig
-from compactlm.datasets import read_generated
+from compactlm.formats.generated import read_rows
 from compactlm.tracking import Tracker
 from tasks.common import RunContext, run_stage
 
@@ -49,7 +49,7 @@ def dataset_frame(out: Path):
     import pandas as pd
 
     try:
-        rows = read_generated(out, columns=[c for c in TABLE_COLUMNS if not c.endswith("_tokens")]
+        rows = read_rows(out, [c for c in TABLE_COLUMNS if not c.endswith("_tokens")]
                               + ["prompt_token_ids", "completion_token_ids"])
     except FileNotFoundError:
         rows = []

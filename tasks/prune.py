@@ -1,6 +1,6 @@
 """Structured pruning stage: depth and width to the recipe's target shape.
 
-With a parameter budget (``prune.params``) the candidate shapes are fanned out as Prefect tasks, one
+With a parameter budget (``prune.budget``) the candidate shapes are fanned out as Prefect tasks, one
 ``prune-candidate`` task per shape (load the teacher, prune, measure the proxy on the calibration data), on the
 task runner the recipe names (``runner``: thread | process | ray). The results are gathered in pool order and
 ranked by :func:`compactlm.pruning.budget.rank_measured`, the same ordering the sequential library path uses,
@@ -13,17 +13,17 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import task
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
+from compactlm.choices import RUNNER_CHOICES as RUNNERS
+from compactlm.choices import Runner
 from compactlm.config import PruneConfig
 from compactlm.tracking import Tracker
 from tasks.common import RunContext, run_stage, stage_logger
 
-Runner = Literal["thread", "process", "ray"]
-RUNNERS: tuple[str, ...] = ("thread", "process", "ray")
 #: CPUs of the local Ray instance started when $RAY_ADDRESS is unset (one candidate task per CPU at a time).
 RAY_LOCAL_CPUS = 2
 #: Object store of that local instance: candidates exchange only small dicts.
@@ -67,7 +67,7 @@ def task_runner(runner: str, max_workers: int) -> TaskRunner:
 @task(name="prune-candidate", retries=1, retry_delay_seconds=5)
 def prune_candidate(ctx: RunContext, teacher_dir: str, scores_dir: str, data_dir: str, cfg: PruneConfig,
                     candidate: dict[str, Any]) -> dict[str, Any]:
-    """Prune the teacher to one candidate shape and measure ``cfg.proxy`` on the generated data."""
+    """Prune the teacher to one candidate shape and measure ``cfg.budget.proxy`` on the generated data."""
     from compactlm.pruning.budget import measure_candidate
 
     return measure_candidate(teacher_dir, scores_dir, cfg, data_dir, candidate, device=ctx.device, seed=ctx.seed)
@@ -75,7 +75,7 @@ def prune_candidate(ctx: RunContext, teacher_dir: str, scores_dir: str, data_dir
 
 def fan_out_candidates(ctx: RunContext, teacher_dir: str, scores_dir: str, data_dir: str, cfg: PruneConfig,
                        runner: str = "thread") -> list[dict[str, Any]]:
-    """Measure every candidate of ``cfg.params`` as its own ``prune-candidate`` task on a `runner` task runner;
+    """Measure every candidate of ``cfg.budget`` as its own ``prune-candidate`` task on a `runner` task runner;
     return the ranking (best first), identical to the sequential ``rank_candidates`` over the whole pool.
     Runs inside a flow or task run (the candidate task runs are its children in the Prefect UI)."""
     from compactlm.pruning.budget import plan_candidates, rank_measured
@@ -102,13 +102,13 @@ def _log(tracker: Tracker, run_id: str, out: Path, summary: dict) -> None:
 @task(name="prune", retries=1, retry_delay_seconds=5)
 def prune(ctx: RunContext, teacher_dir: str, scores_dir: str, data_dir: str, cfg: PruneConfig,
           runner: Runner = "thread") -> str:
-    """Prune to cfg's explicit shape, or, with a parameter budget (`cfg.params`), to the best of the candidate
+    """Prune to cfg's explicit shape, or, with a parameter budget (`cfg.budget`), to the best of the candidate
     shapes ranked on the generated data (which then becomes an input of the output's key); the candidates are
     measured as parallel tasks on `runner` (see the module docstring). A cache hit measures nothing."""
     from compactlm.pruning import prune_to_dir
 
     check_runner(runner)
-    budget = cfg.params is not None
+    budget = cfg.budget is not None
 
     def produce(out: Path, log_step) -> dict:
         ranking = fan_out_candidates(ctx, teacher_dir, scores_dir, data_dir, cfg, runner) if budget else None

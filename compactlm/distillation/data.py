@@ -15,11 +15,13 @@ the usual packing approximation; the first tokens of each example are the ones a
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from compactlm.datasets import pack, read_generated, shard_paths
+from compactlm.datasets import pack
+from compactlm.formats.generated import iter_tables, topk_width
 
 if TYPE_CHECKING:
     import torch
@@ -43,24 +45,6 @@ class PackedData:
         return int(self.ids.shape[0])
 
 
-def has_topk(data_dir: str | os.PathLike) -> int:
-    """k of the stored top-k log-probs in a generated dataset (0 when it has none)."""
-    import pyarrow.parquet as pq
-
-    shards = shard_paths(data_dir)
-    if not shards:
-        raise FileNotFoundError(f"no shards under {data_dir}/data: is it a generated dataset directory?")
-    names = pq.read_schema(shards[0]).names
-    if "topk_ids" not in names or "topk_logprobs" not in names:
-        return 0
-    for shard in shards:
-        col = pq.read_table(shard, columns=["topk_ids"]).column("topk_ids").combine_chunks()
-        for row in col:
-            for tok in row.values:
-                return len(tok)
-    return 0
-
-
 def pack_with_topk(data_dir: str | os.PathLike, seq_len: int, *, seed: int = 0) -> PackedData:
     """Pack a generated dataset that holds ``topk_ids`` / ``topk_logprobs`` (see the module docstring).
 
@@ -69,17 +53,16 @@ def pack_with_topk(data_dir: str | os.PathLike, seq_len: int, *, seed: int = 0) 
     """
     import numpy as np
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
     import torch
 
     data_dir = Path(data_dir)
-    k = has_topk(data_dir)
+    k = topk_width(data_dir)
     if not k:
         raise ValueError(f"{data_dir} holds no top-k log-probs (columns topk_ids/topk_logprobs); regenerate it "
                          "with generate.topk_logprobs: k > 0, or use distill.mode: online")
     prompts, completions, top_ids, top_lps = [], [], [], []
-    for shard in shard_paths(data_dir):
-        t = pq.read_table(shard, columns=["prompt_token_ids", "completion_token_ids", "topk_ids", "topk_logprobs"])
+    cols = ["prompt_token_ids", "completion_token_ids", "topk_ids", "topk_logprobs"]
+    for shard, t in iter_tables(data_dir, cols):
         n_tok = pc.list_value_length(t.column("completion_token_ids")).to_numpy(zero_copy_only=False)
         n_top = pc.list_value_length(t.column("topk_ids")).to_numpy(zero_copy_only=False)
         if (n_tok != n_top).any():
@@ -130,4 +113,13 @@ def pack_plain(examples: list[tuple[list[int], list[int]]], seq_len: int, *, see
     return PackedData(ids, mask)
 
 
-__all__ = ["PackedData", "has_topk", "pack_with_topk", "pack_plain", "read_generated"]
+def row_stream(n_rows: int, seed: int) -> Iterator[tuple[int, int]]:
+    """(epoch, row) forever: a fresh seeded permutation per epoch, so small datasets cycle deterministically."""
+    import torch
+
+    epoch = 0
+    while True:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        for row in torch.randperm(n_rows, generator=g).tolist():
+            yield epoch, row
+        epoch += 1

@@ -21,9 +21,10 @@ trained with the student's optimizer, saved in checkpoints, and never saved into
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from compactlm.formats import pruning as record
 
 if TYPE_CHECKING:
     import torch
@@ -34,14 +35,13 @@ def layer_map(student_dir: str | Path, n_student: int, n_teacher: int) -> list[i
 
     Raises ValueError when ``kept_layers`` does not fit the two models.
     """
-    record = Path(student_dir) / "pruning.json"
-    if record.is_file():
-        kept = json.loads(record.read_text()).get("kept_layers")
-        if kept is not None:
-            if len(kept) != n_student or not all(isinstance(i, int) and 0 <= i < n_teacher for i in kept):
-                raise ValueError(f"{record}: kept_layers {kept} must list one teacher layer in [0, {n_teacher}) "
-                                 f"per student layer ({n_student}); was the student pruned from this teacher?")
-            return list(kept)
+    kept = record.kept_layers(student_dir)
+    if kept is not None:
+        if len(kept) != n_student or not all(isinstance(i, int) and 0 <= i < n_teacher for i in kept):
+            raise ValueError(f"{Path(student_dir) / record.RECORD_FILE}: kept_layers {kept} must list one teacher "
+                             f"layer in [0, {n_teacher}) per student layer ({n_student}); was the student pruned "
+                             "from this teacher?")
+        return list(kept)
     return [max(0, round((i + 1) * n_teacher / n_student) - 1) for i in range(n_student)]
 
 
@@ -58,10 +58,7 @@ def state_pairs(mapping: list[int], n_teacher: int) -> list[tuple[int, int]]:
 
 
 def kept_channels(student_dir: str | Path) -> list[int] | None:
-    record = Path(student_dir) / "pruning.json"
-    if not record.is_file():
-        return None
-    return json.loads(record.read_text()).get("kept_channels")
+    return record.kept_channels(student_dir)
 
 
 def make_projection(d_student: int, d_teacher: int, channels: list[int] | None = None) -> torch.nn.Linear | None:

@@ -20,14 +20,14 @@ that is ~0.5 GB per intermediate instead of ``tokens x V x 4`` bytes for the who
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-KDKind = Literal["forward_kl", "reverse_kl", "jsd", "tv"]
-KD_KINDS: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "tv")
-
+from compactlm.choices import KD_LOSS_CHOICES as KD_KINDS
+from compactlm.choices import KDLoss as KDKind
 
 # ----------------------------------------------------------------------------------------------- per token
 # Each takes fp32 log-probs [N, V] (student, teacher) and returns the divergence per token [N].

@@ -12,13 +12,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
-
-
-def _load_config(raw: str) -> Any:
-    from compactlm.config import EvalConfig, parse_stage_config
-
-    return parse_stage_config(raw, EvalConfig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,27 +23,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto (HF speed benchmark, dtype choice)")
     args = parser.parse_args(argv)
 
-    from pydantic import ValidationError
-
     from compactlm.artifacts import write_json_atomic
+    from compactlm.config import EvalConfig
     from compactlm.evaluation.runner import evaluate_in_process
     from compactlm.models import resolve_model
+    from compactlm.stage_cli import exit_code, parse_stage_config
 
-    try:
-        cfg = _load_config(args.config)
+    def run() -> None:
+        cfg = parse_stage_config(args.config, EvalConfig)
         result = evaluate_in_process(resolve_model(args.model), cfg, device=args.device, seed=args.seed)
-    except ValidationError as e:
-        msg = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
-        print(f"error: invalid --config: {msg}", file=sys.stderr, flush=True)
-        return 2
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-        return 2
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, result)
-    print(json.dumps({"out": str(out), "seconds": result["seconds"]}), flush=True)
-    return 0
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out, result)
+        print(json.dumps({"out": str(out), "seconds": result["seconds"]}), flush=True)
+
+    return exit_code(run)
 
 
 if __name__ == "__main__":

@@ -46,14 +46,19 @@ def _safe_yaml(path: Path) -> dict[str, Any]:
     return yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - SafeLoader subclass
 
 
+#: Stands in for eval.data_dir when it is unset; tasks that need it then fail the file check with a clear message.
+_NO_DATA_DIR = Path("/nonexistent/eval.data_dir-is-not-set")
+
+
 def _roots(cfg: EvalConfig) -> dict[str, Path]:
     return {"tasks": TASKS_DIR, "data_dir": resolve_data_dir(cfg.data_dir), "heldout": heldout_path(cfg)}
 
 
-def resolve_data_dir(data_dir: str) -> Path:
-    """`data_dir` as an absolute path; a relative one is taken relative to the compactlm repository root."""
-    p = Path(data_dir).expanduser()
-    return (p if p.is_absolute() else REPO_ROOT / p).resolve()
+def resolve_data_dir(data_dir: str | None) -> Path:
+    """`data_dir` as an absolute path (a relative one is taken relative to the current directory)."""
+    if data_dir is None:
+        return _NO_DATA_DIR
+    return Path(data_dir).expanduser().resolve()
 
 
 def heldout_path(cfg: EvalConfig) -> Path:
@@ -89,12 +94,16 @@ def _check_files(name: str, spec: dict[str, Any], used: set[str], cfg: EvalConfi
         if Path(f).is_file():
             continue
         if "data_dir" in used:
+            if cfg.data_dir is None:
+                raise ValueError(
+                    f"eval.data_dir: task {name!r} reads a local copy of its benchmark data, and eval.data_dir is not "
+                    f"set. Set it to the folder holding one sub-folder per benchmark ({Path(f).parent.name}/...), "
+                    f"or drop {name!r} from eval.tasks")
             d = resolve_data_dir(cfg.data_dir)
             where = "does not exist" if not d.is_dir() else "lacks this file"
             raise ValueError(
                 f"eval.data_dir: task {name!r} needs {f}, but the data directory {d} {where}. Set eval.data_dir "
-                f"to the folder holding the benchmark copies (see shared/data/SOURCES.md) or drop {name!r} from "
-                "eval.tasks"
+                f"to the folder holding the benchmark copies or drop {name!r} from eval.tasks"
             )
         if "heldout" in used:
             raise ValueError(f"eval.perplexity_text: file not found: {f} (give an existing .txt file or 'builtin')")

@@ -80,7 +80,8 @@ def kept_fraction(result: dict[str, Any], reference: dict[str, Any]) -> float | 
         if name is None or not _finite(metrics.get(name)) or ref[name] <= 0:
             continue
         ratios.append(metrics[name] / ref[name])
-    ppl, ref_ppl = (result.get("perplexity") or {}).get(_PPL_METRIC), (reference.get("perplexity") or {}).get(_PPL_METRIC)
+    ppl = (result.get("perplexity") or {}).get(_PPL_METRIC)
+    ref_ppl = (reference.get("perplexity") or {}).get(_PPL_METRIC)
     if _finite(ppl) and _finite(ref_ppl) and ppl > 0:
         ratios.append(ref_ppl / ppl)
     return sum(ratios) / len(ratios) if ratios else None

@@ -217,7 +217,7 @@ def vllm_lm(model_dir: str | os.PathLike, cfg: EvalConfig, *, device: str = "cpu
     requests per engine call). On CPU it starts with compactlm's vLLM CPU environment (modest KV cache)."""
     from contextlib import nullcontext
 
-    from compactlm.generation.engines import vllm_cpu_env
+    from compactlm.runtime import vllm_cpu_env
 
     module = _import_lm_eval_vllm()
     with nullcontext() if device.startswith("cuda") else vllm_cpu_env():
@@ -239,6 +239,10 @@ def _evaluate_in_child(model_dir: Path, cfg: EvalConfig, *, device: str, seed: i
     import sys
     import tempfile
 
+    from compactlm.evaluation.registry import resolve_data_dir
+
+    if cfg.data_dir is not None:  # the child runs elsewhere: hand it the folder this process means
+        cfg = cfg.model_copy(update={"data_dir": str(resolve_data_dir(cfg.data_dir))})
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="compactlm-eval-") as tmp:
         out, log = Path(tmp) / "result.json", Path(tmp) / "child.log"

@@ -9,13 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
-
-
-def _load_config(raw: str) -> Any:
-    from compactlm.config import GenerateConfig, parse_stage_config
-
-    return parse_stage_config(raw, GenerateConfig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,24 +20,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    from pydantic import ValidationError
-
+    from compactlm.config import GenerateConfig
     from compactlm.generation import generate_dataset
     from compactlm.models import resolve_model
+    from compactlm.stage_cli import exit_code, parse_stage_config
 
-    try:
-        cfg = _load_config(args.config)
-        model_dir = resolve_model(args.model)
-        manifest = generate_dataset(model_dir, cfg, args.out, seed=args.seed, progress=not args.no_progress)
-    except ValidationError as e:
-        msg = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors())
-        print(f"error: invalid --config: {msg}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    print(json.dumps({"out": str(args.out), **manifest["stats"]}), flush=True)
-    return 0
+    def run() -> None:
+        cfg = parse_stage_config(args.config, GenerateConfig)
+        manifest = generate_dataset(resolve_model(args.model), cfg, args.out, seed=args.seed,
+                                    progress=not args.no_progress)
+        print(json.dumps({"out": str(args.out), **manifest["stats"]}), flush=True)
+
+    return exit_code(run)
 
 
 if __name__ == "__main__":

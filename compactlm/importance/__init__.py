@@ -3,8 +3,9 @@
 Importing this package is cheap: torch and transformers load inside the functions.
 """
 
-from compactlm.importance.compute import calibration_loss, compute_importance
+from compactlm.calibration import calibration_loss
+from compactlm.formats.scores import ImportanceScores, load_scores
+from compactlm.importance.compute import compute_importance
 from compactlm.importance.score import score_model
-from compactlm.importance.scores import ImportanceScores, load_scores
 
 __all__ = ["ImportanceScores", "calibration_loss", "compute_importance", "load_scores", "score_model"]

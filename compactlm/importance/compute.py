@@ -11,16 +11,17 @@ L2 over the batch best; that is the default.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from compactlm.importance.arch import check_arch, decoder_layers, head_dim_of
-from compactlm.importance.scores import ImportanceScores
+from compactlm.arch import check_arch, decoder_layers, head_dim_of
+from compactlm.calibration import batches, calibration_loss, lm_loss_sums
+from compactlm.choices import BATCH_AGG_CHOICES as BATCH_AGGS
+from compactlm.choices import SEQ_AGG_CHOICES as SEQ_AGGS
+from compactlm.formats.scores import ImportanceScores
 
 if TYPE_CHECKING:
     import torch
-
-SEQ_AGGS = ("mean", "l2", "var")
-BATCH_AGGS = ("l2", "mean", "var")
 
 
 def _seq_agg(x: torch.Tensor, how: str) -> torch.Tensor:
@@ -63,35 +64,6 @@ class _BatchAgg:
         return out.float().cpu()
 
 
-def _batches(input_ids: torch.Tensor, batch_size: int):
-    for i in range(0, input_ids.shape[0], batch_size):
-        yield input_ids[i:i + batch_size]
-
-
-def _lm_loss_sums(model, batch: torch.Tensor) -> tuple[float, int]:
-    """(sum of next-token NLL, number of predicted tokens) for one batch; row by row to bound memory."""
-    import torch.nn.functional as F
-
-    logits = model(input_ids=batch, use_cache=False).logits
-    total = 0.0
-    for r in range(batch.shape[0]):
-        total += F.cross_entropy(logits[r, :-1].float(), batch[r, 1:], reduction="sum").item()
-    return total, batch.shape[0] * (batch.shape[1] - 1)
-
-
-def calibration_loss(model, input_ids: torch.Tensor, *, batch_size: int = 8) -> float:
-    """Mean next-token cross-entropy of `model` on `input_ids` [N, L] (no hooks added)."""
-    import torch
-
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in _batches(input_ids, batch_size):
-            s, c = _lm_loss_sums(model, batch.to(device))
-            total, count = total + s, count + c
-    return total / count
-
-
 def _hidden_arg(args: tuple, kwargs: dict):
     return args[0] if args else kwargs["hidden_states"]
 
@@ -129,90 +101,112 @@ def compute_importance(model, input_ids: torch.Tensor, *, batch_size: int = 8, s
         model.train(was_training)
 
 
-def _compute(model, input_ids, layers, n_heads, hd, device, batch_size, seq_agg, batch_agg, layer_loss,
-             log_fn) -> ImportanceScores:
-    import torch
+class _Collector:
+    """Forward hooks that accumulate every width score and the block influence while the model runs."""
 
-    n_layers = len(layers)
-    heads = [_BatchAgg(batch_agg) for _ in range(n_layers)]
-    neurons = [_BatchAgg(batch_agg) for _ in range(n_layers)]
-    channels = _BatchAgg(batch_agg)
-    channel_buf: dict[str, torch.Tensor] = {}
-    bi_sum = torch.zeros(n_layers, dtype=torch.float64)
-    bi_count = [0] * n_layers
+    def __init__(self, layers: list, n_heads: int, head_dim: int, seq_agg: str, batch_agg: str):
+        import torch
 
-    def head_hook(i):
+        n = len(layers)
+        self.layers, self.n_heads, self.hd, self.seq_agg = layers, n_heads, head_dim, seq_agg
+        self.heads = [_BatchAgg(batch_agg) for _ in range(n)]
+        self.neurons = [_BatchAgg(batch_agg) for _ in range(n)]
+        self.channels = _BatchAgg(batch_agg)
+        self.channel_buf: dict[str, torch.Tensor] = {}
+        self.bi_sum = torch.zeros(n, dtype=torch.float64)
+        self.bi_count = [0] * n
+        self.handles: list = []
+
+    def _head_hook(self, i: int):
         def hook(mod, args):
             x = args[0]
             b, t, _ = x.shape
-            norms = x.view(b, t, n_heads, hd).float().norm(dim=-1)  # [B, T, H]
-            heads[i].add(_seq_agg(norms, seq_agg))
+            norms = x.view(b, t, self.n_heads, self.hd).float().norm(dim=-1)  # [B, T, H]
+            self.heads[i].add(_seq_agg(norms, self.seq_agg))
         return hook
 
-    def neuron_hook(i):
+    def _neuron_hook(self, i: int):
         def hook(mod, args):
-            neurons[i].add(_seq_agg(args[0].abs(), seq_agg))
+            self.neurons[i].add(_seq_agg(args[0].abs(), self.seq_agg))
         return hook
 
-    def channel_hook(mod, args, output):
-        v = _seq_agg(output.abs(), seq_agg).double()
-        channel_buf["sum"] = channel_buf["sum"] + v if "sum" in channel_buf else v
+    def _channel_hook(self, mod, args, output):
+        v = _seq_agg(output.abs(), self.seq_agg).double()
+        self.channel_buf["sum"] = self.channel_buf["sum"] + v if "sum" in self.channel_buf else v
 
-    def block_hook(i):
+    def _block_hook(self, i: int):
+        import torch
+
         def hook(mod, args, kwargs, output):
             x_in = _hidden_arg(args, kwargs).float()
             x_out = (output[0] if isinstance(output, tuple) else output).float()
             # cos(x_in, x_out) per token [B, T]; ~2.5x cheaper than F.cosine_similarity (same value)
             norms = x_in.norm(dim=-1) * x_out.norm(dim=-1)
             cos = torch.linalg.vecdot(x_in, x_out) / norms.clamp_min(1e-8)
-            bi_sum[i] += (1.0 - cos).double().sum().cpu()
-            bi_count[i] += cos.numel()
+            self.bi_sum[i] += (1.0 - cos).double().sum().cpu()
+            self.bi_count[i] += cos.numel()
         return hook
 
-    handles = []
-    try:
-        for i, layer in enumerate(layers):
-            handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i)))
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(neuron_hook(i)))
-            handles.append(layer.input_layernorm.register_forward_hook(channel_hook))
-            handles.append(layer.post_attention_layernorm.register_forward_hook(channel_hook))
-            handles.append(layer.register_forward_hook(block_hook(i), with_kwargs=True))
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for batch in _batches(input_ids, batch_size):
-                channel_buf.clear()
-                s, c = _lm_loss_sums(model, batch.to(device))
-                total, count = total + s, count + c
-                channels.add(channel_buf["sum"])
-        base_loss = total / count
-    finally:
-        for h in handles:
+    def __enter__(self) -> _Collector:
+        for i, layer in enumerate(self.layers):
+            self.handles.append(layer.self_attn.o_proj.register_forward_pre_hook(self._head_hook(i)))
+            self.handles.append(layer.mlp.down_proj.register_forward_pre_hook(self._neuron_hook(i)))
+            self.handles.append(layer.input_layernorm.register_forward_hook(self._channel_hook))
+            self.handles.append(layer.post_attention_layernorm.register_forward_hook(self._channel_hook))
+            self.handles.append(layer.register_forward_hook(self._block_hook(i), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
             h.remove()
 
-    loss_increase = None
-    if layer_loss:
-        loss_increase = torch.zeros(n_layers)
-        for i, layer in enumerate(layers):
-            def skip(mod, args, kwargs, output):
-                x_in = _hidden_arg(args, kwargs)
-                return (x_in, *output[1:]) if isinstance(output, tuple) else x_in
+    def block_influence(self) -> torch.Tensor:
+        import torch
 
-            handle = layer.register_forward_hook(skip, with_kwargs=True)
-            try:
-                loss_increase[i] = calibration_loss(model, input_ids, batch_size=batch_size) - base_loss
-            finally:
-                handle.remove()
-            if log_fn is not None:
-                log_fn({"score/layer_loss_increase": float(loss_increase[i])}, i)
+        return (self.bi_sum / torch.tensor(self.bi_count, dtype=torch.float64).clamp_min(1)).float()
 
-    block_influence = (bi_sum / torch.tensor(bi_count, dtype=torch.float64).clamp_min(1)).float()
+
+def _layer_loss_increase(model, layers: list, input_ids, batch_size: int, base_loss: float, log_fn):
+    """Calibration loss with each layer skipped (its output replaced by its input) minus the base loss."""
+    import torch
+
+    out = torch.zeros(len(layers))
+    for i, layer in enumerate(layers):
+        def skip(mod, args, kwargs, output):
+            x_in = _hidden_arg(args, kwargs)
+            return (x_in, *output[1:]) if isinstance(output, tuple) else x_in
+
+        handle = layer.register_forward_hook(skip, with_kwargs=True)
+        try:
+            out[i] = calibration_loss(model, input_ids, batch_size=batch_size) - base_loss
+        finally:
+            handle.remove()
+        if log_fn is not None:
+            log_fn({"score/layer_loss_increase": float(out[i])}, i)
+    return out
+
+
+def _compute(model, input_ids, layers, n_heads, hd, device, batch_size, seq_agg, batch_agg, layer_loss,
+             log_fn) -> ImportanceScores:
+    import torch
+
+    total, count = 0.0, 0
+    with _Collector(layers, n_heads, hd, seq_agg, batch_agg) as col, torch.no_grad():
+        for batch in batches(input_ids, batch_size):
+            col.channel_buf.clear()
+            s, c = lm_loss_sums(model, batch.to(device))
+            total, count = total + s, count + c
+            col.channels.add(col.channel_buf["sum"])
+    base_loss = total / count
+    loss_increase = (_layer_loss_increase(model, layers, input_ids, batch_size, base_loss, log_fn)
+                     if layer_loss else None)
     if not math.isfinite(base_loss):
         raise ValueError(f"calibration loss is {base_loss}: the model produced non-finite logits")
     return ImportanceScores(
-        heads=torch.stack([h.result() for h in heads]),
-        neurons=torch.stack([n.result() for n in neurons]),
-        channels=channels.result(),
-        layer_block_influence=block_influence,
+        heads=torch.stack([h.result() for h in col.heads]),
+        neurons=torch.stack([n.result() for n in col.neurons]),
+        channels=col.channels.result(),
+        layer_block_influence=col.block_influence(),
         layer_loss_increase=loss_increase,
         base_loss=float(base_loss),
         num_key_value_heads=int(model.config.num_key_value_heads),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compactlm.importance.scores import ImportanceScores
+from compactlm.formats.scores import ImportanceScores
 
 
 def _save(fig, path: Path) -> Path:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from compactlm.artifacts import publish_dir, write_json_atomic
 from compactlm.config import ScoreConfig
-from compactlm.importance.scores import SUMMARY_FILE, ImportanceScores
+from compactlm.formats.scores import SUMMARY_FILE, ImportanceScores
 
 TOP_N = 10
 
@@ -59,8 +60,8 @@ def score_model(model_dir: str | os.PathLike, calibration: str | os.PathLike, cf
     """
     import torch
 
-    from compactlm.datasets import calibration_ids
-    from compactlm.importance.arch import check_arch, head_dim_of
+    from compactlm.arch import check_arch, head_dim_of
+    from compactlm.calibration import calibration_ids
     from compactlm.importance.compute import compute_importance
     from compactlm.importance.plots import write_plots
     from compactlm.models import load_model, load_tokenizer, pick_device

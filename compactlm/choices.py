@@ -1,0 +1,26 @@
+"""The fixed choices a recipe offers, each defined once: the schema (config.py), the code that acts on them and
+the Prefect forms all use these types, and the ``*_CHOICES`` tuples for checks and messages."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+#: Where torch runs: auto = CUDA when available, else CPU.
+Device = Literal["auto", "cpu", "cuda"]
+#: Prefect task runner for fan-outs (pruning candidates): threads, a local process pool, or Ray.
+Runner = Literal["thread", "process", "ray"]
+#: Logit-distillation divergences (compactlm/distillation/losses.py).
+KDLoss = Literal["forward_kl", "reverse_kl", "jsd", "tv"]
+#: Weights / compute dtype of an engine; auto = bf16 where the hardware has it, else fp32.
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+#: Generation engines.
+Engine = Literal["vllm", "hf"]
+#: Importance aggregation over the sequence and over the batch (Minitron).
+SeqAgg = Literal["mean", "l2", "var"]
+BatchAgg = Literal["l2", "mean", "var"]
+
+DEVICE_CHOICES: tuple[str, ...] = get_args(Device)
+RUNNER_CHOICES: tuple[str, ...] = get_args(Runner)
+KD_LOSS_CHOICES: tuple[str, ...] = get_args(KDLoss)
+SEQ_AGG_CHOICES: tuple[str, ...] = get_args(SeqAgg)
+BATCH_AGG_CHOICES: tuple[str, ...] = get_args(BatchAgg)
