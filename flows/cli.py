@@ -16,8 +16,10 @@ import os
 import sys
 from pathlib import Path
 
-from compactlm.config import Recipe, RecipeError, load_recipe, preflight
+from compactlm.config import Recipe
 from compactlm.models import ModelRefError
+from compactlm.preflight import preflight
+from compactlm.recipe import RecipeError, load_recipe
 
 # Embedded defaults for one machine: no analytics calls (often no network), and a patient start for the
 # Prefect server that runs in-process when PREFECT_API_URL is unset.

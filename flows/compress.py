@@ -12,8 +12,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from compactlm.config import Recipe, preflight
+from compactlm.config import Recipe
 from compactlm.models import pick_device
+from compactlm.preflight import preflight
 from compactlm.tracking import Tracker, default_tracking_uri
 from tasks.common import RunContext, prefect_ids
 from tasks.distill import distill
