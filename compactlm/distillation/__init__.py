@@ -14,12 +14,19 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from compactlm.distillation.losses import (  # noqa: F401
-        forward_kl, generalized_jsd, hidden_state_loss, kd_loss, reverse_kl, topk_kd_loss, total_variation,
+        forward_kl,
+        generalized_jsd,
+        hidden_state_loss,
+        kd_loss,
+        reverse_kl,
+        topk_kd_loss,
+        total_variation,
     )
+    from compactlm.distillation.setup import DistillError  # noqa: F401
     from compactlm.distillation.trainer import distill  # noqa: F401
 
-__all__ = ["distill", "kd_loss", "topk_kd_loss", "hidden_state_loss", "forward_kl", "reverse_kl", "generalized_jsd",
-           "total_variation"]
+__all__ = ["distill", "DistillError", "kd_loss", "topk_kd_loss", "hidden_state_loss", "forward_kl", "reverse_kl",
+           "generalized_jsd", "total_variation"]
 
 
 def __getattr__(name: str) -> Any:
@@ -27,6 +34,10 @@ def __getattr__(name: str) -> Any:
         from compactlm.distillation.trainer import distill
 
         return distill
+    if name == "DistillError":
+        from compactlm.distillation.setup import DistillError
+
+        return DistillError
     if name in __all__:
         from compactlm.distillation import losses
 

@@ -1,0 +1,255 @@
+"""Everything a distillation run needs before its first step, checked and built once: :func:`setup` -> :class:`Run`.
+
+Order matters and is kept stable (it fixes the RNG stream, so runs and resumes are reproducible): the process
+group, the seed, the two configs and their vocabularies, the packed data, the hidden-state layer pairs, the batch
+split, the student, the teacher (only when a step needs it), the hidden-state projection, the optimizer, the
+wrapped student. Every input error is raised before a model loads.
+
+Seams for the next kinds of runs: which teacher outputs a step needs is :meth:`Run.needs_teacher` /
+:func:`compactlm.distillation.step.teacher_targets`; how the student is spread over processes is
+:class:`compactlm.distillation.parallel.Parallel`; how its data is tokenized is :func:`_load_data`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from compactlm.config import DistillConfig
+from compactlm.distillation.data import PackedData, pack_plain, pack_with_topk
+from compactlm.distillation.parallel import Parallel
+from compactlm.formats.generated import iter_examples, read_rows
+from compactlm.models import load_model, load_tokenizer, pick_device
+
+if TYPE_CHECKING:
+    import torch
+
+
+class DistillError(ValueError):
+    """Distillation cannot run with these inputs; the message says what to change."""
+
+
+@dataclass
+class Run:
+    """One distillation run: its inputs, settings, models and optimizer (built by :func:`setup`)."""
+
+    cfg: DistillConfig
+    seed: int
+    teacher_dir: Path
+    student_dir: Path
+    data_dir: Path
+    out_dir: Path
+    par: Parallel
+    data: PackedData
+    shared_vocab: bool
+    s_conf: dict[str, Any]
+    t_conf: dict[str, Any]
+    local_batch: int
+    micro: int
+    student: torch.nn.Module | None = None
+    model: torch.nn.Module | None = None  # what the forward pass calls: the student, DDP-wrapped under torchrun
+    teacher: torch.nn.Module | None = None
+    projection: torch.nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    pairs: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def device(self) -> str:
+        return self.par.device
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def use_kd(self) -> bool:
+        return self.cfg.kd_weight > 0
+
+    @property
+    def use_hidden(self) -> bool:
+        return self.cfg.hidden_weight > 0
+
+    @property
+    def offline(self) -> bool:
+        return self.cfg.mode == "offline"
+
+    @property
+    def needs_teacher(self) -> bool:
+        """The teacher model runs on every batch: online logit KD or hidden-state KD."""
+        return (self.use_kd and not self.offline) or self.use_hidden
+
+    def trainable(self) -> dict[str, torch.nn.Module]:
+        """What the optimizer updates and checkpoints save, by checkpoint file name."""
+        return {"student": self.student, **({"projection": self.projection} if self.projection is not None else {})}
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on CUDA; a no-op on CPU (fp32)."""
+        import torch
+
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda)
+
+
+def setup(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data_dir: str | os.PathLike,
+          cfg: DistillConfig, out_dir: str | os.PathLike, *, seed: int = 0, device: str = "cpu") -> Run:
+    """Check the inputs and build the run (see the module docstring). Raises DistillError on bad input."""
+    import torch
+
+    par = Parallel.start(pick_device(device))
+    if cfg.mode == "offline" and cfg.hidden_weight > 0:
+        raise DistillError("distill.hidden_weight > 0 needs the teacher's hidden states: use mode: online")
+    torch.manual_seed(seed)
+    teacher_dir, student_dir, data_dir = Path(teacher_dir), Path(student_dir), Path(data_dir)
+    s_conf, t_conf = _config_json(student_dir), _config_json(teacher_dir)
+    shared = _check_vocab(cfg, teacher_dir, student_dir, s_conf, t_conf)
+    offline_kd = cfg.mode == "offline" and cfg.kd_weight > 0
+    data = _load_data(cfg, data_dir, student_dir, shared, offline_kd, seed, _vocab(s_conf))
+    local_batch, micro = _batch_split(cfg, par.world)
+    run = Run(cfg, seed, teacher_dir, student_dir, data_dir, Path(out_dir), par, data, shared, s_conf, t_conf,
+              local_batch, micro)
+    if run.use_hidden:
+        run.pairs = _hidden_pairs(student_dir, s_conf, t_conf)
+    _load_models(run)
+    run.optimizer = _optimizer(run)
+    run.model = par.wrap(run.student)
+    return run
+
+
+def _config_json(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise DistillError(f"{model_dir} has no config.json: give an HF model directory")
+    return json.loads(path.read_text())
+
+
+def _get(config: dict, key: str) -> Any:
+    return config.get(key) or config.get("text_config", {}).get(key)
+
+
+def _vocab(config: dict) -> int:
+    return int(_get(config, "vocab_size"))
+
+
+def _same_vocab(teacher_dir: Path, student_dir: Path, teacher_vocab: int | None, student_vocab: int) -> bool:
+    """True when the teacher and student share their vocabulary (config size and tokenizer token->id map)."""
+    if teacher_vocab is not None and teacher_vocab != student_vocab:
+        return False
+    t_file, s_file = teacher_dir / "tokenizer.json", student_dir / "tokenizer.json"
+    if t_file.is_file() and s_file.is_file() and t_file.read_bytes() == s_file.read_bytes():
+        return True  # fast path: loading two 100k-token tokenizers takes seconds
+    try:
+        t_tok, s_tok = load_tokenizer(teacher_dir), load_tokenizer(student_dir)
+    except Exception:  # a dir without tokenizer: the config sizes are all we can compare
+        return True
+    return t_tok.get_vocab() == s_tok.get_vocab()
+
+
+def _check_vocab(cfg: DistillConfig, teacher_dir: Path, student_dir: Path, s_conf: dict, t_conf: dict) -> bool:
+    """Whether the two share a vocabulary; DistillError when a loss that needs it is asked for."""
+    s_vocab, t_vocab = _vocab(s_conf), _get(t_conf, "vocab_size")
+    shared = _same_vocab(teacher_dir, student_dir, t_vocab, s_vocab)
+    if (cfg.kd_weight > 0 or cfg.hidden_weight > 0) and not shared:
+        raise DistillError(
+            f"teacher ({teacher_dir}, vocab {t_vocab}) and student ({student_dir}, vocab {s_vocab}) do not share a "
+            "vocabulary, and logit KD compares next-token distributions over the same vocabulary (hidden-state KD "
+            "needs the same tokens). Use a student derived from the teacher (pruning keeps the vocabulary), or "
+            "sequence-level KD: plain fine-tuning on the teacher-written data with distill.kd_weight=0"
+        )
+    return shared
+
+
+def _retokenized_examples(data_dir: Path, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """Examples re-tokenized from the text columns, for a student whose tokenizer differs from the teacher's."""
+    rows = read_rows(data_dir, ["prompt_text", "completion", "finish_reason"])
+    eos = tokenizer.eos_token_id
+    out = []
+    for r in rows:
+        p = tokenizer(r["prompt_text"], add_special_tokens=False)["input_ids"]
+        c = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
+        if r["finish_reason"] == "stop" and eos is not None:
+            c = c + [eos]
+        out.append((p + c, [0] * len(p) + [1] * len(c)))
+    return out
+
+
+def _load_data(cfg: DistillConfig, data_dir: Path, student_dir: Path, shared: bool, offline_kd: bool, seed: int,
+               s_vocab: int) -> PackedData:
+    """Pack the dataset (with top-k targets for offline KD), validating ids against the student's vocabulary."""
+    try:
+        if offline_kd:
+            data = pack_with_topk(data_dir, cfg.seq_len, seed=seed)
+        else:
+            examples = (list(iter_examples(data_dir)) if shared
+                        else _retokenized_examples(data_dir, load_tokenizer(student_dir)))
+            data = pack_plain(examples, cfg.seq_len, seed=seed)
+    except ValueError as e:
+        raise DistillError(f"{data_dir}: {e} (distill.seq_len={cfg.seq_len}, distill.mode={cfg.mode})") from None
+    if int(data.ids.max()) >= s_vocab or int(data.ids.min()) < 0:
+        raise DistillError(f"{data_dir} has token ids outside the student's vocabulary [0, {s_vocab}); was the "
+                           "dataset generated by a teacher with another tokenizer?")
+    if data.topk_ids is not None and (int(data.topk_ids.max()) >= s_vocab or int(data.topk_ids.min()) < 0):
+        raise DistillError(f"{data_dir}: stored topk_ids fall outside the student's vocabulary [0, {s_vocab})")
+    return data
+
+
+def _hidden_pairs(student_dir: Path, s_conf: dict, t_conf: dict) -> list[tuple[int, int]]:
+    from compactlm.distillation.hidden import layer_map, state_pairs
+
+    n_t = int(_get(t_conf, "num_hidden_layers"))
+    try:
+        return state_pairs(layer_map(student_dir, int(_get(s_conf, "num_hidden_layers")), n_t), n_t)
+    except ValueError as e:
+        raise DistillError(str(e)) from None
+
+
+def _batch_split(cfg: DistillConfig, world: int) -> tuple[int, int]:
+    """(rows per process per step, rows per forward pass)."""
+    local_batch = cfg.batch_size // world
+    if cfg.batch_size % world:
+        raise DistillError(f"distill.batch_size={cfg.batch_size} must be a multiple of the {world} data-parallel "
+                           f"processes (each takes batch_size / {world} rows)")
+    micro = min(cfg.micro_batch_size or local_batch, local_batch)
+    if local_batch % micro:
+        raise DistillError(f"distill.micro_batch_size={micro} must divide the per-process batch {local_batch} "
+                           f"(batch_size {cfg.batch_size} / {world} processes)")
+    return local_batch, micro
+
+
+def _load_models(run: Run) -> None:
+    """The student in fp32 (trained), the teacher frozen (bf16 on CUDA) when a step needs it, the projection."""
+    from compactlm.distillation.hidden import kept_channels, make_projection
+
+    run.student = load_model(run.student_dir, dtype="float32", device=run.device).train()
+    if run.cfg.gradient_checkpointing:
+        run.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if run.needs_teacher:
+        run.teacher = load_model(run.teacher_dir, dtype="bfloat16" if run.cuda else "float32",
+                                 device=run.device).eval()
+        run.teacher.requires_grad_(False)
+    if run.use_hidden:
+        run.projection = make_projection(int(_get(run.s_conf, "hidden_size")), int(_get(run.t_conf, "hidden_size")),
+                                         kept_channels(run.student_dir))
+        if run.projection is not None:
+            run.projection = run.projection.to(run.device).train()
+
+
+def _optimizer(run: Run) -> torch.optim.Optimizer:
+    """AdamW, weight decay on matrices (and the projection) only."""
+    import torch
+
+    params = [p for p in run.student.parameters() if p.requires_grad]
+    matrices = [p for p in params if p.dim() >= 2] + (list(run.projection.parameters()) if run.projection else [])
+    groups = [{"params": matrices, "weight_decay": run.cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=run.cfg.lr, betas=(0.9, 0.95), fused=run.cuda)
+
+
+def saved_dtype(config: dict):
+    """The dtype the student's config.json declares (what the published student is saved in)."""
+    import torch
+
+    name = config.get("dtype") or config.get("torch_dtype")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
