@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast test-integration validate serve deploy stop clean
+.PHONY: install demo test test-fast test-integration lint validate serve deploy stop clean
 
 install: $(STAMP)
 
@@ -24,14 +24,20 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 demo: install
 	$(BIN)/compactlm run configs/smollm2-demo.yaml
 
+# Everything (-m "" lifts pyproject's default filter, which keeps a bare `pytest` to the fast suite), on two
+# pytest-xdist workers with one OpenMP thread each; tests/test_layout.py runs ruff and the layer contracts.
+WORKERS ?= 2
 test: install
-	$(BIN)/pytest tests
+	$(BIN)/pytest -m "" -n $(WORKERS) --dist loadfile tests
 
 test-fast: install
-	$(BIN)/pytest -m "not integration" tests
+	$(BIN)/pytest tests
 
 test-integration: install
 	$(BIN)/pytest -m integration tests
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/lint-imports
 
 validate: install
 	$(BIN)/compactlm validate configs/smollm2-demo.yaml > /dev/null && $(BIN)/compactlm validate configs/tiny-test.yaml > /dev/null

@@ -1,8 +1,9 @@
 """The CUDA code paths against the CPU ones, on tiny random models: generation, scoring, distillation, evaluation.
 
-Marked ``gpu`` and skipped where torch sees no CUDA device (CI, the 2-core dev machines); run them on a GPU
-machine with ``pytest -m gpu``. The CPU results are the reference: fp32 on CUDA must match them to float
-tolerance, the bf16 paths (the CUDA defaults) to bf16 tolerance.
+The sharp-headed GQA teacher, the 2-layer student and their dataset are the conftest fixtures the CPU
+distillation tests use. Marked ``gpu`` and skipped where torch sees no CUDA device (CI, the 2-core dev machines);
+run them on a GPU machine with ``pytest -m gpu``. The CPU results are the reference: fp32 on CUDA must match them
+to float tolerance, the bf16 paths (the CUDA defaults) to bf16 tolerance.
 """
 
 from __future__ import annotations
@@ -15,15 +16,14 @@ import pytest
 import torch
 
 from compactlm.config import EvalConfig, GenerateConfig, ScoreConfig
-from compactlm.datasets import read_generated
 from compactlm.distillation import distill
 from compactlm.evaluation import evaluate_model
+from compactlm.formats.generated import read_rows
 from compactlm.generation import generate_dataset
 from compactlm.importance import load_scores, score_model
 from compactlm.models import load_model
-# the sharp-headed GQA teacher, the 2-layer student and their dataset, shared with the CPU distillation tests
-from test_distillation import cfg, data_dir, student_dir, teacher_dir, texts  # noqa: F401 (fixtures)
-from test_generation import _hf_topk
+from tests.helpers import hf_topk, texts
+from tests.helpers import kd_cfg as cfg
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (pytest -m gpu)")]
@@ -37,12 +37,12 @@ def test_hf_engine_on_cuda_matches_a_cpu_forward(teacher_dir, tmp_path, dtype, a
                          shard_size=3, topk_logprobs=4, batch_size=4)
     generate_dataset(teacher_dir, gen, tmp_path / "a", seed=3, progress=False)
     generate_dataset(teacher_dir, gen, tmp_path / "b", seed=3, progress=False)
-    rows, again = read_generated(tmp_path / "a"), read_generated(tmp_path / "b")
+    rows, again = read_rows(tmp_path / "a"), read_rows(tmp_path / "b")
     assert len(rows) == 12
     assert [r["completion_token_ids"] for r in rows] == [r["completion_token_ids"] for r in again]
     model = load_model(teacher_dir)
     for r in rows:
-        logp = _hf_topk(model, r["prompt_token_ids"], r["completion_token_ids"], 4)  # fp32 CPU forward
+        logp = hf_topk(model, r["prompt_token_ids"], r["completion_token_ids"], 4)  # fp32 CPU forward
         stored_ids = torch.tensor(r["topk_ids"])
         stored_lp = torch.tensor(r["topk_logprobs"], dtype=torch.float32)
         torch.testing.assert_close(logp.gather(1, stored_ids), stored_lp, atol=atol, rtol=0)

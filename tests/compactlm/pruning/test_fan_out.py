@@ -1,0 +1,69 @@
+"""The budget's fan-out units: measuring candidates one by one (as parallel tasks do) ranks exactly like the
+sequential path."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from compactlm.config import PruneConfig
+
+
+@pytest.mark.parametrize("proxy", ["loss", "kl"])
+def test_fan_out_ranks_exactly_like_the_sequential_path(tiny_gqa_model_dir, fanout_scores, fanout_calib, proxy):
+    from compactlm.pruning import rank_candidates
+    from compactlm.pruning.budget import measure_candidate, plan_candidates, rank_measured
+
+    cfg = PruneConfig(budget=dict(params=0.95, search=4, candidates=4, proxy=proxy, proxy_samples=2, proxy_seq_len=16))
+    sequential = rank_candidates(tiny_gqa_model_dir, fanout_scores, cfg, fanout_calib, seed=3)
+    pool = plan_candidates(tiny_gqa_model_dir, fanout_scores, cfg)
+    assert len(pool) == 4 and {c["kind"] for c in pool} == {"depth", "width", "mixed"}
+    assert all("proxy_value" not in c for c in pool)
+    with ThreadPoolExecutor(max_workers=4) as ex:  # concurrently, as the thread runner does
+        measured = list(ex.map(lambda c: measure_candidate(tiny_gqa_model_dir, fanout_scores, cfg, fanout_calib, c,
+                                                           seed=3), pool))
+    fanned = rank_measured(measured)  # gathered in pool order
+    assert fanned == sequential  # same shapes, same order, bit-identical proxy values
+    assert len({c["proxy_value"] for c in fanned}) == 4  # a real ranking, not ties
+    # ties keep pool order, as the sequential stable sort does
+    tied = rank_measured([{**c, "proxy_value": 1.0} for c in pool])
+    assert [c["shape"] for c in tied] == [c["shape"] for c in pool] and [c["rank"] for c in tied] == [1, 2, 3, 4]
+
+
+def test_fan_out_units_reject_bad_input(tiny_gqa_model_dir, fanout_scores, fanout_calib):
+    from compactlm.pruning.budget import measure_candidate, plan_candidates, rank_measured
+
+    with pytest.raises(ValueError, match="prune.budget is not set"):
+        plan_candidates(tiny_gqa_model_dir, fanout_scores, PruneConfig())
+    cfg = PruneConfig(budget=dict(params=0.95, search=2, proxy_samples=2, proxy_seq_len=16))
+    with pytest.raises(ValueError, match="unknown fields.*num_layers"):
+        measure_candidate(tiny_gqa_model_dir, fanout_scores, cfg, fanout_calib, {"shape": {"num_layers": 2}})
+    with pytest.raises(ValueError, match="'shape' dict"):
+        measure_candidate(tiny_gqa_model_dir, fanout_scores, cfg, fanout_calib, {"kind": "depth"})
+    with pytest.raises(ValueError, match=r"candidates \[1\].*measure them first"):
+        rank_measured([{"shape": {}, "proxy_value": 1.0}, {"shape": {}}])
+
+
+def test_prune_to_dir_with_a_given_ranking_writes_the_same_student(tiny_gqa_model_dir, fanout_scores, fanout_calib,
+                                                                   tmp_path):
+    from compactlm.pruning import prune_to_dir
+    from compactlm.pruning.budget import measure_candidate, plan_candidates, rank_measured
+
+    cfg = PruneConfig(budget=dict(params=0.95, search=3, proxy_samples=2, proxy_seq_len=16))
+    seq = prune_to_dir(tiny_gqa_model_dir, fanout_scores, cfg, tmp_path / "seq", calibration=fanout_calib)
+    ranking = rank_measured([measure_candidate(tiny_gqa_model_dir, fanout_scores, cfg, fanout_calib, c)
+                             for c in plan_candidates(tiny_gqa_model_dir, fanout_scores, cfg)])
+    fan = prune_to_dir(tiny_gqa_model_dir, fanout_scores, cfg, tmp_path / "fan", ranking=ranking)  # no calibration
+    for key in ("selection", "candidate", "ranking", "student", "kept_layers", "params_after"):
+        assert fan[key] == seq[key], key
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "seq" / "model.safetensors"), load_file(tmp_path / "fan" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a ranking of another pool is refused before anything is written
+    smaller = cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"search": 2})})
+    with pytest.raises(ValueError, match="does not measure this config's candidate pool"):
+        prune_to_dir(tiny_gqa_model_dir, fanout_scores, smaller, tmp_path / "bad", ranking=ranking)
+    assert not (tmp_path / "bad").exists()

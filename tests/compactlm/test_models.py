@@ -1,0 +1,73 @@
+"""Model references: aliases, local dirs, GGUF conversion, clear errors."""
+
+import json
+
+import pytest
+import torch
+
+from compactlm.models import ModelRefError, check_model_ref, count_params, load_model, load_tokenizer, resolve_model
+
+
+def test_check_model_ref(tmp_path, tiny_model_dir):
+    check_model_ref("smollm2-135m-instruct")
+    check_model_ref("HuggingFaceTB/SmolLM2-135M-Instruct")  # hub id: valid, resolved when online
+    check_model_ref(str(tiny_model_dir))
+    for bad, words in [("llama-7b", "unknown model"), ("/nope/model", "not found"), ("x.gguf", "not found"),
+                       ("", "empty")]:
+        with pytest.raises(ModelRefError, match=words):
+            check_model_ref(bad)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelRefError, match="config.json"):
+        check_model_ref(str(tmp_path / "empty"))
+
+
+def test_hub_id_offline_gives_alternatives(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelRefError, match="Offline, give a local HF dir"):
+        resolve_model("nobody-here/no-such-model")
+
+
+def test_model_without_tokenizer_is_a_clear_error(tmp_path, tiny_model_dir):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    with pytest.raises(ModelRefError, match="no tokenizer"):
+        load_tokenizer(d)
+
+
+def test_tiny_model_has_real_tokenizer_and_vllm_head_dim(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_model(tiny_model_dir)
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    assert cfg["head_dim"] == 64 and len(tok) == model.config.vocab_size == 49152
+    assert tok.chat_template and "<|im_start|>" in tok.chat_template
+    ids = tok("Hello world", return_tensors="pt").input_ids
+    assert model(ids).logits.shape == (1, ids.shape[1], 49152)
+    assert count_params(model) == sum(p.numel() for p in model.parameters())  # tied weights counted once
+
+
+def test_smollm2_alias_converts_gguf_to_safetensors():
+    d = resolve_model("smollm2-135m-instruct")
+    assert (d / "model.safetensors").is_file() and not list(d.glob("*.gguf"))
+    cfg = json.loads((d / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["num_hidden_layers"] == 30
+    assert resolve_model("smollm2-135m-instruct") == d  # cached
+    tok = load_tokenizer(d)
+    model = load_model(d)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+    assert count_params(model) == 134_515_008
+    assert model.dtype == torch.float32
+
+
+def test_truncated_weights_give_a_clear_error(tmp_path, tiny_model_dir):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    with open(bad / "model.safetensors", "r+b") as f:
+        f.truncate(1_000_000)
+    with pytest.raises(ModelRefError, match="truncated, corrupt or missing"):
+        load_model(bad)

@@ -1,0 +1,126 @@
+"""End to end: the `compress` flow on the tiny recipe with real vLLM, real Prefect and real MLflow.
+
+Runs the README's CLI in a subprocess (as a user would), then reads the MLflow store it wrote."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.helpers import REPO
+
+# Secrets a user may have in the environment; none may reach logs, params, artifacts or stage outputs.
+PLANTED = {"HF_TOKEN": "hf_PLANTEDsecret0001", "AWS_SECRET_ACCESS_KEY": "PLANTEDaws0002"}
+STAGES = {"generate", "score", "prune", "distill", "evaluate"}
+
+
+def _run_cli(workdir: Path, prefect_home: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
+    env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONUNBUFFERED="1",
+               **PLANTED)
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(REPO / "configs/tiny-test.yaml"),
+           "--set", f"workdir={workdir}", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-8000:]
+    for secret in PLANTED.values():
+        assert secret not in proc.stdout + proc.stderr
+    return proc
+
+
+def _assert_no_secret_in(*roots: Path) -> int:
+    scanned = 0
+    for root in roots:
+        for f in root.rglob("*"):
+            if f.is_file():
+                data = f.read_bytes()
+                scanned += 1
+                for secret in PLANTED.values():
+                    assert secret.encode() not in data, f"{secret} leaked into {f}"
+    return scanned
+
+
+def _pipeline_runs(client: MlflowClient):
+    exp = client.get_experiment_by_name("compactlm-tiny")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = {p.info.run_id: [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
+                for p in parents}
+    return parents, children
+
+
+@pytest.mark.long(200)
+@pytest.mark.integration
+def test_compress_flow_end_to_end_and_rerun_hits_cache(tmp_path):
+    workdir, prefect_home = tmp_path / "work", tmp_path / "prefect"
+    first = _run_cli(workdir, prefect_home)
+
+    # The CLI prints the comparison table and where the MLflow run is.
+    assert "| teacher" in first.stdout and "| student" in first.stdout, first.stdout
+    assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
+
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    parents, children = _pipeline_runs(client)
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags.get("prefect.flow_run_id")
+    kids = children[parent.info.run_id]
+    assert {k.info.run_name for k in kids} == STAGES and len(kids) == 5
+    for k in kids:
+        assert k.info.status == "FINISHED"
+        assert k.data.tags["compactlm.cache_hit"] == "false"
+        assert k.data.tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"]
+        assert client.list_artifacts(k.info.run_id), f"{k.info.run_name} logged no artifacts"
+    by_name = {k.info.run_name: k for k in kids}
+    distill_history = client.get_metric_history(by_name["distill"].info.run_id, "loss")
+    assert len(distill_history) == 3  # one point per step of the tiny recipe
+    assert "teacher/compactlm_facts/acc" in by_name["evaluate"].data.metrics
+
+    # The student is the configured shape, smaller than the teacher by exactly that much.
+    student = Path(next(line.split(": ", 1)[1] for line in first.stdout.splitlines()
+                        if line.startswith("Student model: ")))
+    cfg = json.loads((student / "config.json").read_text())
+    assert (cfg["num_hidden_layers"], cfg["intermediate_size"]) == (3, 128)
+    from transformers import AutoModelForCausalLM
+
+    from compactlm.models import count_params, resolve_model
+    teacher = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-random-llama"))
+    model = AutoModelForCausalLM.from_pretrained(student)
+    t_cfg = teacher.config
+    per_layer_mlp = 3 * t_cfg.hidden_size
+    per_layer_attn = sum(p.numel() for p in teacher.model.layers[0].self_attn.parameters())
+    norms = 2 * t_cfg.hidden_size
+    expected = (count_params(teacher) - 4 * (per_layer_attn + per_layer_mlp * 256 + norms)
+                + 3 * (per_layer_attn + per_layer_mlp * 128 + norms))
+    assert count_params(model) == expected < count_params(teacher)
+    assert parent.data.metrics["student_param_fraction"] == pytest.approx(expected / count_params(teacher))
+
+    # Planted secrets appear nowhere: MLflow store and artifacts, Prefect database and logs, stage outputs.
+    assert _assert_no_secret_in(workdir, prefect_home) > 20
+
+    # The student is a normal HF directory that vLLM serves unchanged.
+    gen_cfg = json.dumps({"engine": "vllm", "max_prompts": 2, "max_tokens": 8, "max_model_len": 256})
+    proc = subprocess.run([sys.executable, "-m", "compactlm.generation", "--model", str(student),
+                           "--out", str(tmp_path / "student-gen"), "--config", gen_cfg],
+                          capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    manifest = json.loads((tmp_path / "student-gen" / "manifest.json").read_text())
+    assert manifest["stats"]["completion_tokens"] > 0, manifest
+
+    # Same parameters again: every stage is a cache hit, and the flow takes under 10% of the first one's time
+    # (flow time = the parent MLflow run's duration; process start-up and imports are outside it).
+    _run_cli(workdir, prefect_home)
+    parents, children = _pipeline_runs(client)
+    assert len(parents) == 2
+    rerun = children[parents[1].info.run_id]
+    assert {k.info.run_name for k in rerun} == STAGES
+    assert all(k.data.tags["compactlm.cache_hit"] == "true" for k in rerun)
+    first_flow, second_flow = (p.info.end_time - p.info.start_time for p in parents)
+    assert second_flow < 0.1 * first_flow, (first_flow, second_flow)
+    finals = [{k for k in r.data.metrics if k.startswith("final_")}
+              for r in (by_name["distill"], next(r for r in rerun if r.info.run_name == "distill"))]
+    assert finals[0] and finals[0] == finals[1]  # the same metric names whether computed or reused

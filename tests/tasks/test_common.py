@@ -1,0 +1,93 @@
+"""What every stage task shares: output keys, and a stage that outlives a dying MLflow server and is reused after it
+comes back."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from compactlm.artifacts import is_complete, read_manifest
+from compactlm.config import DistillConfig
+from tests.helpers import DISTILL, SCORE, SUB_ENV, free_port, kill_group, mlflow_server, start_script, wait_for_line
+from tests.helpers import kd_cfg as cfg
+
+
+def test_observation_settings_are_not_in_the_stage_key():
+    from tasks.common import stage_key_material
+
+    base = stage_key_material(cfg(), 0)
+    assert stage_key_material(cfg(log_every=5, checkpoint_every=2, peak_tflops=989), 0) == base
+    assert stage_key_material(cfg(lr=1e-3), 0) != base and stage_key_material(cfg(), 1) != base
+    assert "log_every" not in base["config"] and "steps" in base["config"]
+
+
+@pytest.mark.long(70)
+@pytest.mark.integration  # an MLflow server twice, two pipeline subprocesses: ~60 s idle
+def test_mlflow_server_down_mid_run_fails_clearly_then_rerun_reuses_stages(tiny_model_dir, student_dir, gen_dir,
+                                                                          tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    state, workdir = tmp_path / "mlflow", tmp_path / "work"
+    state.mkdir()
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    cfg = DistillConfig(**{**DISTILL.model_dump(), "steps": 12, "checkpoint_every": 3})
+    env = {k: v for k, v in SUB_ENV.items() if not k.startswith("MLFLOW_")}
+    args = [uri, workdir, tiny_model_dir, student_dir, gen_dir, SCORE.model_dump_json(), cfg.model_dump_json()]
+    server = mlflow_server(state, port)
+    try:
+        proc = start_script("stages_against_server.py", *args, env=env)
+        try:
+            wait_for_line(proc, "SCORED")
+            # the distill stage is computing (its first checkpoint is on disk): the server dies
+            deadline = time.monotonic() + 240
+            while not list((workdir / "distill").glob("*.ckpt/step-*")):
+                assert proc.poll() is None, proc.stderr.read()[-3000:]
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            kill_group(server)
+            t_kill = time.monotonic()
+            _, stderr = proc.communicate(timeout=300)
+            seconds_to_fail = time.monotonic() - t_kill
+        finally:
+            proc.kill()
+            proc.wait()
+    finally:
+        kill_group(server)
+
+    assert proc.returncode == 1, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert "TrackingUnavailableError" in last and f"MLflow tracking store {uri} is unreachable" in last, last
+    assert "MLFLOW_TRACKING_URI" in last and "rerun" in last
+    assert "step metrics are no longer logged, the stage goes on" in stderr  # one warning, then compute went on
+    assert seconds_to_fail < 90, f"took {seconds_to_fail:.0f} s to fail"
+    print(f"MLflow down -> clear error after {seconds_to_fail:.1f} s")
+    # the stage outputs are complete and valid: distillation finished and published despite the dead server
+    (score_out,) = [p for p in (workdir / "score").iterdir() if not p.name.startswith(".")]
+    (distill_out,) = [p for p in (workdir / "distill").iterdir() if p.is_dir() and not p.name.startswith(".")
+                      and not p.name.endswith(".ckpt")]
+    assert is_complete(score_out) and is_complete(distill_out)
+    assert read_manifest(distill_out)["metrics"]["steps"] == 12
+    assert f"the output {distill_out} is complete and a rerun reuses it" in last
+
+    server = mlflow_server(state, port)  # back up, same store
+    try:
+        proc = start_script("stages_against_server.py", *args, env=env)
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        assert "DONE" in stdout
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name("faults")
+        runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        assert len(parents) == 2 and parents[1].info.status == "FINISHED"
+        kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id]
+        assert {k.info.run_name: k.data.tags["compactlm.cache_hit"] for k in kids} == {"score": "true",
+                                                                                     "distill": "true"}
+        assert all(k.info.status == "FINISHED" for k in kids)
+        first = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+        assert first["score"].info.status == "FINISHED"
+        assert len(client.get_metric_history(first["distill"].info.run_id, "loss")) >= 3  # logged while up
+    finally:
+        kill_group(server)
