@@ -15,6 +15,10 @@ KDLoss = Literal["forward_kl", "reverse_kl", "jsd", "tv"]
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 #: Generation engines.
 Engine = Literal["vllm", "hf"]
+#: Hidden-state distances (hidden-state KD).
+HiddenLoss = Literal["cosine", "mse"]
+#: How budget candidates are ranked right after pruning.
+Proxy = Literal["loss", "kl"]
 #: Importance aggregation over the sequence and over the batch (Minitron).
 SeqAgg = Literal["mean", "l2", "var"]
 BatchAgg = Literal["l2", "mean", "var"]
@@ -22,5 +26,7 @@ BatchAgg = Literal["l2", "mean", "var"]
 DEVICE_CHOICES: tuple[str, ...] = get_args(Device)
 RUNNER_CHOICES: tuple[str, ...] = get_args(Runner)
 KD_LOSS_CHOICES: tuple[str, ...] = get_args(KDLoss)
+HIDDEN_LOSS_CHOICES: tuple[str, ...] = get_args(HiddenLoss)
+PROXY_CHOICES: tuple[str, ...] = get_args(Proxy)
 SEQ_AGG_CHOICES: tuple[str, ...] = get_args(SeqAgg)
 BATCH_AGG_CHOICES: tuple[str, ...] = get_args(BatchAgg)

@@ -13,7 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from compactlm.choices import BatchAgg, Device, Dtype, Engine, KDLoss, Runner, SeqAgg
+from compactlm.choices import BatchAgg, Device, Dtype, Engine, HiddenLoss, KDLoss, Proxy, Runner, SeqAgg
 from compactlm.models import KNOWN_ALIASES, check_model_ref
 from compactlm.templates import template_fields
 
@@ -215,7 +215,7 @@ class BudgetConfig(_Strict):
     params: float = Field(..., gt=0, lt=1, description="Fraction of the teacher's parameters to keep, e.g. 0.5")
     candidates: int = Field(3, ge=1, description="How many of the best-ranked shapes to report")
     search: int = Field(8, ge=1, description="Candidate shapes to measure (at least one of each kind that fits)")
-    proxy: Literal["loss", "kl"] = Field(
+    proxy: Proxy = Field(
         "loss", description="Rank by the pruned model's calibration loss, or by KL(teacher || pruned); lower wins"
     )
     proxy_samples: int = Field(8, ge=1, description="Calibration sequences for the proxy")
@@ -298,7 +298,7 @@ class DistillConfig(_Strict):
         description="Save a checkpoint every N steps; a stopped run resumes from the last one (empty = off)",
     )
     hidden_weight: float = Field(0.0, ge=0.0, description="Weight of hidden-state KD (0 = off; online mode only)")
-    hidden_loss: Literal["cosine", "mse"] = Field(
+    hidden_loss: HiddenLoss = Field(
         "cosine", description="Hidden-state distance: cosine = 1 - cos per token, mse = mean squared error"
     )
     peak_tflops: float | None = Field(

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from compactlm.choices import HIDDEN_LOSS_CHOICES, HiddenLoss
 from compactlm.choices import KD_LOSS_CHOICES as KD_KINDS
 from compactlm.choices import KDLoss as KDKind
 
@@ -337,11 +337,11 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
 
 # ------------------------------------------------------------------------------------------- hidden states
 
-HIDDEN_KINDS: tuple[str, ...] = ("cosine", "mse")
+HIDDEN_KINDS = HIDDEN_LOSS_CHOICES
 
 
 def hidden_state_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, mask: torch.Tensor | None,
-                      kind: Literal["cosine", "mse"] = "cosine") -> torch.Tensor:
+                      kind: HiddenLoss = "cosine") -> torch.Tensor:
     """Mean over masked positions of the distance between (projected) student and teacher hidden states.
 
     Both are ``[..., D]`` with the same D (project the student first when widths differ); ``mask`` is ``[...]``.

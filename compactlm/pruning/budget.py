@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from compactlm.calibration import batches, calibration_loss
+from compactlm.choices import PROXY_CHOICES
 from compactlm.config import SHAPE_FIELDS, PruneConfig
 from compactlm.pruning.shapes import fitting_shapes, target_shape
 from compactlm.pruning.slicing import plan_pruning, prune_model
@@ -81,7 +82,7 @@ def _measure(model, scores: ImportanceScores, candidate: dict[str, Any], calibra
     return {**candidate, "proxy": proxy, "proxy_value": float(value)}
 
 def _check_proxy_inputs(proxy: str, calibration: torch.Tensor) -> None:
-    if proxy not in ("loss", "kl"):
+    if proxy not in PROXY_CHOICES:
         raise ValueError(f"prune.proxy must be 'loss' or 'kl', got {proxy!r}")
     if calibration.ndim != 2 or calibration.shape[1] < 2:
         raise ValueError(f"calibration ids must be [num_samples, seq_len >= 2], got {tuple(calibration.shape)}")
