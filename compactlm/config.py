@@ -88,7 +88,6 @@ class SelfInstructConfig(_Strict):
         return self
 
 
-
 class FilterConfig(_Strict):
     """Quality filters for the teacher's completions; each filter's drop count is in the dataset's manifest."""
 

@@ -64,6 +64,7 @@ def _is_unreachable(exc: BaseException) -> bool:
         seen = seen.__cause__ or seen.__context__
     return False
 
+
 _BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-./: ]")
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s:]+(:[^/@\s]*)?@")
 _SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_key|apikey|credential)", re.IGNORECASE)

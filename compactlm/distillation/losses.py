@@ -32,6 +32,7 @@ from compactlm.choices import KDLoss as KDKind
 # ----------------------------------------------------------------------------------------------- per token
 # Each takes fp32 log-probs [N, V] (student, teacher) and returns the divergence per token [N].
 
+
 def _forward_kl_tokens(s_logp: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
     """KL(p || q) = sum_v p (log p - log q): mean-seeking, the classic KD objective."""
     return (t_logp.exp() * (t_logp - s_logp)).sum(-1)

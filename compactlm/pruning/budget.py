@@ -31,6 +31,7 @@ PROXY_BATCH_SIZE = 4
 TEACHER_CACHE_BYTES = 1 << 30  # KL proxy: cache the teacher's fp32 log-probs up to this size, else recompute
 _LOAD_LOCK = threading.Lock()  # one model load at a time per process (measure_candidate in threads)
 
+
 def candidate_shapes(config: Any, budget: float, *, max_per_kind: int = 3, slack: float = 0.05,
                      scores: ImportanceScores | None = None, model=None, calibration: torch.Tensor | None = None,
                      batch_size: int = PROXY_BATCH_SIZE) -> list[dict[str, Any]]:
@@ -44,6 +45,7 @@ def candidate_shapes(config: Any, budget: float, *, max_per_kind: int = 3, slack
             c["proxy_loss"] = c["proxy_value"]
     return out
 
+
 def _teacher_logprobs(teacher, ids: torch.Tensor, batch_size: int):
     """Per batch, the teacher's fp32 log-probs [B, T-1, V] at the predicted positions."""
     import torch
@@ -53,6 +55,7 @@ def _teacher_logprobs(teacher, ids: torch.Tensor, batch_size: int):
         for batch in batches(ids, batch_size):
             logits = teacher(input_ids=batch.to(device), use_cache=False).logits[:, :-1]
             yield torch.log_softmax(logits.float(), -1)
+
 
 def _kl(student, ids: torch.Tensor, teacher_logp, batch_size: int) -> float:
     """Mean per predicted token of KL(teacher || student); `teacher_logp` yields per-batch fp32 log-probs."""
@@ -69,6 +72,7 @@ def _kl(student, ids: torch.Tensor, teacher_logp, batch_size: int) -> float:
                 count += s_row.shape[0]
     return total / count
 
+
 def _measure(model, scores: ImportanceScores, candidate: dict[str, Any], calibration: torch.Tensor, *,
              proxy: str, opts: dict[str, Any], teacher_logp, batch_size: int) -> dict[str, Any]:
     """Prune `model` to one candidate's shape and measure the proxy: {**candidate, "proxy", "proxy_value"}."""
@@ -81,11 +85,13 @@ def _measure(model, scores: ImportanceScores, candidate: dict[str, Any], calibra
     del student
     return {**candidate, "proxy": proxy, "proxy_value": float(value)}
 
+
 def _check_proxy_inputs(proxy: str, calibration: torch.Tensor) -> None:
     if proxy not in PROXY_CHOICES:
         raise ValueError(f"prune.proxy must be 'loss' or 'kl', got {proxy!r}")
     if calibration.ndim != 2 or calibration.shape[1] < 2:
         raise ValueError(f"calibration ids must be [num_samples, seq_len >= 2], got {tuple(calibration.shape)}")
+
 
 def rank_measured(measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Measured candidates (each with "proxy_value"), in pool order, as a ranking: new dicts with "rank"
@@ -97,6 +103,7 @@ def rank_measured(measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
                          "(measure_candidate / score_candidates)")
     out = sorted(measured, key=lambda c: c["proxy_value"])  # stable
     return [{**c, "rank": r} for r, c in enumerate(out, start=1)]
+
 
 def score_candidates(model, scores: ImportanceScores, candidates: list[dict[str, Any]], calibration: torch.Tensor,
                      *, proxy: str = "loss", base: PruneConfig | None = None,
@@ -119,6 +126,7 @@ def score_candidates(model, scores: ImportanceScores, candidates: list[dict[str,
     return rank_measured([_measure(model, scores, c, calibration, proxy=proxy, opts=opts,
                                    teacher_logp=teacher_logp, batch_size=batch_size) for c in candidates])
 
+
 def calibration_tensor(calibration: torch.Tensor | str | os.PathLike, model_dir: str | os.PathLike,
                        cfg: PruneConfig, *, seed: int = 0) -> torch.Tensor:
     """`calibration` as ids [N, T]: a tensor is used as is; a generated dataset dir or .txt/.jsonl file is
@@ -137,11 +145,13 @@ def calibration_tensor(calibration: torch.Tensor | str | os.PathLike, model_dir:
     return calibration_ids(calibration, load_tokenizer(model_dir), num_samples=budget.proxy_samples,
                            seq_len=budget.proxy_seq_len, seed=seed)
 
+
 def _budget(cfg: PruneConfig):
     if cfg.budget is None:
         raise ValueError("prune.budget is not set: ranking candidates needs a parameter budget (e.g. "
                          "budget: {params: 0.5})")
     return cfg.budget
+
 
 def candidate_pool(config: Any, scores: ImportanceScores | None, cfg: PruneConfig) -> list[dict[str, Any]]:
     """The first ``cfg.budget.search`` candidates for ``cfg.budget.params`` that are valid student configs
@@ -164,6 +174,7 @@ def candidate_pool(config: Any, scores: ImportanceScores | None, cfg: PruneConfi
         plan_pruning(config, scores, PruneConfig(**pool[0]["shape"], layer_metric=cfg.layer_metric))
     return pool
 
+
 def rank_candidates(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cfg: PruneConfig,
                     calibration: torch.Tensor | str | os.PathLike, *, device: str = "cpu",
                     seed: int = 0) -> list[dict[str, Any]]:
@@ -180,6 +191,7 @@ def rank_candidates(model_dir: str | os.PathLike, scores_dir: str | os.PathLike,
     """
     return _rank_dir(model_dir, scores_dir, cfg, calibration, device=device, seed=seed)[:_budget(cfg).candidates]
 
+
 def _rank_dir(model_dir, scores_dir, cfg: PruneConfig, calibration, *, device: str = "cpu", seed: int = 0,
               model=None) -> list[dict[str, Any]]:
     """All ranked pool candidates; loads the teacher unless `model` (fp32) is given."""
@@ -193,10 +205,12 @@ def _rank_dir(model_dir, scores_dir, cfg: PruneConfig, calibration, *, device: s
         model = load_model(model_dir, dtype="float32", device=device)
     return score_candidates(model, scores, pool, ids, proxy=cfg.budget.proxy, base=cfg)
 
+
 def _pool_from_dirs(model_dir, scores: ImportanceScores, cfg: PruneConfig) -> list[dict[str, Any]]:
     from transformers import AutoConfig
 
     return candidate_pool(AutoConfig.from_pretrained(model_dir, trust_remote_code=False), scores, cfg)
+
 
 def plan_candidates(model_dir: str | os.PathLike, scores_dir: str | os.PathLike,
                     cfg: PruneConfig) -> list[dict[str, Any]]:
@@ -207,6 +221,7 @@ def plan_candidates(model_dir: str | os.PathLike, scores_dir: str | os.PathLike,
 
     _budget(cfg)
     return _pool_from_dirs(model_dir, load_scores(scores_dir), cfg)
+
 
 def measure_candidate(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cfg: PruneConfig,
                       calibration: torch.Tensor | str | os.PathLike, candidate: dict[str, Any], *,

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 RECORD_FILE = record_format.RECORD_FILE
 
+
 def _with_shape(cfg: PruneConfig, shape: dict[str, Any]) -> PruneConfig:
     """`cfg` with its shape replaced by `shape` (a dict of SHAPE_FIELDS; missing = keep) and no budget."""
     if not isinstance(shape, dict):
@@ -34,6 +35,7 @@ def _with_shape(cfg: PruneConfig, shape: dict[str, Any]) -> PruneConfig:
                          "(e.g. a candidate's 'shape' from rank_candidates)")
     return PruneConfig(**shape, layer_metric=cfg.layer_metric, rescale_norms=cfg.rescale_norms)
 
+
 def _shape_key(candidate: dict[str, Any]) -> tuple:
     shape = candidate.get("shape") if isinstance(candidate, dict) else None
     if not isinstance(shape, dict):
@@ -41,9 +43,11 @@ def _shape_key(candidate: dict[str, Any]) -> tuple:
                          f"{candidate!r}")
     return tuple(sorted(shape.items()))
 
+
 def _teacher_dtype(config: Any) -> str:
     dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
     return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+
 
 def _selection(config: Any, scores: ImportanceScores, cfg: PruneConfig, shape: dict[str, int] | None,
                calibration, ranking: list[dict[str, Any]] | None) -> tuple[str, PruneConfig | None, list]:
@@ -70,6 +74,7 @@ def _selection(config: Any, scores: ImportanceScores, cfg: PruneConfig, shape: d
         plan_pruning(config, scores, explicit)  # fail fast, before loading weights
     return selection, explicit, pool
 
+
 def _choose(model_dir: Path, scores: ImportanceScores, cfg: PruneConfig, pool: list, calibration,
             ranking: list | None, *, device: str, seed: int):
     """Load the teacher and rank the budget's pool (or take the given ranking): (teacher model, ranking)."""
@@ -80,6 +85,7 @@ def _choose(model_dir: Path, scores: ImportanceScores, cfg: PruneConfig, pool: l
     ids = calibration_tensor(calibration, model_dir, cfg, seed=seed)
     model = load_model(model_dir, dtype="float32", device=device)  # fp32: bf16 matmuls are slow on CPU
     return model, score_candidates(model, scores, pool, ids, proxy=cfg.budget.proxy, base=cfg)
+
 
 def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cfg: PruneConfig,
                  out_dir: str | os.PathLike, *, calibration: torch.Tensor | str | os.PathLike | None = None,
@@ -128,6 +134,7 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
     student.to(device="cpu", dtype=getattr(torch, dtype))  # slicing is exact, so fp32 -> teacher dtype is too
     del model
     return _publish(student, record, cfg, model_dir, scores_dir, out_dir, dtype, selection, ranking)
+
 
 def _publish(student, record: dict[str, Any], cfg: PruneConfig, model_dir: Path, scores_dir, out_dir: Path,
              dtype: str, selection: str, ranking: list | None) -> dict[str, Any]:

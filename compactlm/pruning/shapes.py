@@ -25,6 +25,7 @@ from compactlm.config import SHAPE_FIELDS, PruneConfig
 KINDS = ("depth", "width", "mixed")
 MIN_WIDTH_FRACTION = 0.25
 
+
 def shape_of(config: Any) -> dict[str, int]:
     """The prunable shape of a model config (plus the fixed KV heads and head_dim)."""
     return {
@@ -35,6 +36,7 @@ def shape_of(config: Any) -> dict[str, int]:
         "num_key_value_heads": int(config.num_key_value_heads),
         "head_dim": head_dim_of(config),
     }
+
 
 def target_shape(config: Any, cfg: PruneConfig) -> dict[str, int]:
     """Validate `cfg` against the teacher `config` and return the student shape. Raises ValueError.
@@ -80,6 +82,7 @@ def target_shape(config: Any, cfg: PruneConfig) -> dict[str, int]:
         raise ValueError(f"prune target {student} is not a valid {config.model_type} config: {cause}{hint}") from None
     return student
 
+
 def student_config(config: Any, plan: dict[str, Any]) -> Any:
     """The HF config of the student `plan` describes (its shape; layer types of the kept layers)."""
     student = plan["student"]
@@ -92,11 +95,13 @@ def student_config(config: Any, plan: dict[str, Any]) -> Any:
         d.pop(key, None)
     return type(config).from_dict(d)
 
+
 def shape_kind(student: dict[str, int], teacher: dict[str, int]) -> str:
     """"depth" (only layers cut), "width" (only hidden / MLP / heads cut), "mixed" (both) or "none"."""
     deep = student["num_hidden_layers"] < teacher["num_hidden_layers"]
     wide = any(student[k] < teacher[k] for k in SHAPE_FIELDS if k != "num_hidden_layers")
     return "mixed" if deep and wide else "depth" if deep else "width" if wide else "none"
+
 
 def _counter(config: Any) -> Callable[[int, int, int, int], tuple[int, int]]:
     """(hidden, intermediate, heads) -> (fixed params, params per layer), for `config`'s architecture."""
@@ -118,11 +123,13 @@ def _counter(config: Any) -> Callable[[int, int, int, int], tuple[int, int]]:
 
     return count
 
+
 def param_count(config: Any, shape: dict[str, int] | None = None) -> int:
     """Parameters of `config`'s architecture at `shape` (default: its own), tied embeddings counted once."""
     s = {**shape_of(config), **(shape or {})}
     fixed, per_layer = _counter(config)(s["hidden_size"], s["intermediate_size"], s["num_attention_heads"])
     return fixed + s["num_hidden_layers"] * per_layer
+
 
 def _multiples(full: int, step: int) -> list[int]:
     """Multiples of `step` in [MIN_WIDTH_FRACTION * full, full], plus `full` itself (descending)."""
@@ -130,8 +137,10 @@ def _multiples(full: int, step: int) -> list[int]:
     vals = {v for v in range(step, full + 1, step) if v >= lo} | {full}
     return sorted(vals, reverse=True)
 
+
 def _mlp_step(full: int) -> int:
     return 64 if full >= 1024 else 8 if full >= 64 else 1
+
 
 def _hidden_grid(full: int, heads: int) -> list[int]:
     align = 8 if full >= 64 else 1
@@ -139,8 +148,10 @@ def _hidden_grid(full: int, heads: int) -> list[int]:
     step = max(step, math.ceil(full / 64 / step) * step)  # at most ~48 sizes for very wide models
     return [d for d in _multiples(full, step) if d % heads == 0]
 
+
 def _balance(shape: dict[str, int], teacher: dict[str, int]) -> float:
     return min(shape[k] / teacher[k] for k in SHAPE_FIELDS)
+
 
 def fitting_shapes(config: Any, budget: float, *, max_per_kind: int = 3, slack: float = 0.05) -> list[dict[str, Any]]:
     """Student shapes with at most ``budget`` x the teacher's parameters, at most `max_per_kind` per kind.
@@ -197,6 +208,7 @@ def fitting_shapes(config: Any, budget: float, *, max_per_kind: int = 3, slack: 
             groups[kind][profile] = (key, {"kind": kind, "shape": shape, "params": p, "param_ratio": p / total})
     per_kind = [[c for _, c in sorted(g.values(), key=lambda kc: -kc[0])][:max_per_kind] for g in groups.values()]
     return [c for row in _interleave(per_kind) for c in row]
+
 
 def _interleave(lists: list[list[Any]]) -> list[list[Any]]:
     return [[lst[i] for lst in lists if i < len(lst)] for i in range(max(map(len, lists), default=0))]

@@ -32,12 +32,14 @@ from compactlm.pruning.shapes import shape_of, student_config, target_shape
 if TYPE_CHECKING:
     import torch
 
+
 def _top_sorted(scores: torch.Tensor, k: int) -> list[int]:
     """Indices of the k highest scores (ties: lower index first), in increasing index order."""
     import torch
 
     order = torch.argsort(scores.double(), descending=True, stable=True)[:k]
     return sorted(order.tolist())
+
 
 def plan_pruning(config: Any, scores: ImportanceScores, cfg: PruneConfig) -> dict[str, Any]:
     """Which layers, heads, neurons and channels survive. Validates everything; touches no weights.
@@ -83,7 +85,9 @@ def plan_pruning(config: Any, scores: ImportanceScores, cfg: PruneConfig) -> dic
     return {"teacher": teacher, "student": student, "kept_layers": kept_layers, "kept_heads": kept_heads,
             "kept_neurons": kept_neurons, "kept_channels": kept_channels}
 
+
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
 
 def _slice_state_dict(sd: dict[str, torch.Tensor], plan: dict[str, Any], head_dim: int,
                       norm_scale: float) -> dict[str, torch.Tensor]:
@@ -134,6 +138,7 @@ def _slice_state_dict(sd: dict[str, torch.Tensor], plan: dict[str, Any], head_di
             raise ValueError(f"unexpected parameter {key!r}: don't know how to prune it")
         out[f"model.layers.{s_idx}.{rest}"] = v.contiguous()
     return out
+
 
 def prune_model(model, scores: ImportanceScores, cfg: PruneConfig) -> tuple[Any, dict[str, Any]]:
     """Return (student, record): a new model of the target shape, weights sliced from `model`.

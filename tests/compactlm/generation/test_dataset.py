@@ -42,7 +42,6 @@ def _one_thread(one_thread):
     yield
 
 
-
 def test_output_format_and_contract(sampled, tiny_model_dir):
     cfg, out, manifest = sampled
     assert is_complete(out)

@@ -22,7 +22,6 @@ def _one_thread(one_thread):
     yield
 
 
-
 SEEDS = [("Name three colors.", ""), ("Translate to French", "good morning"), ("Write a haiku about rain.", ""),
          ("Summarize the text", "The cat sat on the mat all day long."), ("Give an antonym", "happy")]
 

@@ -20,7 +20,6 @@ SHAPE = dict(hidden_size=128, num_attention_heads=4, num_key_value_heads=2, inte
              num_hidden_layers=3, tie_word_embeddings=False)
 
 
-
 def _randomize_biases(model, seed=0):
     """HF initializes biases to zero; make them random so bias slicing is really exercised (Qwen2)."""
     g = torch.Generator().manual_seed(seed)
