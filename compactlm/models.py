@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +27,12 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 KNOWN_ALIASES = ("smollm2-135m-instruct", "tiny-random-llama")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
+
+#: Held while transformers builds a model. Building one (from_pretrained, from_config, no_init_weights) patches
+#: torch's init functions process-wide and restores them after; two threads doing it at once can restore the
+#: other's no-op patch for good, leaving every later model of the process uninitialized (found with the thread
+#: runner's pruning fan-out). Everything in compactlm that builds a model holds this lock.
+MODEL_BUILD_LOCK = threading.RLock()
 
 #: Files that travel with a model directory besides its weights and config (tokenizer, chat template, ...).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -119,9 +126,9 @@ def convert_gguf(gguf_path: str | os.PathLike) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-        )
+        with MODEL_BUILD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                         dtype=torch.float32)
         # The dequantized weights are plain fp32: drop the GGUF quantization markers before saving.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -180,9 +187,10 @@ def load_model(model_dir: str | os.PathLike, *, dtype: str | torch.dtype = "floa
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, trust_remote_code=False, use_safetensors=True
-        )
+        with MODEL_BUILD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=dtype, trust_remote_code=False, use_safetensors=True
+            )
     except Exception as e:
         if type(e).__name__ == "SafetensorError" or "safetensors" in str(e).lower():
             raise ModelRefError(f"could not read the weights in {model_dir} ({e}); the safetensors file is "
@@ -255,7 +263,8 @@ def make_tiny_model(out_dir: str | os.PathLike, *, arch: str = "llama", hidden_s
         if arch == "qwen2":
             cfg.use_sliding_window = False
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        with MODEL_BUILD_LOCK:
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
 

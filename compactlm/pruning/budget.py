@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +28,6 @@ if TYPE_CHECKING:
 
 PROXY_BATCH_SIZE = 4
 TEACHER_CACHE_BYTES = 1 << 30  # KL proxy: cache the teacher's fp32 log-probs up to this size, else recompute
-_LOAD_LOCK = threading.Lock()  # one model load at a time per process (measure_candidate in threads)
 
 
 def candidate_shapes(config: Any, budget: float, *, max_per_kind: int = 3, slack: float = 0.05,
@@ -245,8 +243,7 @@ def measure_candidate(model_dir: str | os.PathLike, scores_dir: str | os.PathLik
     ids = calibration_tensor(calibration, model_dir, cfg, seed=seed)
     _check_proxy_inputs(_budget(cfg).proxy, ids)
     scores = load_scores(scores_dir)
-    with _LOAD_LOCK:  # transformers' from_pretrained is not thread-safe (process-global meta-device init)
-        model = load_model(model_dir, dtype="float32", device=device)
+    model = load_model(model_dir, dtype="float32", device=device)  # thread-safe: models.MODEL_BUILD_LOCK
     opts = {"layer_metric": cfg.layer_metric, "rescale_norms": cfg.rescale_norms}
     return _measure(model, scores, candidate, ids, proxy=cfg.budget.proxy, opts=opts, teacher_logp=None,
                     batch_size=PROXY_BATCH_SIZE)

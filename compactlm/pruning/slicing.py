@@ -149,7 +149,7 @@ def prune_model(model, scores: ImportanceScores, cfg: PruneConfig) -> tuple[Any,
     """
     from transformers import AutoModelForCausalLM
 
-    from compactlm.models import count_params
+    from compactlm.models import MODEL_BUILD_LOCK, count_params
 
     plan = plan_pruning(model.config, scores, cfg)
     teacher, student = plan["teacher"], plan["student"]
@@ -161,7 +161,7 @@ def prune_model(model, scores: ImportanceScores, cfg: PruneConfig) -> tuple[Any,
         from transformers.initialization import no_init_weights
     except ImportError:  # pragma: no cover - older transformers
         from transformers.modeling_utils import no_init_weights
-    with no_init_weights():
+    with MODEL_BUILD_LOCK, no_init_weights():  # the lock: no_init_weights is process-global (models.py)
         new = AutoModelForCausalLM.from_config(new_cfg, dtype=dtype)
     missing, unexpected = new.load_state_dict(sd, strict=False)
     if unexpected or [k for k in missing if not (k == "lm_head.weight" and new_cfg.tie_word_embeddings)]:

@@ -67,3 +67,28 @@ def test_prune_to_dir_with_a_given_ranking_writes_the_same_student(tiny_gqa_mode
     with pytest.raises(ValueError, match="does not measure this config's candidate pool"):
         prune_to_dir(tiny_gqa_model_dir, fanout_scores, smaller, tmp_path / "bad", ranking=ranking)
     assert not (tmp_path / "bad").exists()
+
+
+def test_concurrent_pruning_leaves_weight_init_intact(tiny_gqa_model_dir, fanout_scores):
+    """Pruning in threads (the thread runner's fan-out) must not switch weight initialisation off for the rest of
+    the process: transformers' no_init_weights patches torch's init functions globally, and two threads
+    entering and leaving it at once restored each other's no-op (later models came out uninitialised: NaN)."""
+    import transformers
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from compactlm.formats.scores import load_scores
+    from compactlm.models import load_model
+    from compactlm.pruning import prune_model
+
+    init_before = (torch.nn.init.normal_, torch.nn.init.kaiming_uniform_, transformers.PreTrainedModel.init_weights)
+    teacher, scores = load_model(tiny_gqa_model_dir), load_scores(fanout_scores)
+    cfg = PruneConfig(num_hidden_layers=3, intermediate_size=256)
+    with ThreadPoolExecutor(max_workers=8) as ex:
+        list(ex.map(lambda _: prune_model(teacher, scores, cfg), range(24)))
+    assert (torch.nn.init.normal_, torch.nn.init.kaiming_uniform_,
+            transformers.PreTrainedModel.init_weights) == init_before
+    torch.manual_seed(0)
+    fresh = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=16, num_attention_heads=2,
+                                                         num_key_value_heads=1, num_hidden_layers=1,
+                                                         intermediate_size=32))
+    assert all(torch.isfinite(p).all() and p.abs().max() < 10 for p in fresh.parameters())
