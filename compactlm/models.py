@@ -152,6 +152,7 @@ def resolve_model(ref: str) -> Path:
     if path.is_file():
         return convert_gguf(path)
     if path.is_dir():
+        check_weights(path)  # a truncated or corrupt teacher fails here, in milliseconds, with the file named
         return path.resolve()
     try:
         from huggingface_hub import snapshot_download
@@ -163,6 +164,57 @@ def resolve_model(ref: str) -> Path:
             f"could not download {ref!r} from the Hugging Face hub ({type(e).__name__}: {e}). Offline, give a "
             f"local HF dir or a .gguf file, or an alias: {', '.join(KNOWN_ALIASES)}"
         ) from None
+
+
+def _check_safetensors(path: Path) -> int:
+    """Tensor bytes a .safetensors file declares; ModelRefError when its header or size says it is broken.
+
+    Reads only the header (8-byte length + JSON): milliseconds for any model size."""
+    size = path.stat().st_size
+    fix = "re-create or re-download the model"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n <= 0 or 8 + n > size:
+                raise ModelRefError(f"{path} is truncated or corrupt (its header does not fit in its {size:,} "
+                                    f"bytes): {fix}")
+            header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError) as e:
+        if isinstance(e, ModelRefError):
+            raise
+        raise ModelRefError(f"{path} is corrupt (unreadable safetensors header: {e}): {fix}") from None
+    end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end != size:
+        raise ModelRefError(f"{path} is truncated or corrupt: its header declares {8 + n + end:,} bytes, the file "
+                            f"has {size:,}: {fix}")
+    return end
+
+
+def check_weights(model_dir: str | os.PathLike) -> int:
+    """Check a model directory's weight files cheaply (headers and sizes, no tensor read): every shard of a
+    sharded checkpoint exists, and no .safetensors file is truncated or corrupt. Returns the tensor bytes.
+
+    Raises ModelRefError naming the file and the fix (re-create or re-download), so a broken teacher fails in
+    seconds, before any stage starts."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as e:
+            raise ModelRefError(f"{index} is corrupt ({e}): re-create or re-download the model") from None
+        missing = [s for s in shards if not (model_dir / s).is_file()]
+        if missing:
+            raise ModelRefError(f"{model_dir} lacks weight shards {missing} listed in {index.name}: re-create or "
+                                "re-download the model")
+        files = [model_dir / s for s in shards]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelRefError(f"{model_dir} has no .safetensors weights (compactlm reads safetensors only): convert "
+                            "the checkpoint with save_pretrained(safe_serialization=True)")
+    return sum(_check_safetensors(f) for f in files)
 
 
 def load_tokenizer(model_dir: str | os.PathLike) -> PreTrainedTokenizerBase:

@@ -1,5 +1,6 @@
 """Checks that need more than the schema but no weights, run before any compute: benchmark task names and their
-data files, and that the prune target fits the teacher (its ``config.json`` only).
+data files, the teacher's weight files (headers and sizes only) and that the prune target fits the teacher (its
+``config.json`` only).
 
 This module sits above the stages (it asks evaluation and pruning), so the schema stays free of them.
 """
@@ -7,6 +8,7 @@ This module sits above the stages (it asks evaluation and pruning), so the schem
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from compactlm.config import PruneConfig, Recipe
@@ -25,15 +27,27 @@ def check_prune_target(teacher_dir: str | os.PathLike, cfg: PruneConfig) -> dict
 
 def preflight(recipe: Recipe, teacher_dir: str | os.PathLike | None = None) -> None:
     """Raise RecipeError naming the field when a check fails. Shipped task names are checked in about a
-    millisecond; with `teacher_dir` the prune target is checked against the teacher's config.json."""
+    millisecond; with `teacher_dir` its weight files are checked (a truncated or corrupt file fails here, in
+    seconds, not in a stage) and the prune target against its config.json."""
     from compactlm.evaluation import check_tasks
+    from compactlm.models import check_weights
 
     try:
         check_tasks(recipe.eval)
     except ValueError as e:
-        raise RecipeError(f"invalid recipe:\n  eval.tasks: {e}") from None
+        raise RecipeError("invalid recipe:\n  " + _named(e, "eval.tasks")) from None
     if teacher_dir is not None:
+        try:
+            check_weights(teacher_dir)
+        except ValueError as e:
+            raise RecipeError(f"invalid recipe:\n  teacher: {e}") from None
         try:
             check_prune_target(teacher_dir, recipe.prune)
         except ValueError as e:
             raise RecipeError(f"invalid recipe:\n  prune: {e}") from None
+
+
+def _named(err: Exception, field: str) -> str:
+    """``field: message``, unless the message already starts with a field name (``eval.data_dir: ...``)."""
+    msg = str(err)
+    return msg if re.match(r"^[a-z_]+(\.[a-z_]+)+: ", msg) else f"{field}: {msg}"

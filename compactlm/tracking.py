@@ -179,6 +179,17 @@ class Tracker:
         run = self.call(lambda: self.client.create_run(self.experiment_id, run_name=name, tags=tags))
         return run.info.run_id
 
+    def find_run(self, tags: dict[str, str]) -> str | None:
+        """The newest run of this experiment carrying all `tags` (exact values), or None."""
+        flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.call(lambda: self.client.search_runs([self.experiment_id], filter_string=flt, max_results=1,
+                                                         order_by=["attributes.start_time DESC"]))
+        return runs[0].info.run_id if runs else None
+
+    def reopen(self, run_id: str) -> None:
+        """Mark an ended run RUNNING again (a retried stage continues its first attempt's run)."""
+        self.call(lambda: self.client.update_run(run_id, status="RUNNING"))
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         """Mark `run_id` ended. Marking a run FAILED/KILLED is best effort: it happens while another error
         propagates, so an unreachable store is only logged (and not even retried once this tracker found it

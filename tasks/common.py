@@ -13,7 +13,8 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import MissingContextError
 from pydantic import BaseModel
 
-from compactlm.artifacts import is_complete, output_lock, read_manifest, stage_key
+from compactlm.artifacts import WriteError, is_complete, output_lock, read_manifest, stage_key
+from compactlm.evaluation.report import RecoveryError
 from compactlm.tracking import Tracker, TrackingUnavailableError
 
 
@@ -45,6 +46,30 @@ def prefect_ids() -> dict[str, str]:
 
 
 LogFn = Callable[[Tracker, str, Path, dict[str, Any]], None]
+
+#: Failures a retry cannot cure: bad input and broken files (ValueError: RecipeError, ModelRefError, DistillError,
+#: ...), a failed quality gate, a non-finite loss, a full disk. Stage tasks are retried for anything else (an
+#: engine crash, a lost connection).
+PERMANENT = (ValueError, RecoveryError, FloatingPointError, WriteError)
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn`` of every stage task: retry only failures a second attempt may cure."""
+    return not isinstance(state.data, PERMANENT)
+
+
+def _child_run(tracker: Tracker, ctx: RunContext, stage: str, key: str) -> str:
+    """The stage's child MLflow run: a new one, or on a Prefect retry of the same task run, the first attempt's
+    (reopened), so a retried stage still has one run under the parent."""
+    tags = {"compactlm.stage": stage, "compactlm.key": key, **prefect_ids()}
+    task_run = tags.get("prefect.task_run_id")
+    if task_run:
+        earlier = tracker.find_run({"mlflow.parentRunId": ctx.parent_run_id, "compactlm.stage": stage,
+                                    "prefect.task_run_id": task_run})
+        if earlier is not None:
+            tracker.reopen(earlier)
+            return earlier
+    return tracker.start_run(stage, parent_id=ctx.parent_run_id, tags=tags)
 
 
 def stage_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -85,8 +110,7 @@ def run_stage(ctx: RunContext, stage: str, config: Any, upstream: list[str],
     key = stage_key(stage, key_material, upstream)
     out = Path(ctx.workdir) / stage / key
     tracker = ctx.tracker()
-    run_id = tracker.start_run(stage, parent_id=ctx.parent_run_id,
-                               tags={"compactlm.stage": stage, "compactlm.key": key, **prefect_ids()})
+    run_id = _child_run(tracker, ctx, stage, key)
     try:
         tracker.log_params(run_id, {**key_material, "config": config.model_dump(mode="json")}
                            if hasattr(config, "model_dump") else key_material)

@@ -9,7 +9,7 @@ from prefect import task
 from compactlm.artifacts import read_manifest
 from compactlm.config import DistillConfig
 from compactlm.tracking import Tracker
-from tasks.common import RunContext, run_stage
+from tasks.common import RunContext, retry_transient, run_stage
 
 
 def _make_log(log_model: bool):
@@ -24,7 +24,7 @@ def _make_log(log_model: bool):
     return _log
 
 
-@task(name="distill", retries=1, retry_delay_seconds=5)
+@task(name="distill", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def distill(ctx: RunContext, teacher_dir: str, student_dir: str, data_dir: str, cfg: DistillConfig,
             log_model: bool = True) -> str:
     from compactlm.distillation import distill as run_distill

@@ -24,7 +24,7 @@ from compactlm.artifacts import is_complete, publish_dir, stage_key
 from compactlm.config import EvalConfig
 from compactlm.evaluation.report import RecoveryError
 from compactlm.tracking import Tracker
-from tasks.common import RunContext, run_stage
+from tasks.common import RunContext, retry_transient, run_stage
 
 REFERENCE, CANDIDATE = "teacher", "student"  # the gate's labels (as the compress flow names its models)
 
@@ -80,12 +80,7 @@ def _logger(cfg: EvalConfig):
     return log
 
 
-def _no_retry_for_verdicts(task, task_run, state) -> bool:
-    """Retry transient failures only: a failed quality gate or bad input would fail the same way again."""
-    return not isinstance(state.data, (RecoveryError, ValueError))
-
-
-@task(name="evaluate", retries=1, retry_delay_seconds=5, retry_condition_fn=_no_retry_for_verdicts)
+@task(name="evaluate", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def evaluate(ctx: RunContext, models: dict[str, str], cfg: EvalConfig) -> str:
     """Evaluate each labelled model dir (e.g. teacher / pruned / student); return the output dir holding
     results.json ({label: result}) and comparison.md. Creates a markdown and a table Prefect artifact, then

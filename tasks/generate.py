@@ -21,11 +21,12 @@ from compactlm.artifacts import read_manifest
 from compactlm.config import GenerateConfig
 from compactlm.formats.generated import read_rows
 from compactlm.tracking import Tracker
-from tasks.common import RunContext, run_stage
+from tasks.common import RunContext, retry_transient, run_stage
 
 
 def run_logged(cmd: list[str]) -> None:
-    """Run a command, streaming its output to the Prefect log; raise with its last lines if it fails."""
+    """Run a command, streaming its output to the Prefect log; raise with its last lines if it fails: a
+    ValueError with its one ``error: ...`` line for bad input (exit 2, not retried), else a RuntimeError."""
     logger = get_run_logger()
     tail: deque[str] = deque(maxlen=30)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
@@ -34,6 +35,10 @@ def run_logged(cmd: list[str]) -> None:
             tail.append(line)
             if line:
                 logger.info(line)
+    if proc.returncode == 2:
+        error = next((ln for ln in reversed(tail) if ln.startswith("error: ")), None)
+        if error is not None:
+            raise ValueError(error.removeprefix("error: "))
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... exited with {proc.returncode}:\n" + "\n".join(tail))
 
@@ -87,7 +92,7 @@ def log_generated(tracker: Tracker, run_id: str, out: Path, manifest: dict) -> N
     tracker.client.log_table(run_id, df.head(SAMPLE_ROWS), "samples.json")
 
 
-@task(name="generate", retries=1, retry_delay_seconds=5)
+@task(name="generate", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def generate(ctx: RunContext, teacher_dir: str, cfg: GenerateConfig) -> str:
     def produce(out: Path, log_step) -> dict:
         run_logged([sys.executable, "-m", "compactlm.generation", "--model", teacher_dir, "--out", str(out),

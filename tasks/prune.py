@@ -22,7 +22,7 @@ from compactlm.choices import RUNNER_CHOICES as RUNNERS
 from compactlm.choices import Runner
 from compactlm.config import PruneConfig
 from compactlm.tracking import Tracker
-from tasks.common import RunContext, run_stage, stage_logger
+from tasks.common import RunContext, retry_transient, run_stage, stage_logger
 
 #: CPUs of the local Ray instance started when $RAY_ADDRESS is unset (one candidate task per CPU at a time).
 RAY_LOCAL_CPUS = 2
@@ -64,7 +64,7 @@ def task_runner(runner: str, max_workers: int) -> TaskRunner:
                                       "_node_ip_address": "127.0.0.1"})
 
 
-@task(name="prune-candidate", retries=1, retry_delay_seconds=5)
+@task(name="prune-candidate", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def prune_candidate(ctx: RunContext, teacher_dir: str, scores_dir: str, data_dir: str, cfg: PruneConfig,
                     candidate: dict[str, Any]) -> dict[str, Any]:
     """Prune the teacher to one candidate shape and measure ``cfg.budget.proxy`` on the generated data."""
@@ -99,7 +99,7 @@ def _log(tracker: Tracker, run_id: str, out: Path, summary: dict) -> None:
     tracker.log_artifact(run_id, out / "config.json")
 
 
-@task(name="prune", retries=1, retry_delay_seconds=5)
+@task(name="prune", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def prune(ctx: RunContext, teacher_dir: str, scores_dir: str, data_dir: str, cfg: PruneConfig,
           runner: Runner = "thread") -> str:
     """Prune to cfg's explicit shape, or, with a parameter budget (`cfg.budget`), to the best of the candidate

@@ -8,7 +8,7 @@ from prefect import task
 
 from compactlm.config import ScoreConfig
 from compactlm.tracking import Tracker
-from tasks.common import RunContext, run_stage
+from tasks.common import RunContext, retry_transient, run_stage
 
 
 def _log(tracker: Tracker, run_id: str, out: Path, summary: dict) -> None:
@@ -19,7 +19,7 @@ def _log(tracker: Tracker, run_id: str, out: Path, summary: dict) -> None:
             tracker.log_artifact(run_id, out / name, "plots" if name == "plots" else None)
 
 
-@task(name="score", retries=1, retry_delay_seconds=5)
+@task(name="score", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def score(ctx: RunContext, teacher_dir: str, data_dir: str, cfg: ScoreConfig) -> str:
     from compactlm.importance import score_model
 

@@ -71,3 +71,33 @@ def test_truncated_weights_give_a_clear_error(tmp_path, tiny_model_dir):
         f.truncate(1_000_000)
     with pytest.raises(ModelRefError, match="truncated, corrupt or missing"):
         load_model(bad)
+
+
+def test_weight_headers_are_checked_in_milliseconds(tmp_path, tiny_model_dir):
+    """check_weights reads headers and sizes only: a truncated, a corrupt and a missing shard fail naming the file;
+    resolve_model of a local dir runs it, so every stage gets a checked teacher."""
+    import json
+    import shutil
+    import time
+
+    from compactlm.models import check_weights, resolve_model
+
+    assert check_weights(tiny_model_dir) > 0
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model_dir, bad)
+    weights = bad / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    t0 = time.perf_counter()
+    with pytest.raises(ModelRefError, match=r"model.safetensors is truncated or corrupt: its header declares"):
+        check_weights(bad)
+    assert time.perf_counter() - t0 < 1
+    with pytest.raises(ModelRefError, match="re-create or re-download"):
+        resolve_model(str(bad))
+    weights.write_bytes(b"\xff" * 64)
+    with pytest.raises(ModelRefError, match="truncated or corrupt"):
+        check_weights(bad)
+    weights.unlink()
+    (bad / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001.safetensors"}}))
+    with pytest.raises(ModelRefError, match=r"lacks weight shards \['model-00001.safetensors'\]"):
+        check_weights(bad)

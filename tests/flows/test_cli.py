@@ -32,3 +32,22 @@ def test_prune_target_larger_than_teacher_fails_before_compute(tmp_path, tiny_mo
     # Rejected before generation starts: nothing written. (It reads the teacher's config, so it imports
     # transformers; the sub-5 s bound for schema errors is asserted above, where nothing heavy is imported.)
     assert time.time() - t0 < 60 and not (tmp_path / "w").exists()
+
+
+def test_truncated_teacher_fails_in_seconds_naming_the_file(tmp_path, tiny_model_dir):
+    """A teacher whose model.safetensors was cut in half fails `validate` and `run` before anything starts."""
+    import shutil
+
+    bad = tmp_path / "teacher"
+    shutil.copytree(tiny_model_dir, bad)
+    weights = bad / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    for command in ("validate", "run"):
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", command, str(REPO / "configs/tiny-test.yaml"),
+                               "--set", f"teacher={bad}", "--set", f"workdir={tmp_path}/w"],
+                              capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"teacher: {weights} is truncated or corrupt" in proc.stderr, proc.stderr
+        assert time.time() - t0 < 20 and not (tmp_path / "w").exists()

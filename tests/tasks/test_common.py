@@ -13,6 +13,62 @@ from tests.helpers import DISTILL, SCORE, SUB_ENV, free_port, kill_group, mlflow
 from tests.helpers import kd_cfg as cfg
 
 
+def _demo_stage(attempts: list[int], error: type[Exception] | None):
+    """A stage task (as tasks/*.py write them) whose first attempt fails with `error`."""
+    from prefect import task
+
+    from compactlm.artifacts import publish_dir
+    from tasks.common import retry_transient, run_stage
+
+    @task(name="demo-stage", retries=1, retry_delay_seconds=0, retry_condition_fn=retry_transient)
+    def stage(ctx) -> str:
+        def produce(out, log_step) -> dict:
+            attempts.append(1)
+            if error is not None and len(attempts) == 1:
+                raise error("first attempt fails")
+            with publish_dir(out, {"stage": "demo"}):
+                pass
+            return {"stage": "demo"}
+
+        return run_stage(ctx, "demo", {"x": 1}, [], produce)
+
+    return stage
+
+
+@pytest.mark.parametrize("error, attempts", [(RuntimeError, 2), (ValueError, 1), (None, 1)])
+def test_only_transient_failures_are_retried_and_a_retry_keeps_one_child_run(prefect_server, tmp_path, error,
+                                                                             attempts):
+    """An engine crash (RuntimeError) is retried and the retry continues the first attempt's child run; bad input
+    (ValueError) fails at once: no retry, one child run, marked FAILED."""
+    from mlflow.tracking import MlflowClient
+    from prefect import flow
+
+    from compactlm.tracking import Tracker
+    from tasks.common import RunContext
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "retry-test")
+    parent = tracker.start_run("pipeline")
+    ctx = RunContext(workdir=str(tmp_path / "work"), tracking_uri=tracker.tracking_uri, experiment="retry-test",
+                     parent_run_id=parent)
+    tried: list[int] = []
+    stage = _demo_stage(tried, error)
+
+    @flow
+    def pipeline() -> str:
+        return stage(ctx)
+
+    if error is ValueError:
+        with pytest.raises(ValueError, match="first attempt fails"):
+            pipeline()
+    else:
+        assert is_complete(pipeline())
+    assert len(tried) == attempts
+    client = MlflowClient(tracker.tracking_uri)
+    kids = client.search_runs([tracker.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+    assert len(kids) == 1, [k.info.run_id for k in kids]
+    assert kids[0].info.status == ("FAILED" if error is ValueError else "FINISHED")
+
+
 def test_observation_settings_are_not_in_the_stage_key():
     from tasks.common import stage_key_material
 
