@@ -335,7 +335,8 @@ class EvalConfig(_Strict):
     batch_size: int = Field(16, ge=1, description="Scoring batch size")
     perplexity: bool = Field(True, description="Also measure perplexity on held-out text")
     perplexity_text: str = Field("builtin", description="'builtin' or a .txt file (documents separated by blank lines)")
-    max_length: int = Field(512, ge=16, description="Context length for scoring (and the perplexity window)")
+    max_length: int | None = Field(
+        None, ge=16, description="Context length for scoring and the perplexity window; empty = the model's own")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype for scoring; auto = float32 on CPU, bfloat16 on CUDA"
     )

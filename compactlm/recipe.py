@@ -6,6 +6,7 @@ The schema itself is :mod:`compactlm.config`; checks that need the teacher are :
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from compactlm.config import Recipe
 
@@ -37,6 +38,24 @@ def set_dotted(data: dict[str, Any], key: str, raw: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
 
 
+def _fields_at(loc: tuple) -> list[str]:
+    """The field names of the (sub)model that holds `loc`'s last part, e.g. ("distill", "stepz") -> DistillConfig's."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        args = getattr(field.annotation, "__args__", None) or (field.annotation,) if field else ()
+        model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _unknown_key(loc: tuple) -> str:
+    close = difflib.get_close_matches(str(loc[-1]), _fields_at(loc), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown key ({hint}check the spelling; see `compactlm schema` for the fields)"
+
+
 def format_validation_error(err: ValidationError, source: str) -> str:
     """pydantic's errors as one line per field: ``  distill.steps: Input should be ... (got -5)``."""
     lines = [f"invalid recipe {source}:"]
@@ -44,7 +63,7 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see `compactlm schema` for the fields)"
+            msg = _unknown_key(e["loc"])
         elif e["type"] == "missing":
             msg = "required field is missing"
         got = e.get("input")

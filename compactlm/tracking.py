@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,19 +68,36 @@ def _is_unreachable(exc: BaseException) -> bool:
 
 _BAD_CHARS = re.compile(r"[^A-Za-z0-9_\-./: ]")
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s:]+(:[^/@\s]*)?@")
-_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_key|apikey|credential)", re.IGNORECASE)
+#: Keys whose values are secrets, compared whole (case and '-' folded): a recipe's max_tokens is not one.
+SECRET_KEYS = frozenset({
+    "token", "hf_token", "huggingface_token", "hugging_face_hub_token", "access_token", "auth_token", "api_token",
+    "bearer_token", "refresh_token", "session_token", "aws_session_token", "github_token", "gh_token",
+    "mlflow_tracking_token", "password", "passwd", "pwd", "mlflow_tracking_password", "secret", "client_secret",
+    "secret_key", "aws_secret_access_key", "api_key", "apikey", "openai_api_key", "wandb_api_key", "private_key",
+    "credential", "credentials",
+})
+#: Values that are secrets wherever they appear (inside any string): known token formats.
+_SECRET_VALUES = re.compile(
+    r"\bhf_[A-Za-z0-9]{16,}|\bsk-[A-Za-z0-9_-]{16,}|\bAKIA[0-9A-Z]{16}\b|\bgh[pousr]_[A-Za-z0-9]{20,}"
+    r"|\bxox[abprs]-[A-Za-z0-9-]{10,}|(?i:bearer\s+[A-Za-z0-9._~+/-]{8,}=*)"
+    r"|-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----")
+
+
+def is_secret_key(key: Any) -> bool:
+    return str(key).lower().replace("-", "_") in SECRET_KEYS
 
 
 def redact(obj: Any) -> Any:
-    """Copy of `obj` safe to log: credentials in URLs become ``***`` and values under secret-looking keys
-    (token, secret, password, api_key, ...) are replaced. Applied to everything compactlm logs as params."""
+    """Copy of `obj` safe to log: values under a secret key (:data:`SECRET_KEYS`, whole names), secret-looking
+    values (Hugging Face, OpenAI, AWS, GitHub, Slack tokens, bearer tokens, private keys) and credentials in URLs
+    become ``***``. Everything else is logged as is. Applied to everything compactlm logs."""
     if isinstance(obj, dict):
-        return {k: ("***" if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v))
-                for k, v in obj.items()}
+        return {k: ("***" if is_secret_key(k) and v not in (None, "") else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     if isinstance(obj, str):
-        return _URL_CREDENTIALS.sub(lambda m: m.group("scheme") + "***@", obj)
+        obj = _URL_CREDENTIALS.sub(lambda m: m.group("scheme") + "***@", obj)
+        return _SECRET_VALUES.sub("***", obj)
     return obj
 
 
@@ -246,5 +264,5 @@ class Tracker:
         """Link for http tracking servers; for local stores, the command that opens the UI."""
         if self.tracking_uri.startswith("http"):
             return f"{self.tracking_uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
-        return (f"mlflow ui --backend-store-uri {redact(self.tracking_uri)}  (experiment {self.experiment!r}, "
-                f"run {run_id})")
+        return (f"mlflow ui --backend-store-uri {shlex.quote(redact(self.tracking_uri))}  "
+                f"(experiment {self.experiment!r}, run {run_id})")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -63,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + result["table"])
     print(f"Student model: {result['student']}")
     print(f"MLflow run {result['mlflow_run_id']} in experiment {result['experiment']!r}; open the UI with:")
-    print(f"  mlflow ui --backend-store-uri {result['tracking_uri']}" if not result["tracking_uri"].startswith("http")
-          else f"  {result['mlflow']}")
+    print(f"  mlflow ui --backend-store-uri {shlex.quote(result['tracking_uri'])}"
+          if not result["tracking_uri"].startswith("http") else f"  {result['mlflow']}")
     return 0
 
 

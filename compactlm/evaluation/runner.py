@@ -152,6 +152,7 @@ def evaluate_in_process(model_dir: str | os.PathLike, cfg: EvalConfig, *, device
         from lm_eval.models.huggingface import HFLM
 
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length)
+        max_length = int(lm.max_length)  # cfg.max_length unset: the model's own context
         out = evaluate_lm(lm, cfg, seed=seed, _checked=names)
         speed = generation_speed(model, tokenizer) if cfg.speed else None
     else:
@@ -159,6 +160,7 @@ def evaluate_in_process(model_dir: str | os.PathLike, cfg: EvalConfig, *, device
         speed = generation_speed(model, tokenizer) if cfg.speed else None
         del model
         lm = vllm_lm(model_dir, cfg, device=device, seed=seed)
+        max_length = int(lm.max_length)
         try:
             out = evaluate_lm(lm, cfg, seed=seed, _checked=names)
         finally:
@@ -170,6 +172,7 @@ def evaluate_in_process(model_dir: str | os.PathLike, cfg: EvalConfig, *, device
         "backend": cfg.backend,
         "params": params,
         "size_bytes": _safetensors_bytes(model_dir),
+        "max_length": max_length,
         "seconds": time.perf_counter() - t0,
         "lm_eval": out["lm_eval"],
     }

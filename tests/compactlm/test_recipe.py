@@ -39,6 +39,20 @@ def test_bad_recipe_names_the_field(override, field, words):
     assert f"  {field}:" in msg and words in msg, msg
 
 
+@pytest.mark.parametrize("override, field, hint", [
+    (["distill.stepz=3"], "distill.stepz", "did you mean 'steps'?"),
+    (["distil.steps=3"], "distil", "did you mean 'distill'?"),
+    (["generate.filters.min_tokenz=3"], "generate.filters.min_tokenz", "did you mean 'min_tokens'?"),
+    (["prune.budget.parmas=0.5", "prune.num_hidden_layers=null", "prune.intermediate_size=null"],
+     "prune.budget.parmas", "did you mean 'params'?"),
+    (["eval.zzz=1"], "eval.zzz", "unknown key (check the spelling"),
+])
+def test_a_misspelled_key_or_section_gets_a_suggestion(override, field, hint):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(REPO / "configs/tiny-test.yaml", override)
+    assert f"  {field}: unknown key" in str(e.value) and hint in str(e.value), str(e.value)
+
+
 def test_override_types_are_parsed():
     r = load_recipe(REPO / "configs/tiny-test.yaml", ["distill.steps=7", "distill.lr=3e-4", "eval.limit=null"])
     assert (r.distill.steps, r.distill.lr, r.eval.limit) == (7, 3e-4, None)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -68,6 +69,48 @@ def test_redact_hides_credentials_and_secret_keys():
     assert got == {"uri": "https://***@mlflow.example.com/x", "hf_token": "***",
                    "nested": {"AWS_SECRET_ACCESS_KEY": "***", "lr": 0.1, "empty_token": None},
                    "l": ["s3://***@bucket/p"]}
+
+
+def test_redaction_is_by_secret_key_names_and_secret_values_not_substrings():
+    from compactlm.tracking import redact
+
+    kept = {"max_tokens": 128, "min_tokens": 1, "max_completion_tokens": 64, "generated_tokens": 9,
+            "tokens_per_s": 1.5, "secret_sauce_ratio": 0.5, "prompt": "count the tokens", "keys": ["a", "b"]}
+    assert redact(kept) == kept
+    got = redact({"note": "use hf_abcdefghijklmnopqrstu and sk-ABCDEFGHIJKLMNOPQRST please",
+                  "AWS_ACCESS": "AKIAABCDEFGHIJKLMNOP", "header": "Authorization: Bearer abc.def.ghi-123",
+                  "gh": "ghp_" + "x" * 36, "MLflow-Tracking-Password": "pw", "Secret": "s"})
+    assert got == {"note": "use *** and *** please", "AWS_ACCESS": "***", "header": "Authorization: ***",
+                   "gh": "***", "MLflow-Tracking-Password": "***", "Secret": "***"}
+
+
+def test_every_recipe_field_round_trips_through_mlflow_unredacted(tmp_path):
+    """What compress logs (recipe.json on the parent, each stage config as params of its child run, as run_stage
+    does) comes back value for value: nothing in a recipe is mistaken for a secret (max_tokens once was)."""
+    import json
+
+    from compactlm.recipe import load_recipe
+    from compactlm.tracking import flatten, metric_name
+    from tests.helpers import REPO
+
+    recipe = load_recipe(REPO / "configs/tiny-test.yaml", ["generate.filters.max_completion_tokens=100",
+                                                           "generate.self_instruct.num_instructions=5"])
+    tr = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "exp")
+    parent = tr.start_run("pipeline")
+    tr.log_dict(parent, recipe.model_dump(mode="json"), "recipe.json")
+    client = MlflowClient(tr.tracking_uri)
+    logged_recipe = Path(client.download_artifacts(parent, "recipe.json", str(tmp_path)))
+    assert json.loads(logged_recipe.read_text()) == recipe.model_dump(mode="json")
+    for section in ("generate", "score", "prune", "distill", "eval", "tracking"):
+        config = getattr(recipe, section).model_dump(mode="json")
+        child = tr.start_run(section, parent_id=parent)
+        tr.log_params(child, {"config": config, "seed": recipe.seed})
+        logged = client.get_run(child).data.params
+        for key, value in flatten({"config": config}).items():
+            want = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+            assert logged[metric_name(key)] == want, (section, key)
+        if section == "generate":
+            assert logged["config.max_tokens"] == "32" and logged["config.filters.min_tokens"] == "1"
 
 
 def test_logged_params_and_dicts_are_redacted(tmp_path):
@@ -177,3 +220,13 @@ def test_user_http_retry_settings_are_kept(monkeypatch, tmp_path):
     run = t.start_run("r")
     t.end_run(run, "FAILED")
     assert t.client.get_run(run).info.status == "FAILED"
+
+
+def test_printed_ui_command_survives_a_workdir_with_a_space(tmp_path):
+    import shlex
+
+    work = tmp_path / "my runs"
+    work.mkdir()
+    tr = Tracker(default_tracking_uri(work), "exp")
+    cmd = tr.run_url(tr.start_run("r")).split("  (experiment")[0]
+    assert shlex.split(cmd) == ["mlflow", "ui", "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}"]

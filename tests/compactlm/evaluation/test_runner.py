@@ -112,8 +112,12 @@ def test_result_shape_and_perplexity_matches_manual(tiny_model_dir, tiny_result)
     from compactlm.models import count_params, load_model, load_tokenizer
 
     r = tiny_result
-    assert set(r) == {"tasks", "perplexity", "speed", "backend", "params", "size_bytes", "seconds", "lm_eval"}
+    assert set(r) == {"tasks", "perplexity", "speed", "backend", "params", "size_bytes", "max_length", "seconds",
+                      "lm_eval"}
     assert r["backend"] == "hf"
+    # eval.max_length unset: the model's own context (the tiny model's 2048), so long contexts are not truncated
+    assert r["max_length"] == 2048 == json.loads((Path(tiny_model_dir) / "config.json").read_text())[
+        "max_position_embeddings"]
     assert r["speed"]["tokens"] == 8 * 32 and r["speed"]["batch_size"] == 8 and r["speed"]["tok_s"] > 0
     assert r["speed"]["tok_s"] == pytest.approx(r["speed"]["tokens"] / r["speed"]["seconds"])
     json.dumps(r)  # JSON-serialisable, including the raw lm-eval part
