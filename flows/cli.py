@@ -58,9 +58,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(recipe.model_dump(mode="json"), indent=2))
         return 0
 
-    from flows.compress import compress
+    from flows.guard import RunGuard
 
-    result = compress(recipe)
+    workdir = Path(recipe.workdir).expanduser().resolve()
+    hint = (f"Finished stage outputs are kept in {workdir}; rerun the same command to resume: "
+            f"compactlm run {shlex.join([args.recipe, *(a for o in args.overrides for a in ('--set', o))])}")
+    try:
+        with RunGuard(hint) as guard:
+            from flows.compress import compress
+
+            result = compress(recipe)
+    except KeyboardInterrupt:
+        print(guard.message(), file=sys.__stderr__, flush=True)
+        return 130
     print("\n" + result["table"])
     print(f"Student model: {result['student']}")
     print(f"MLflow run {result['mlflow_run_id']} in experiment {result['experiment']!r}; open the UI with:")

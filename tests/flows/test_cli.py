@@ -3,9 +3,12 @@ anything is written."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
+
+import pytest
 
 from tests.helpers import REPO
 
@@ -51,3 +54,70 @@ def test_truncated_teacher_fails_in_seconds_naming_the_file(tmp_path, tiny_model
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert f"teacher: {weights} is truncated or corrupt" in proc.stderr, proc.stderr
         assert time.time() - t0 < 20 and not (tmp_path / "w").exists()
+
+
+@pytest.fixture(scope="module")
+def shared_workdir(tmp_path_factory):
+    """One workdir for the interruption tests: the second run reuses the first one's finished stages."""
+    return tmp_path_factory.mktemp("interrupted") / "work"
+
+
+def _start_run(workdir, prefect_home, log):
+    """`compactlm run` of the tiny recipe (HF engine, a long distillation) in its own session, as from a
+    terminal; returns (process, the line that tells us a stage is computing)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
+    env.update(PREFECT_HOME=str(prefect_home), PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "flows.cli", "run", str(REPO / "configs/tiny-test.yaml"), "--set",
+           f"workdir={workdir}", "--set", "generate.engine=hf", "--set", "distill.steps=400"]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for(log_path, text: str, proc, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while text not in log_path.read_text(errors="replace"):
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        assert time.time() < deadline, f"no {text!r} within {timeout} s"
+        time.sleep(0.2)
+
+
+def _session_left(proc) -> list[str]:
+    return subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+
+
+@pytest.mark.integration
+@pytest.mark.long(60)
+@pytest.mark.parametrize("fault", ["ctrl-c", "server-dies"])
+def test_interrupted_run_ends_in_seconds_with_one_line_to_resume(fault, shared_workdir, tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the process group, which kills Prefect's temporary server too) used to keep the
+    CLI retrying the dead server for ~150 s; a server that died alone hung it at exit. Now: out within 10 s, one last
+    line saying what happened and the command that resumes, nothing left running, finished stages kept."""
+    import signal
+
+    import psutil
+
+    log_path = tmp_path / "run.log"
+    with open(log_path, "w") as log:
+        proc = _start_run(shared_workdir, tmp_path / "prefect", log)
+        try:
+            _wait_for(log_path, "distill: computing", proc)
+            t0 = time.monotonic()
+            if fault == "ctrl-c":
+                os.killpg(proc.pid, signal.SIGINT)
+            else:
+                (server,) = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                             if "prefect.server.api.server:create_app" in " ".join(p.cmdline())]
+                server.kill()
+            rc = proc.wait(timeout=60)
+            seconds = time.monotonic() - t0
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    last = log_path.read_text().strip().splitlines()[-1]
+    assert seconds < 10, f"took {seconds:.1f} s to exit"
+    want_rc, want = ((130, "compactlm: interrupted.") if fault == "ctrl-c" else
+                     (1, "compactlm: the temporary Prefect server stopped unexpectedly"))
+    assert rc == want_rc and last.startswith(want), (rc, last)
+    assert f"Finished stage outputs are kept in {shared_workdir}" in last and "rerun the same command" in last
+    assert "compactlm run" in last and f"workdir={shared_workdir}" in last
+    assert _session_left(proc) == []
+    assert any((d / "manifest.json").is_file() for d in (shared_workdir / "generate").iterdir())
