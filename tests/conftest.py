@@ -18,7 +18,16 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from compactlm.models import make_tiny_model  # noqa: E402
-from tests.helpers import FANOUT_TEXT, FAST, GEN, SCORE, texts, torch_threads, write_generated  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    FANOUT_TEXT,
+    FAST,
+    GEN,
+    SCORE,
+    texts,
+    tiny_model_with_tokenizer,
+    torch_threads,
+    write_generated,
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -106,6 +115,22 @@ def data_dir(tmp_path_factory, student_dir) -> Path:
     from compactlm.models import load_tokenizer
 
     return write_generated(tmp_path_factory.mktemp("gen") / "ds", load_tokenizer(student_dir), texts(40))
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer_dir(tmp_path_factory) -> Path:
+    """A second, real tokenizer: byte-level BPE (1,024 tokens, ChatML template) trained on English text."""
+    from compactlm.evaluation.registry import BUILTIN_HELDOUT
+    from compactlm.vocab import train_bpe_tokenizer
+
+    corpus = [p + " " + c for p, c in texts(200)] + BUILTIN_HELDOUT.read_text().split("\n\n")
+    return train_bpe_tokenizer(corpus * 2, tmp_path_factory.mktemp("bpe") / "tok", vocab_size=1024)
+
+
+@pytest.fixture(scope="session")
+def other_student_dir(other_tokenizer_dir, tmp_path_factory) -> Path:
+    """A tiny random Qwen2 with that tokenizer: another family and another vocabulary than the teachers."""
+    return tiny_model_with_tokenizer(tmp_path_factory.mktemp("other-student") / "qwen2", other_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

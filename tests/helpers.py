@@ -88,6 +88,28 @@ def generation_cli(*args: str, **kw) -> subprocess.CompletedProcess:
                           text=True, timeout=300, **{"env": SUB_ENV, **kw})
 
 
+def tiny_model_with_tokenizer(out: Path, tokenizer_dir: Path, arch: str = "qwen2", **shape) -> Path:
+    """A tiny random decoder of `arch` whose vocabulary is the tokenizer in `tokenizer_dir` (head_dim 64)."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from compactlm.models import MODEL_BUILD_LOCK
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    classes = {"qwen2": "Qwen2Config", "mistral": "MistralConfig", "llama": "LlamaConfig"}
+    dims = dict(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64, num_hidden_layers=2,
+                intermediate_size=256, tie_word_embeddings=True, max_position_embeddings=2048) | shape
+    cfg = getattr(transformers, classes[arch])(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **dims)
+    torch.manual_seed(0)
+    with MODEL_BUILD_LOCK:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 def kd_cfg(**kw) -> DistillConfig:
     """The distillation tests' small config (overrides in `kw`)."""
     base = dict(steps=6, batch_size=2, seq_len=32, lr=3e-3, warmup_steps=1, chunk_size=20)

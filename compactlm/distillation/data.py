@@ -29,16 +29,23 @@ if TYPE_CHECKING:
 
 @dataclass
 class PackedData:
-    """Packed training rows. ``topk_*`` are set for offline KD only.
+    """Training rows. ``topk_*`` are set for offline KD only; ``teacher_ids`` / ``align_*`` for a student with
+    another tokenizer (:mod:`compactlm.distillation.crosstok`).
 
     ids: [rows, seq_len] int64; mask: [rows, seq_len] int64 (1 = completion token);
-    topk_ids: [rows, seq_len, k] int32; topk_logprobs: [rows, seq_len, k] float16.
+    topk_ids: [rows, seq_len, k] int32; topk_logprobs: [rows, seq_len, k] float16;
+    teacher_ids: [rows, teacher_len] int64, the same text in the teacher's tokens;
+    align_s / align_t: [rows, pairs] int64, student / teacher positions whose logits predict a token starting at
+    the same character (-1 = padding).
     """
 
     ids: torch.Tensor
     mask: torch.Tensor
     topk_ids: torch.Tensor | None = None
     topk_logprobs: torch.Tensor | None = None
+    teacher_ids: torch.Tensor | None = None
+    align_s: torch.Tensor | None = None
+    align_t: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:

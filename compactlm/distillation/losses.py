@@ -336,6 +336,47 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
     return _chunked_sum(chunk_loss, [s_rows, ids_rows, lp_rows], chunk_size) / s_rows.shape[0] * temperature**2
 
 
+# ----------------------------------------------------------------------------------- another tokenizer (ULD)
+
+def _uld_tokens(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per token [N]: sum_i |p_s(i) - p_t(i)| over both distributions sorted in decreasing order, the smaller
+    vocabulary padded with zero probabilities."""
+    ps = torch.softmax(s.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
+    pt = torch.softmax(t.float() / temperature, dim=-1).sort(dim=-1, descending=True).values
+    width = max(ps.shape[-1], pt.shape[-1])
+    ps, pt = F.pad(ps, (0, width - ps.shape[-1])), F.pad(pt, (0, width - pt.shape[-1]))
+    return (ps - pt).abs().sum(-1)
+
+
+def uld_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None,
+             temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
+    """Universal Logit Distillation for a student whose vocabulary differs from the teacher's (Boizard et al.,
+    2024, "Towards Cross-Tokenizer Distillation: the Universal Logit Distillation Loss for LLMs",
+    arXiv:2402.12030): the Wasserstein-1 distance between the two next-token distributions when no token of one
+    vocabulary is known to equal a token of the other, which reduces to the L1 distance between the two
+    probability vectors sorted in decreasing order (the shorter one padded with zeros).
+
+    ``student_logits [..., Vs]`` and ``teacher_logits [..., Vt]`` must describe the same positions of the same text
+    (the trainer pairs positions where both tokenizers start a token at the same character); ``mask [...]`` selects
+    pairs. It is blind to *which* token is which (any permutation of a vocabulary gives the same loss), so it is
+    trained together with cross-entropy on the data (``distill.kd_weight < 1``). Not scaled by T². Returns the mean
+    over masked positions (0-dim fp32), computed in chunks of ``chunk_size`` rows like :func:`kd_loss`.
+    """
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} must cover the same positions (the vocabularies may differ)")
+    if mask is not None and mask.shape != student_logits.shape[:-1]:
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal the logits' leading shape "
+                         f"{tuple(student_logits.shape[:-1])}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    s_rows, t_rows = _select(student_logits, mask), _select(teacher_logits.detach(), mask)
+    if s_rows.shape[0] == 0:
+        return student_logits.sum().float() * 0.0
+    return _chunked_sum(lambda s, t: _uld_tokens(s, t, temperature).sum(), [s_rows, t_rows],
+                        chunk_size) / s_rows.shape[0]
+
+
 # ------------------------------------------------------------------------------------------- hidden states
 
 HIDDEN_KINDS = HIDDEN_LOSS_CHOICES

@@ -78,6 +78,11 @@ class Run:
         return self.cfg.mode == "offline"
 
     @property
+    def cross_tokenizer(self) -> bool:
+        """Logit KD across two vocabularies (ULD at shared token boundaries)."""
+        return self.use_kd and not self.shared_vocab
+
+    @property
     def needs_teacher(self) -> bool:
         """The teacher model runs on every batch: online logit KD or hidden-state KD."""
         return (self.use_kd and not self.offline) or self.use_hidden
@@ -105,8 +110,7 @@ def setup(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data_d
     teacher_dir, student_dir, data_dir = Path(teacher_dir), Path(student_dir), Path(data_dir)
     s_conf, t_conf = _config_json(student_dir), _config_json(teacher_dir)
     shared = _check_vocab(cfg, teacher_dir, student_dir, s_conf, t_conf)
-    offline_kd = cfg.mode == "offline" and cfg.kd_weight > 0
-    data = _load_data(cfg, data_dir, student_dir, shared, offline_kd, seed, _vocab(s_conf))
+    data = _load_data(cfg, data_dir, teacher_dir, student_dir, shared, seed, _vocab(s_conf))
     local_batch, micro = _batch_split(cfg, par.world)
     run = Run(cfg, seed, teacher_dir, student_dir, data_dir, Path(out_dir), par, data, shared, s_conf, t_conf,
               local_batch, micro)
@@ -148,26 +152,39 @@ def _same_vocab(teacher_dir: Path, student_dir: Path, teacher_vocab: int | None,
 
 
 def _check_vocab(cfg: DistillConfig, teacher_dir: Path, student_dir: Path, s_conf: dict, t_conf: dict) -> bool:
-    """Whether the two share a vocabulary; DistillError when a loss that needs it is asked for."""
+    """Whether the two share a vocabulary; DistillError when a loss asked for cannot work across two vocabularies.
+
+    Another vocabulary: sequence-level KD (``kd_weight: 0``) trains on the re-tokenized text; logit KD (online)
+    uses ULD at shared token boundaries (:mod:`compactlm.distillation.crosstok`) together with cross-entropy."""
     s_vocab, t_vocab = _vocab(s_conf), _get(t_conf, "vocab_size")
     shared = _same_vocab(teacher_dir, student_dir, t_vocab, s_vocab)
-    if (cfg.kd_weight > 0 or cfg.hidden_weight > 0) and not shared:
-        raise DistillError(
-            f"teacher ({teacher_dir}, vocab {t_vocab}) and student ({student_dir}, vocab {s_vocab}) do not share a "
-            "vocabulary, and logit KD compares next-token distributions over the same vocabulary (hidden-state KD "
-            "needs the same tokens). Use a student derived from the teacher (pruning keeps the vocabulary), or "
-            "sequence-level KD: plain fine-tuning on the teacher-written data with distill.kd_weight=0"
-        )
-    return shared
+    if shared:
+        return True
+    other = (f"teacher ({teacher_dir}, vocab {t_vocab}) and student ({student_dir}, vocab {s_vocab}) do not share "
+             "a vocabulary")
+    if cfg.hidden_weight > 0:
+        raise DistillError(f"{other}, and hidden-state KD compares the two models token by token: set "
+                           "distill.hidden_weight: 0 (logit KD across tokenizers is ULD, online)")
+    if cfg.kd_weight > 0 and cfg.mode == "offline":
+        raise DistillError(f"{other}, and offline KD stores the teacher's top-k ids of its own vocabulary: use "
+                           "distill.mode: online (ULD across tokenizers) or distill.kd_weight=0 (sequence-level KD)")
+    if cfg.kd_weight >= 1.0:
+        raise DistillError(f"{other}: across tokenizers the logit loss is ULD (sorted probabilities), which cannot "
+                           "tell which token is which, so it trains together with cross-entropy on the data: set "
+                           "distill.kd_weight below 1 (e.g. 0.5), or distill.kd_weight=0 for sequence-level KD")
+    return False
 
 
 def _retokenized_examples(data_dir: Path, tokenizer) -> list[tuple[list[int], list[int]]]:
-    """Examples re-tokenized from the text columns, for a student whose tokenizer differs from the teacher's."""
-    rows = read_rows(data_dir, ["prompt_text", "completion", "finish_reason"])
+    """Examples re-tokenized from the text columns, for a student whose tokenizer differs from the teacher's (the
+    prompt in the student's own chat format, see crosstok.student_prompt_ids)."""
+    from compactlm.distillation.crosstok import student_prompt_ids
+
+    rows = read_rows(data_dir, ["prompt", "prompt_text", "completion", "finish_reason"])
     eos = tokenizer.eos_token_id
     out = []
     for r in rows:
-        p = tokenizer(r["prompt_text"], add_special_tokens=False)["input_ids"]
+        p = student_prompt_ids(r, tokenizer)
         c = tokenizer(r["completion"], add_special_tokens=False)["input_ids"]
         if r["finish_reason"] == "stop" and eos is not None:
             c = c + [eos]
@@ -175,16 +192,27 @@ def _retokenized_examples(data_dir: Path, tokenizer) -> list[tuple[list[int], li
     return out
 
 
-def _load_data(cfg: DistillConfig, data_dir: Path, student_dir: Path, shared: bool, offline_kd: bool, seed: int,
+def _pack(cfg: DistillConfig, data_dir: Path, teacher_dir: Path, student_dir: Path, shared: bool, seed: int):
+    """Training rows: packed (shared vocabulary, or sequence-level KD re-tokenized), with the stored top-k
+    (offline KD), or one row per example in both tokenizations (logit KD across tokenizers)."""
+    from compactlm.distillation.crosstok import cross_tokenizer_rows
+
+    if cfg.mode == "offline" and cfg.kd_weight > 0:
+        return pack_with_topk(data_dir, cfg.seq_len, seed=seed)
+    if shared:
+        return pack_plain(list(iter_examples(data_dir)), cfg.seq_len, seed=seed)
+    s_tok = load_tokenizer(student_dir)
+    if cfg.kd_weight == 0:
+        return pack_plain(_retokenized_examples(data_dir, s_tok), cfg.seq_len, seed=seed)
+    rows = read_rows(data_dir, ["prompt", "prompt_text", "prompt_token_ids", "completion", "finish_reason"])
+    return cross_tokenizer_rows(rows, s_tok, load_tokenizer(teacher_dir), cfg.seq_len, seed=seed)
+
+
+def _load_data(cfg: DistillConfig, data_dir: Path, teacher_dir: Path, student_dir: Path, shared: bool, seed: int,
                s_vocab: int) -> PackedData:
-    """Pack the dataset (with top-k targets for offline KD), validating ids against the student's vocabulary."""
+    """The training rows, validating ids against the student's vocabulary."""
     try:
-        if offline_kd:
-            data = pack_with_topk(data_dir, cfg.seq_len, seed=seed)
-        else:
-            examples = (list(iter_examples(data_dir)) if shared
-                        else _retokenized_examples(data_dir, load_tokenizer(student_dir)))
-            data = pack_plain(examples, cfg.seq_len, seed=seed)
+        data = _pack(cfg, data_dir, teacher_dir, student_dir, shared, seed)
     except ValueError as e:
         raise DistillError(f"{data_dir}: {e} (distill.seq_len={cfg.seq_len}, distill.mode={cfg.mode})") from None
     if int(data.ids.max()) >= s_vocab or int(data.ids.min()) < 0:

@@ -71,6 +71,8 @@ class Targets:
     topk_ids: torch.Tensor | None = None  # offline: the stored top-k ids and log-probs
     topk_logprobs: torch.Tensor | None = None
     hidden: tuple[torch.Tensor, ...] | None = None  # the teacher's hidden states (hidden-state KD)
+    align_s: torch.Tensor | None = None  # another tokenizer: student / teacher positions compared (-1 = none)
+    align_t: torch.Tensor | None = None
 
 
 def draw_batch(run: Run, stream: Iterator[tuple[int, int]]) -> Batch:
@@ -105,6 +107,11 @@ def teacher_targets(run: Run, mb: MicroBatch) -> Targets:
                        topk_logprobs=run.data.topk_logprobs[mb.rows][:, 1:].to(run.device))
     if run.teacher is None:
         return Targets()
+    if run.cross_tokenizer:  # the same text in the teacher's tokens; logits compared at aligned positions
+        with run.autocast(), torch.no_grad():
+            out = run.teacher(input_ids=run.data.teacher_ids[mb.rows].to(run.device), use_cache=False)
+        return Targets(logits=out.logits, align_s=run.data.align_s[mb.rows].to(run.device),
+                       align_t=run.data.align_t[mb.rows].to(run.device))
     with run.autocast(), torch.no_grad():
         out = run.teacher(input_ids=mb.ids, use_cache=False, output_hidden_states=run.use_hidden)
     return Targets(logits=out.logits[:, :-1], hidden=out.hidden_states if run.use_hidden else None)
@@ -112,6 +119,11 @@ def teacher_targets(run: Run, mb: MicroBatch) -> Targets:
 
 def _kd(run: Run, s_logits: torch.Tensor, t: Targets, mask: torch.Tensor) -> torch.Tensor:
     c = run.cfg
+    if t.align_s is not None:  # another tokenizer: ULD where both predict a token at the same character
+        from compactlm.distillation.crosstok import gather_positions
+
+        return losses.uld_loss(gather_positions(s_logits, t.align_s), gather_positions(t.logits, t.align_t),
+                               t.align_s >= 0, c.temperature, c.chunk_size)
     if t.topk_ids is not None:
         return losses.topk_kd_loss(s_logits, t.topk_ids, t.topk_logprobs, mask, c.loss, c.temperature, c.chunk_size,
                                    c.jsd_beta)

@@ -196,7 +196,8 @@ def publish(run: Run, state: dict[str, Any], summary: dict[str, Any]) -> None:
         "stage": "distill", "teacher": str(run.teacher_dir), "student": str(run.student_dir),
         "data": str(run.data_dir), "config": run.cfg.model_dump(mode="json"), "seed": run.seed,
         "device": run.device, "train_rows": run.data.rows, "sequence_level": not run.use_kd,
-        "retokenized": not run.shared_vocab, "metrics": summary,
+        "retokenized": not run.shared_vocab, "cross_tokenizer_kd": "uld" if run.cross_tokenizer else None,
+        "metrics": summary,
     }
     run.teacher = run.model = None
     student = run.student.eval()

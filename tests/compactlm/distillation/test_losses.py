@@ -174,3 +174,50 @@ def test_hidden_state_loss_values():
     assert hidden_state_loss(a, a + 2.0, mask, "mse").item() == pytest.approx(4.0, rel=1e-6)
     with pytest.raises(ValueError, match="project"):
         hidden_state_loss(a, torch.randn(2, 3, 9), None)
+
+
+# ---------------------------------------------------------------------------------- another tokenizer (ULD)
+
+def test_uld_is_zero_for_the_same_distribution_in_any_vocabulary_order():
+    from compactlm.distillation.losses import uld_loss
+
+    s = torch.randn(2, 5, 9) * 3
+    assert uld_loss(s, s.clone(), None).item() == pytest.approx(0.0, abs=1e-6)
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(0))
+    assert uld_loss(s, s[..., perm], None).item() == pytest.approx(0.0, abs=1e-6)  # blind to token identity
+    # the same distribution over a bigger vocabulary (extra ids at probability ~0): still ~0
+    t = torch.cat([s, torch.full((2, 5, 4), -1e4)], dim=-1)
+    assert uld_loss(s, t, None).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_uld_hand_worked_values_and_masking():
+    from compactlm.distillation.losses import uld_loss
+
+    # student p = [.5, .5]; teacher q = [.25, .25, .5] -> sorted q = [.5, .25, .25], p padded = [.5, .5, 0]
+    p, q = torch.log(torch.tensor([[0.5, 0.5]])), torch.log(torch.tensor([[0.25, 0.25, 0.5]]))
+    assert uld_loss(p, q, None).item() == pytest.approx(0.5, rel=1e-6)
+    # p = [.7, .2, .1] vs q = [.1, .6, .3]: sorted [.7, .2, .1] vs [.6, .3, .1] -> .1 + .1 + 0
+    p3, q3 = torch.log(torch.tensor([[0.7, 0.2, 0.1]])), torch.log(torch.tensor([[0.1, 0.6, 0.3]]))
+    assert uld_loss(p3, q3, None).item() == pytest.approx(0.2, rel=1e-5)
+    # masked positions do not count, whatever they hold; the mean is over the selected ones
+    s, t = torch.cat([p3, p3]).unsqueeze(0), torch.cat([q3, torch.full((1, 3), float("nan"))]).unsqueeze(0)
+    assert uld_loss(s, t, torch.tensor([[True, False]])).item() == pytest.approx(0.2, rel=1e-5)
+    assert uld_loss(s, t, torch.zeros(1, 2, dtype=torch.bool)).item() == 0.0
+    with pytest.raises(ValueError, match="same positions"):
+        uld_loss(torch.randn(2, 3, 5), torch.randn(2, 4, 7), None)
+
+
+def test_uld_chunked_value_and_gradient_match_one_shot():
+    from compactlm.distillation.losses import uld_loss
+
+    torch.manual_seed(0)
+    s = (torch.randn(3, 6, 11) * 2).requires_grad_(True)
+    t = torch.randn(3, 6, 17) * 2
+    mask = torch.rand(3, 6) > 0.3
+    ref = uld_loss(s, t, mask, chunk_size=10_000)
+    (g_ref,) = torch.autograd.grad(ref, s)
+    for chunk in (1, 4):
+        out = uld_loss(s, t, mask, temperature=1.0, chunk_size=chunk)
+        (g,) = torch.autograd.grad(out, s)
+        assert out.item() == pytest.approx(ref.item(), rel=1e-5)
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-7)
