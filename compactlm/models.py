@@ -290,30 +290,38 @@ def make_tiny_model(out_dir: str | os.PathLike, *, arch: str = "llama", hidden_s
                     seed: int = 0) -> Path:
     """Build (once) a tiny random decoder with the real SmolLM2 tokenizer and save it as an HF directory.
 
-    head_dim defaults to 64 because vLLM's CPU attention rejects smaller heads. `arch` is one of
-    llama, mistral, qwen2 (q/k/v bias), qwen3 (q/k norm).
+    head_dim defaults to 64 because vLLM's CPU attention rejects smaller heads. `arch` is a model_type: llama,
+    mistral, qwen2 (q/k/v bias), qwen3 (per-head q/k norm), gemma2 (four (1 + w) norms per layer, soft-capping,
+    query_pre_attn_scalar = head_dim), gemma3_text (gemma2's layout plus per-head q/k norm), phi3 (fused qkv_proj
+    and gate_up_proj), olmo2 (post-sublayer norms, q/k norm over the whole projection). The Gemma families
+    alternate sliding and full attention layers, so pruning's layer_types bookkeeping is exercised.
     """
     out_dir = Path(out_dir)
+    classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+               "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig", "phi3": "Phi3Config",
+               "olmo2": "Olmo2Config"}
+    if arch not in classes:
+        raise ValueError(f"arch must be one of {sorted(classes)}, got {arch!r}")
 
     def write(tmp: Path) -> None:
         import torch
         import transformers
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        classes = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config",
-                   "qwen3": "Qwen3Config"}
-        if arch not in classes:
-            raise ValueError(f"arch must be one of {sorted(classes)}, got {arch!r}")
         tok = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+        extra: dict = {}
+        if arch == "qwen2":
+            extra["use_sliding_window"] = False
+        if arch in ("gemma2", "gemma3_text"):
+            extra.update(query_pre_attn_scalar=head_dim, layer_types=[
+                "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_hidden_layers)])
         cfg = getattr(transformers, classes[arch])(
             vocab_size=len(tok), hidden_size=hidden_size, num_attention_heads=num_attention_heads,
             num_key_value_heads=num_key_value_heads, head_dim=head_dim, num_hidden_layers=num_hidden_layers,
             intermediate_size=intermediate_size, tie_word_embeddings=tie_word_embeddings,
             max_position_embeddings=max_position_embeddings, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **extra,
         )
-        if arch == "qwen2":
-            cfg.use_sliding_window = False
         torch.manual_seed(seed)
         with MODEL_BUILD_LOCK:
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -321,3 +329,4 @@ def make_tiny_model(out_dir: str | os.PathLike, *, arch: str = "llama", hidden_s
         tok.save_pretrained(tmp)
 
     return _atomic_save(out_dir, write)
+

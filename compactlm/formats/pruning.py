@@ -1,9 +1,11 @@
 """The pruning record, ``pruning.json``: how a student was cut from its teacher. It travels with the student
 (prune writes it; distillation copies it into the distilled student and reads its layer and channel maps).
 
-Keys: ``architecture``, ``teacher`` / ``student`` (shapes), ``kept_layers`` (the teacher index of each student
-layer, in order), ``kept_heads`` (teacher query heads per student layer), ``kept_neurons`` (count per student
-layer), ``kept_channels`` (teacher hidden channels kept), ``norm_scale``, ``params_before`` / ``params_after`` /
+Keys: ``architecture`` (the teacher's model_type), ``written_as`` (the student's: a width-pruned Qwen2 may be
+written as the identical Llama, see :func:`compactlm.arch.written_as`), ``teacher`` / ``student`` (shapes),
+``kept_layers`` (the teacher index of each student layer, in order), ``kept_heads`` (teacher query heads per student
+layer), ``kept_neurons`` (count per student layer), ``kept_channels`` (teacher hidden channels kept), the
+compensations ``norm_scale`` / ``q_norm_scale`` / ``embed_scale``, ``params_before`` / ``params_after`` /
 ``param_ratio``, and how the shape was chosen: ``selection`` ("config" | "shape" | "params"), ``budget``,
 ``candidate`` and, for a parameter budget, the whole ``ranking``.
 """

@@ -4,8 +4,9 @@ Every score is accumulated on the fly: a hook reduces its activation to one numb
 with ``seq_agg`` and adds it to running sums; no activation outlives its forward call. After all batches,
 ``batch_agg`` turns the per-sequence numbers into one score per unit. Magnitudes are aggregated: a head
 contributes the L2 norm of its slice of the ``o_proj`` input at each token, a neuron ``|down_proj input|``,
-a channel ``|RMSNorm output|``. Minitron (Muralidharan et al., 2024) found mean over the sequence then
-L2 over the batch best; that is the default.
+a channel the magnitude of what the attention and the MLP read from the residual stream (the input of their
+first projection: the RMSNorm output of pre-norm families; :func:`compactlm.arch.layer_probes`). Minitron
+(Muralidharan et al., 2024) found mean over the sequence then L2 over the batch best; that is the default.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from compactlm.arch import check_arch, decoder_layers, head_dim_of
+from compactlm.arch import check_arch, head_dim_of, layer_probes
 from compactlm.calibration import batches, calibration_loss, lm_loss_sums
 from compactlm.choices import BATCH_AGG_CHOICES as BATCH_AGGS
 from compactlm.choices import SEQ_AGG_CHOICES as SEQ_AGGS
@@ -22,6 +23,8 @@ from compactlm.formats.scores import ImportanceScores
 
 if TYPE_CHECKING:
     import torch
+
+    from compactlm.arch import Probes
 
 
 def _seq_agg(x: torch.Tensor, how: str) -> torch.Tensor:
@@ -89,7 +92,7 @@ def compute_importance(model, input_ids: torch.Tensor, *, batch_size: int = 8, s
         raise ValueError(f"input_ids must be [num_samples >= 1, seq_len >= 2], got {tuple(input_ids.shape)}")
 
     cfg = model.config
-    layers = decoder_layers(model)
+    layers = layer_probes(model)
     n_heads, hd = cfg.num_attention_heads, head_dim_of(cfg)
     device = next(model.parameters()).device
     was_training = model.training
@@ -104,7 +107,7 @@ def compute_importance(model, input_ids: torch.Tensor, *, batch_size: int = 8, s
 class _Collector:
     """Forward hooks that accumulate every width score and the block influence while the model runs."""
 
-    def __init__(self, layers: list, n_heads: int, head_dim: int, seq_agg: str, batch_agg: str):
+    def __init__(self, layers: list[Probes], n_heads: int, head_dim: int, seq_agg: str, batch_agg: str):
         import torch
 
         n = len(layers)
@@ -130,8 +133,8 @@ class _Collector:
             self.neurons[i].add(_seq_agg(args[0].abs(), self.seq_agg))
         return hook
 
-    def _channel_hook(self, mod, args, output):
-        v = _seq_agg(output.abs(), self.seq_agg).double()
+    def _channel_hook(self, mod, args):
+        v = _seq_agg(args[0].abs(), self.seq_agg).double()
         self.channel_buf["sum"] = self.channel_buf["sum"] + v if "sum" in self.channel_buf else v
 
     def _block_hook(self, i: int):
@@ -148,12 +151,12 @@ class _Collector:
         return hook
 
     def __enter__(self) -> _Collector:
-        for i, layer in enumerate(self.layers):
-            self.handles.append(layer.self_attn.o_proj.register_forward_pre_hook(self._head_hook(i)))
-            self.handles.append(layer.mlp.down_proj.register_forward_pre_hook(self._neuron_hook(i)))
-            self.handles.append(layer.input_layernorm.register_forward_hook(self._channel_hook))
-            self.handles.append(layer.post_attention_layernorm.register_forward_hook(self._channel_hook))
-            self.handles.append(layer.register_forward_hook(self._block_hook(i), with_kwargs=True))
+        for i, probes in enumerate(self.layers):
+            self.handles.append(probes.o_proj.register_forward_pre_hook(self._head_hook(i)))
+            self.handles.append(probes.down_proj.register_forward_pre_hook(self._neuron_hook(i)))
+            for module in probes.channel_inputs:
+                self.handles.append(module.register_forward_pre_hook(self._channel_hook))
+            self.handles.append(probes.layer.register_forward_hook(self._block_hook(i), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -198,8 +201,8 @@ def _compute(model, input_ids, layers, n_heads, hd, device, batch_size, seq_agg,
             total, count = total + s, count + c
             col.channels.add(col.channel_buf["sum"])
     base_loss = total / count
-    loss_increase = (_layer_loss_increase(model, layers, input_ids, batch_size, base_loss, log_fn)
-                     if layer_loss else None)
+    loss_increase = (_layer_loss_increase(model, [p.layer for p in layers], input_ids, batch_size, base_loss,
+                                          log_fn) if layer_loss else None)
     if not math.isfinite(base_loss):
         raise ValueError(f"calibration loss is {base_loss}: the model produced non-finite logits")
     return ImportanceScores(

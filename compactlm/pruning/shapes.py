@@ -19,7 +19,15 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from compactlm.arch import check_arch, head_dim_of
+from compactlm.arch import (
+    check_arch,
+    check_writable,
+    head_dim_of,
+    layer_params,
+    model_params,
+    rewrite_config,
+    written_as,
+)
 from compactlm.config import SHAPE_FIELDS, PruneConfig
 
 KINDS = ("depth", "width", "mixed")
@@ -79,12 +87,18 @@ def target_shape(config: Any, cfg: PruneConfig) -> dict[str, int]:
             lower = student["hidden_size"] // h * h
             hint = (f"; choose prune.hidden_size as a multiple of num_attention_heads={h} "
                     f"(e.g. {lower or h} or {lower + h})")
+        elif student["hidden_size"] != student["num_attention_heads"] * student["head_dim"]:
+            hint = ("; this config's validation derives head_dim from hidden_size / num_attention_heads (e.g. Phi3's "
+                    "longrope factors), so keep prune.hidden_size = num_attention_heads x head_dim = "
+                    f"{student['num_attention_heads'] * student['head_dim']}")
         raise ValueError(f"prune target {student} is not a valid {config.model_type} config: {cause}{hint}") from None
+    check_writable(config, student)
     return student
 
 
 def student_config(config: Any, plan: dict[str, Any]) -> Any:
-    """The HF config of the student `plan` describes (its shape; layer types of the kept layers)."""
+    """The HF config of the student `plan` describes (its shape; layer types of the kept layers), of the
+    architecture it is written as (:func:`compactlm.arch.written_as`: a width-pruned Qwen2 may become Llama)."""
     student = plan["student"]
     d = config.to_dict()
     d.update({k: student[k] for k in SHAPE_FIELDS})
@@ -93,7 +107,13 @@ def student_config(config: Any, plan: dict[str, Any]) -> Any:
         d["layer_types"] = [d["layer_types"][i] for i in plan["kept_layers"]]
     for key in ("_name_or_path", "transformers_version"):
         d.pop(key, None)
-    return type(config).from_dict(d)
+    written = written_as(config, student)
+    if written == config.model_type:
+        return type(config).from_dict(d)
+    from transformers import AutoConfig
+
+    d = rewrite_config(d, written)
+    return AutoConfig.for_model(written).from_dict(d)
 
 
 def shape_kind(student: dict[str, int], teacher: dict[str, int]) -> str:
@@ -103,23 +123,25 @@ def shape_kind(student: dict[str, int], teacher: dict[str, int]) -> str:
     return "mixed" if deep and wide else "depth" if deep else "width" if wide else "none"
 
 
-def _counter(config: Any) -> Callable[[int, int, int, int], tuple[int, int]]:
-    """(hidden, intermediate, heads) -> (fixed params, params per layer), for `config`'s architecture."""
-    arch = check_arch(config)
+def _counter(config: Any) -> Callable[[int, int, int], tuple[int, int]]:
+    """(hidden, intermediate, heads) -> (fixed params, params per layer) of the student as it is written, read
+    from the same parameter tables slicing uses (:func:`compactlm.arch.layer_params`)."""
+    check_arch(config)
     t = shape_of(config)
     kv, hd, V = t["num_key_value_heads"], t["head_dim"], config.vocab_size
-    attn_bias = arch == "qwen2" or bool(getattr(config, "attention_bias", False))
-    mlp_bias = bool(getattr(config, "mlp_bias", False))
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+    tables = {}
+    fixed_axes = [p.axes for p in model_params(config).values()]
+
+    def size(axes: tuple[str, ...], sizes: dict[str, int]) -> int:
+        return math.prod(sizes[a] for a in axes)
 
     def count(D: int, I: int, H: int) -> tuple[int, int]:
-        attn = D * H * hd + 2 * D * kv * hd + H * hd * D
-        if attn_bias:
-            attn += H * hd + 2 * kv * hd + (D if arch != "qwen2" else 0)
-        if arch == "qwen3":
-            attn += 2 * hd
-        mlp = 3 * D * I + ((2 * I + D) if mlp_bias else 0)
-        return V * D * (1 if tied else 2) + D, attn + mlp + 2 * D
+        written = written_as(config, {"hidden_size": D, "num_attention_heads": H, "head_dim": hd})
+        if written not in tables:
+            tables[written] = [p.axes for p in layer_params(config, written).values()]
+        sizes = {"vocab": V, "hidden": D, "q": H * hd, "kv": kv * hd, "head_dim": hd, "mlp": I,
+                 "qkv": (H + 2 * kv) * hd, "gate_up": 2 * I}
+        return (sum(size(a, sizes) for a in fixed_axes), sum(size(a, sizes) for a in tables[written]))
 
     return count
 

@@ -1,24 +1,21 @@
-"""The prune stage: a loadable HF student (transformers and vLLM), bad targets rejected before writing, a kill or a
-full disk mid-publish leaves nothing."""
+"""The prune stage: a loadable HF student, bad targets rejected before writing, a kill or a full disk mid-publish
+leaves nothing. (Every family's student in vLLM: test_vllm_students.py.)"""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compactlm.artifacts import is_complete
-from compactlm.config import PruneConfig, ScoreConfig
-from compactlm.importance import load_scores, score_model
+from compactlm.config import PruneConfig
+from compactlm.importance import load_scores
 from compactlm.models import count_params, load_model
 from compactlm.pruning import prune_model, prune_to_dir
 from tests.helpers import (
     PRUNE,
-    SCRIPTS,
     assert_same_tensors,
     logits_of,
     manifest_sans_time,
@@ -29,7 +26,6 @@ from tests.helpers import (
     tmp_dirs,
     wait_for_line,
 )
-from tests.helpers import PRUNING_TEXT as TEXT
 
 
 def test_prune_to_dir_round_trip(tiny_gqa_model_dir, scored, tmp_path):
@@ -88,29 +84,6 @@ def test_bad_targets_write_nothing(tiny_gqa_model_dir, scored, tmp_path, target,
     with pytest.raises(ValueError, match=field):
         prune_to_dir(tiny_gqa_model_dir, scored, PruneConfig(**target), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
-
-
-@pytest.mark.long(45)
-@pytest.mark.integration
-def test_pruned_model_loads_in_vllm(tiny_model_dir, tmp_path):
-    calib = tmp_path / "calib.txt"
-    calib.write_text(TEXT)
-    score_model(tiny_model_dir, calib, ScoreConfig(num_samples=2, seq_len=16, layer_loss=False), tmp_path / "s")
-    out = tmp_path / "student"
-    prune_to_dir(tiny_model_dir, tmp_path / "s", PruneConfig(num_hidden_layers=3, hidden_size=96,
-                                                             intermediate_size=192), out)
-    proc = subprocess.run([sys.executable, str(SCRIPTS / "vllm_greedy.py"), str(out)], capture_output=True, text=True,
-                          timeout=900)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("VLLM_OK")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-8000:]
-    vllm_ids = [int(t) for t in lines[0].split()[1:]]
-    # vLLM's greedy tokens match HF's on the same pruned checkpoint
-    tok = AutoTokenizer.from_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    prompt = tok("The capital of France is", return_tensors="pt").input_ids
-    with torch.no_grad():
-        hf = model.generate(prompt, max_new_tokens=5, do_sample=False)[0, prompt.shape[1]:].tolist()
-    assert len(vllm_ids) >= 1 and vllm_ids[0] == hf[0], (vllm_ids, hf)
 
 
 @pytest.mark.integration  # a subprocess and two in-process prunings: ~20 s idle

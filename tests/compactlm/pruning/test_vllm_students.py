@@ -1,0 +1,81 @@
+"""Every family's pruned student is servable: it loads in vLLM, and vLLM's greedy tokens and their log-probs are
+HF's.
+
+One student per supported family, pruned by the prune stage (``prune_to_dir``) to a shape that cuts every axis at
+once (depth, query heads, hidden channels, MLP neurons), all loaded by one vLLM subprocess
+(tests/scripts/vllm_greedy.py: one import, one in-process engine per model).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from compactlm.arch import SUPPORTED_ARCHS
+from compactlm.config import PruneConfig, ScoreConfig
+from compactlm.importance import score_model
+from compactlm.models import count_params
+from compactlm.pruning import prune_to_dir
+from tests.helpers import PRUNING_TEXT, SUB_ENV, run_script
+
+#: The tiny teachers (hidden 128, 2 query heads x 64 in 1 KV group, 4 layers, MLP 256, tied) cut on every axis.
+MIXED = PruneConfig(num_hidden_layers=3, hidden_size=96, intermediate_size=192, num_attention_heads=1)
+PROMPT = "The capital of France is"  # tests/scripts/vllm_greedy.py's prompt
+MAX_TOKENS = 8
+
+
+def _hf_greedy(model) -> tuple[list[int], torch.Tensor]:
+    """HF's greedy tokens, and the log-prob HF gives each of them."""
+    tok = AutoTokenizer.from_pretrained(model.name_or_path)
+    prompt = tok(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ids = model.generate(prompt, max_new_tokens=MAX_TOKENS, do_sample=False)
+        logp = torch.log_softmax(model(ids).logits[0, prompt.shape[1] - 1:-1].float(), dim=-1)
+    new = ids[0, prompt.shape[1]:]
+    return new.tolist(), logp.gather(-1, new[:, None])[:, 0]
+
+
+def _vllm_greedy(model_dirs: list) -> dict[int, dict]:
+    """{"ids", "logprobs"} of each model from one vLLM subprocess, by index; fails with vLLM's output if any fails."""
+    proc = run_script("vllm_greedy.py", "--max-tokens", MAX_TOKENS, *model_dirs,
+                      env={**SUB_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=900)
+    ok = {int(ln.split()[1]): json.loads(ln.split(" ", 2)[2]) for ln in proc.stdout.splitlines()
+          if ln.startswith("VLLM_OK ")}
+    failed = [ln for ln in proc.stdout.splitlines() if ln.startswith("VLLM_FAIL ")]
+    assert proc.returncode == 0 and not failed and len(ok) == len(model_dirs), \
+        (failed, proc.stdout[-3000:], proc.stderr[-8000:])
+    return ok
+
+
+@pytest.mark.long(80)
+@pytest.mark.integration
+def test_every_familys_pruned_student_loads_in_vllm(tiny_factory, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(PRUNING_TEXT)
+    students = {}
+    for arch in SUPPORTED_ARCHS:
+        teacher = tiny_factory(arch=arch)
+        scores, out = tmp_path / arch / "scores", tmp_path / arch / "student"
+        score_model(teacher, calib, ScoreConfig(num_samples=2, seq_len=16, layer_loss=False), scores)
+        rec = prune_to_dir(teacher, scores, MIXED, out)
+        assert rec["student"] == {"num_hidden_layers": 3, "hidden_size": 96, "intermediate_size": 192,
+                                  "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 64}, arch
+        # vLLM's Qwen2 derives head_dim = hidden / heads (96 here, not 64): that student is written as Llama
+        written = "llama" if arch == "qwen2" else arch
+        assert rec["architecture"] == arch and rec["written_as"] == written, rec
+        assert json.loads((out / "config.json").read_text())["model_type"] == written
+        students[arch] = (out, rec)
+
+    vllm = _vllm_greedy([out for out, _ in students.values()])
+    for i, (arch, (out, rec)) in enumerate(students.items()):
+        # the student loads unchanged in transformers, with the parameters the record counted
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        assert count_params(model) == rec["params_after"], arch
+        # vLLM's greedy tokens match HF's on the same pruned checkpoint, and so do their log-probs (random tiny
+        # models often repeat one token, so the log-probs are what shows the two compute the same function)
+        hf, hf_logp = _hf_greedy(model)
+        assert len(vllm[i]["ids"]) >= 1 and vllm[i]["ids"] == hf, (arch, vllm[i], hf)
+        torch.testing.assert_close(torch.tensor(vllm[i]["logprobs"]), hf_logp, rtol=0, atol=1e-4, msg=arch)
