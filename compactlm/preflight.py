@@ -41,10 +41,23 @@ def preflight(recipe: Recipe, teacher_dir: str | os.PathLike | None = None) -> N
             check_weights(teacher_dir)
         except ValueError as e:
             raise RecipeError(f"invalid recipe:\n  teacher: {e}") from None
+        if not recipe.pruned_student:
+            return  # a student of your own: score and prune do not run
         try:
             check_prune_target(teacher_dir, recipe.prune)
         except ValueError as e:
             raise RecipeError(f"invalid recipe:\n  prune: {e}") from None
+
+
+def student_size_warning(student_dir: str | os.PathLike, teacher_dir: str | os.PathLike) -> str | None:
+    """A warning when the given student has more parameters than the teacher (allowed, but likely a mistake)."""
+    from compactlm.models import count_params_on_disk
+
+    s_params, t_params = count_params_on_disk(student_dir), count_params_on_disk(teacher_dir)
+    if s_params <= t_params:
+        return None
+    return (f"student: the student ({s_params:,} parameters) is larger than the teacher ({t_params:,}): "
+            "distillation still runs, but check that student and teacher are not swapped")
 
 
 def _named(err: Exception, field: str) -> str:

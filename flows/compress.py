@@ -1,7 +1,10 @@
-"""The `compress` flow: teacher -> generate -> score -> prune -> distill -> evaluate.
+"""The `compress` flow: teacher -> generate -> score -> prune (or a student of your own) -> [data] -> distill ->
+evaluate.
 
-One parent MLflow run per flow run (tagged with the Prefect flow-run id), one child run per stage.
-Stages hand each other directories on disk, keyed by their inputs, so a re-run reuses finished stages.
+One parent MLflow run per flow run (tagged with the Prefect flow-run id), one child run per stage that runs.
+Stages hand each other directories on disk, keyed by their inputs, so a re-run reuses finished stages. With a
+given student (``student: <model>``) score and prune are skipped; generation runs when the training data or the
+pruning needs it; the data stage runs when the training data is more than the generated set.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from compactlm.models import pick_device
 from compactlm.preflight import preflight
 from compactlm.tracking import Tracker, default_tracking_uri
 from tasks.common import RunContext, prefect_ids
+from tasks.data import mix
 from tasks.distill import distill
 from tasks.evaluate import evaluate
 from tasks.generate import generate
@@ -37,36 +41,71 @@ def _summary_metrics(results: dict) -> dict[str, float]:
     return out
 
 
+def _needs_generation(recipe: Recipe) -> bool:
+    """Generation runs when a data source is the generated set, or pruning calibrates or ranks on it."""
+    prune_uses_it = recipe.pruned_student and (recipe.score.data == "generated" or recipe.prune.budget is not None)
+    return prune_uses_it or any(s.kind == "generated" for s in recipe.data.sources)
+
+
+def _student(ctx: RunContext, recipe: Recipe, teacher: str, data: str | None) -> tuple[str, str | None, str | None]:
+    """(the model to distill into, the pruned model, the scores): the teacher scored and pruned, or the given model
+    (then the last two are None)."""
+    logger = get_run_logger()
+    if recipe.pruned_student:
+        scores = score(ctx, teacher, data, recipe.score)
+        pruned = prune(ctx, teacher, scores, data, recipe.prune, runner=recipe.runner)
+        return pruned, pruned, scores
+    from compactlm.models import count_params_on_disk
+    from compactlm.preflight import student_size_warning
+
+    student = resolve_teacher.with_options(name="resolve-student")(recipe.student)
+    logger.info("student: %s given (%s parameters, the teacher has %s); score and prune are skipped",
+                recipe.student, f"{count_params_on_disk(student):,}", f"{count_params_on_disk(teacher):,}")
+    if warning := student_size_warning(student, teacher):
+        logger.warning(warning)
+    return student, None, None
+
+
+def _stages(ctx: RunContext, recipe: Recipe, teacher: str) -> dict[str, str | None]:
+    """Run the stages; return every output (None for a stage that did not run)."""
+    data = generate(ctx, teacher, recipe.generate) if _needs_generation(recipe) else None
+    start, pruned, scores = _student(ctx, recipe, teacher, data)
+    train = data
+    if not recipe.data.generated_only:
+        d = recipe.distill
+        train = mix(ctx, teacher, data, recipe.data, recipe.data.tokens or d.steps * d.batch_size * d.seq_len)
+    student = distill(ctx, teacher, start, train, recipe.distill, log_model=recipe.tracking.log_model)
+    models = {"teacher": teacher, **({"pruned": pruned} if pruned else {}), "student": student}
+    return {"data": data, "train_data": train, "scores": scores, "pruned": pruned, "student": student,
+            "eval": evaluate(ctx, models, recipe.eval)}
+
+
 @flow(name="compress", log_prints=True)
 def compress(recipe: Recipe) -> dict:
-    """Compress `recipe.teacher` into a pruned, distilled student and benchmark all three models."""
+    """Compress `recipe.teacher` into a distilled student (the teacher pruned, or a model you give) and benchmark
+    them side by side."""
     logger = get_run_logger()
     preflight(recipe)  # fail before any compute (the UI form already enforced the schema)
     check_runner(recipe.runner)
     workdir = Path(recipe.workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(default_tracking_uri(workdir, recipe.tracking.tracking_uri), recipe.tracking.experiment)
-    parent = tracker.start_run(recipe.name, tags={"compactlm.recipe": recipe.name, **prefect_ids()})
+    parent = tracker.start_run(recipe.name, tags={"compactlm.recipe": recipe.name, "compactlm.student":
+                                                  recipe.student, **prefect_ids()})
     try:
-        tracker.log_params(parent, {"teacher": recipe.teacher, "seed": recipe.seed, "device": recipe.device,
-                                    "runner": recipe.runner})
+        tracker.log_params(parent, {"teacher": recipe.teacher, "student": recipe.student, "seed": recipe.seed,
+                                    "device": recipe.device, "runner": recipe.runner})
         tracker.log_dict(parent, recipe.model_dump(mode="json"), "recipe.json")
         ctx = RunContext(workdir=str(workdir), tracking_uri=tracker.tracking_uri, experiment=tracker.experiment,
                          parent_run_id=parent, seed=recipe.seed, device=pick_device(recipe.device),
                          flow_run_id=prefect_ids().get("prefect.flow_run_id"))
-
         teacher = resolve_teacher(recipe.teacher)
         preflight(recipe, teacher)  # the prune target must fit this teacher: fail before generating
-        data = generate(ctx, teacher, recipe.generate)
-        scores = score(ctx, teacher, data, recipe.score)
-        pruned = prune(ctx, teacher, scores, data, recipe.prune, runner=recipe.runner)
-        student = distill(ctx, teacher, pruned, data, recipe.distill, log_model=recipe.tracking.log_model)
-        eval_dir = evaluate(ctx, {"teacher": teacher, "pruned": pruned, "student": student}, recipe.eval)
-
-        results = json.loads((Path(eval_dir) / "results.json").read_text())
-        table = (Path(eval_dir) / "comparison.md").read_text()
+        out = _stages(ctx, recipe, teacher)
+        results = json.loads((Path(out["eval"]) / "results.json").read_text())
+        table = (Path(out["eval"]) / "comparison.md").read_text()
         tracker.log_metrics(parent, _summary_metrics(results))
-        tracker.log_artifact(parent, Path(eval_dir) / "comparison.md")
+        tracker.log_artifact(parent, Path(out["eval"]) / "comparison.md")
         tracker.end_run(parent)
     except BaseException:
         tracker.end_run(parent, "FAILED")
@@ -75,9 +114,9 @@ def compress(recipe: Recipe) -> dict:
     url = tracker.run_url(parent)
     if url.startswith("http"):
         create_link_artifact(url, link_text="MLflow run", key="compactlm-mlflow-run")
-    create_markdown_artifact(f"# compactlm: {recipe.name}\n\n{table}\n\nMLflow: `{url}`\n",
+    given = "" if recipe.pruned_student else f"\n\nStudent given: `{recipe.student}` (score and prune skipped).\n"
+    create_markdown_artifact(f"# compactlm: {recipe.name}\n\n{table}{given}\n\nMLflow: `{url}`\n",
                              key="compactlm-summary", description="compress pipeline summary")
-    logger.info("student: %s", student)
+    logger.info("student: %s", out["student"])
     return {"mlflow_run_id": parent, "tracking_uri": tracker.tracking_uri, "experiment": tracker.experiment,
-            "mlflow": url, "teacher": teacher, "data": data, "scores": scores, "pruned": pruned,
-            "student": student, "eval": eval_dir, "table": table}
+            "mlflow": url, "teacher": teacher, **out, "table": table}

@@ -1,9 +1,10 @@
 """One Prefect flow per stage: run (or re-run) a single stage on artifacts an earlier run produced.
 
     generate(teacher, config, settings)                    -> data_dir
+    data(teacher, config, tokens, generated_dir, settings) -> a mixed data_dir (corpora, instructions, generated)
     score(teacher, data_dir, config, settings)             -> scores_dir
     prune(teacher, scores_dir, data_dir, config, settings) -> pruned model dir
-    distill(teacher, student_dir, data_dir, config, settings) -> distilled student dir
+    distill(teacher, student_dir, data_dir, config, settings) -> distilled student dir (any student model)
     evaluate(models={label: model ref or dir}, config, settings) -> eval dir (results.json, comparison.md)
 
 ``config`` is the stage's section of a recipe and ``settings`` the recipe's run settings (workdir, seed, device,
@@ -30,11 +31,20 @@ from typing import Any
 from prefect import flow
 
 from compactlm.artifacts import is_complete
-from compactlm.config import DistillConfig, EvalConfig, GenerateConfig, PruneConfig, RunSettings, ScoreConfig
+from compactlm.config import (
+    DataConfig,
+    DistillConfig,
+    EvalConfig,
+    GenerateConfig,
+    PruneConfig,
+    RunSettings,
+    ScoreConfig,
+)
 from compactlm.models import pick_device
 from compactlm.preflight import check_prune_target
 from compactlm.tracking import Tracker, default_tracking_uri
 from tasks.common import RunContext, prefect_ids
+from tasks.data import mix as mix_task
 from tasks.distill import distill as distill_task
 from tasks.evaluate import evaluate as evaluate_task
 from tasks.generate import generate as generate_task
@@ -89,6 +99,26 @@ def generate(teacher: str, config: GenerateConfig = GenerateConfig(), settings: 
         return generate_task(ctx, resolve_teacher(teacher), config)
 
 
+@flow(name="data", log_prints=True)
+def data(teacher: str, config: DataConfig = DataConfig(), tokens: int = 100_000, generated_dir: str | None = None,
+         settings: RunSettings = RunSettings()) -> str:
+    """Mix the training data (corpora, instruction data, the generated set) by tokens; returns its dir.
+
+    Args:
+        teacher: The model to compress (its tokenizer): a local Hugging Face folder, a .gguf file, a hub id or an
+            alias.
+        config: The sources and their weights (a recipe's data section).
+        tokens: Tokens to draw in all (config.tokens wins when set).
+        generated_dir: The generated dataset (what a generate run returned); needed when a source is the
+            generated set.
+        settings: Workdir, seed, device, runner and MLflow tracking (a recipe's top-level settings).
+    """
+    if any(s.kind == "generated" for s in config.sources):
+        generated_dir = finished_output(generated_dir or "", "generated_dir", "generate")
+    with _stage_run("data", settings, {"teacher": teacher}) as (ctx, _):
+        return mix_task(ctx, resolve_teacher(teacher), generated_dir, config, config.tokens or tokens)
+
+
 @flow(name="score", log_prints=True)
 def score(teacher: str, data_dir: str | None = None, config: ScoreConfig = ScoreConfig(),
           settings: RunSettings = RunSettings()) -> str:
@@ -137,20 +167,32 @@ def prune(teacher: str, scores_dir: str, data_dir: str | None = None, config: Pr
 @flow(name="distill", log_prints=True)
 def distill(teacher: str, student_dir: str, data_dir: str, config: DistillConfig = DistillConfig(),
             settings: RunSettings = RunSettings()) -> str:
-    """Distill the pruned student from the teacher; returns the distilled student's dir.
+    """Distill a student from the teacher; returns the distilled student's dir.
 
     Args:
         teacher: The model to compress: a local Hugging Face folder, a .gguf file, a hub id or an alias.
-        student_dir: The pruned student (what a prune run returned).
-        data_dir: The generated dataset (what a generate run returned).
+        student_dir: The student: a pruned model (what a prune run returned) or any model of your own (a local
+            Hugging Face folder, a .gguf file, a hub id or an alias).
+        data_dir: The training data (what a generate or data run returned).
         config: Distillation settings (a recipe's distill section).
         settings: Workdir, seed, device, runner and MLflow tracking (a recipe's top-level settings).
     """
-    student_dir = finished_output(student_dir, "student_dir", "prune")
+    student_dir = _student_ref(student_dir)
     data_dir = finished_output(data_dir, "data_dir", "generate")
     with _stage_run("distill", settings, {"teacher": teacher}) as (ctx, _):
-        return distill_task(ctx, resolve_teacher(teacher), student_dir, data_dir, config,
+        student = resolve_teacher.with_options(name="resolve-student")(student_dir)
+        return distill_task(ctx, resolve_teacher(teacher), student, data_dir, config,
                             log_model=settings.tracking.log_model)
+
+
+def _student_ref(ref: str) -> str:
+    """A prune output (finished) or any model reference; the error names the parameter otherwise."""
+    p = Path(ref or "").expanduser()
+    if ref and p.is_dir() and not (p / "manifest.json").is_file() and (p / "config.json").is_file():
+        return str(p.resolve())  # a model of the user's own
+    if ref and not p.exists() and not ref.startswith(("/", ".", "~")):
+        return ref  # an alias or hub id: resolved (and checked) in the flow
+    return finished_output(ref, "student_dir", "prune")
 
 
 @flow(name="evaluate", log_prints=True)
@@ -179,4 +221,5 @@ def evaluate(models: dict[str, str], config: EvalConfig = EvalConfig(), settings
 
 
 #: The stage flows by name (what prefect.yaml's entrypoints point at).
-STAGE_FLOWS = {"generate": generate, "score": score, "prune": prune, "distill": distill, "evaluate": evaluate}
+STAGE_FLOWS = {"generate": generate, "data": data, "score": score, "prune": prune, "distill": distill,
+               "evaluate": evaluate}

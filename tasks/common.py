@@ -147,3 +147,28 @@ def run_stage(ctx: RunContext, stage: str, config: Any, upstream: list[str],
         tracker.end_run(run_id, "FAILED")
         raise
     return str(out)
+
+
+def log_dataset_input(tracker: Tracker, run_id: str, frame, source: Path, name: str,
+                      context: str = "training") -> None:
+    """`frame` (a pandas DataFrame) as an MLflow dataset input of the run (``mlflow.data.from_pandas``); an empty
+    frame is skipped (MLflow cannot infer a schema from it; the manifest still says 0 rows)."""
+    import warnings
+
+    import mlflow
+    from mlflow.entities import DatasetInput, InputTag
+
+    if not len(frame):
+        return
+    with warnings.catch_warnings():  # "source can be interpreted in multiple ways", int-column schema hint
+        warnings.simplefilter("ignore", UserWarning)
+        ds = mlflow.data.from_pandas(frame, source=str(Path(source).resolve()), name=name)
+    inputs = [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])]
+    try:
+        tracker.call(lambda: tracker.client.log_inputs(run_id, inputs))
+    except mlflow.exceptions.MlflowException as e:
+        # Two runs logging the same dataset at once race in MLflow's get-or-create (UNIQUE constraint on the
+        # datasets table); by now the other run created it, so a second attempt links to it.
+        if "UNIQUE constraint" not in str(e):
+            raise
+        tracker.call(lambda: tracker.client.log_inputs(run_id, inputs))

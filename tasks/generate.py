@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import warnings
 from collections import deque
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from compactlm.artifacts import read_manifest
 from compactlm.config import GenerateConfig
 from compactlm.formats.generated import read_rows
 from compactlm.tracking import Tracker
-from tasks.common import RunContext, retry_transient, run_stage
+from tasks.common import RunContext, log_dataset_input, retry_transient, run_stage
 
 
 def run_logged(cmd: list[str]) -> None:
@@ -66,9 +65,6 @@ def dataset_frame(out: Path):
 
 def log_generated(tracker: Tracker, run_id: str, out: Path, manifest: dict) -> None:
     """Stats as metrics, the dataset as the run's input (``mlflow.data``), a sample table, the manifest."""
-    import mlflow
-    from mlflow.entities import DatasetInput, InputTag
-
     stats = manifest["stats"]
     tracker.log_metrics(run_id, {**stats, "dropped_total": sum(stats["dropped"].values())})
     tracker.log_artifact(run_id, out / "manifest.json")
@@ -76,19 +72,7 @@ def log_generated(tracker: Tracker, run_id: str, out: Path, manifest: dict) -> N
     if instructions.is_file():
         tracker.log_artifact(run_id, instructions, "self_instruct")
     df = dataset_frame(out)
-    if len(df):  # mlflow cannot infer a schema from an empty frame; the manifest still says 0 rows
-        with warnings.catch_warnings():  # "source can be interpreted in multiple ways", int-column schema hint
-            warnings.simplefilter("ignore", UserWarning)
-            ds = mlflow.data.from_pandas(df, source=str((out / "data").resolve()), name=f"generated-{out.name}")
-        inputs = [DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])]
-        try:
-            tracker.client.log_inputs(run_id, inputs)
-        except mlflow.exceptions.MlflowException as e:
-            # Two runs logging the same dataset at once race in MLflow's get-or-create (UNIQUE constraint on
-            # the datasets table); by now the other run created it, so a second attempt links to it.
-            if "UNIQUE constraint" not in str(e):
-                raise
-            tracker.client.log_inputs(run_id, inputs)
+    log_dataset_input(tracker, run_id, df, out / "data", f"generated-{out.name}")
     tracker.client.log_table(run_id, df.head(SAMPLE_ROWS), "samples.json")
 
 

@@ -14,7 +14,8 @@ Columns (:func:`schema`): ``id`` str "<prompt_id>-<sample>", ``prompt_id`` int64
 (raw user prompt), ``prompt_text`` str (exact formatted prompt, chat template applied), ``completion`` str,
 ``prompt_token_ids`` list<int32> (what the engine saw), ``completion_token_ids`` list<int32> (EOS included when
 generation stopped on it), ``finish_reason`` "stop"|"length"; with top-k log-probs also ``topk_ids``
-list<list<int32>> [T][k] and ``topk_logprobs`` list<list<float16>> [T][k], aligned with completion_token_ids.
+list<list<int32>> [T][k] and ``topk_logprobs`` list<list<float16>> [T][k], aligned with completion_token_ids; a
+mixed dataset (:mod:`compactlm.mixture`) also has ``source`` str, the source each row came from.
 float16 is written natively (parquet's FLOAT16 logical type; ``datasets`` reads it back as float16), so
 ``datasets.load_dataset("parquet", data_dir=".../data")`` loads a dataset as is.
 
@@ -46,8 +47,9 @@ INSTRUCTIONS_FILE = "instructions.jsonl"
 TOPK_COLUMNS = ("topk_ids", "topk_logprobs")
 
 
-def schema(topk: int = 0) -> pa.Schema:
-    """The parquet schema of a shard; with ``topk > 0`` the two top-k columns are added."""
+def schema(topk: int = 0, source: bool = False) -> pa.Schema:
+    """The parquet schema of a shard; with ``topk > 0`` the two top-k columns are added, with `source` the column
+    naming each row's source (mixed datasets)."""
     import pyarrow as pa
 
     fields = [
@@ -59,11 +61,13 @@ def schema(topk: int = 0) -> pa.Schema:
     if topk:
         fields += [("topk_ids", pa.list_(pa.list_(pa.int32()))),
                    ("topk_logprobs", pa.list_(pa.list_(getattr(pa, TOPK_LOGPROB_DTYPE)())))]
+    if source:
+        fields.append(("source", pa.string()))
     return pa.schema(fields)
 
 
-def columns(topk: int = 0) -> list[str]:
-    return schema(topk).names
+def columns(topk: int = 0, source: bool = False) -> list[str]:
+    return schema(topk, source).names
 
 
 def shard_path(folder: str | os.PathLike, index: int) -> Path:
@@ -83,7 +87,8 @@ def remove_partial_shards(folder: str | os.PathLike) -> None:
 
 
 def write_shard(path: str | os.PathLike, rows: list[dict], topk: int = 0, meta: dict[str, Any] | None = None,
-                *, keeps: str = "finished shards are kept and a rerun resumes after them") -> None:
+                *, keeps: str = "finished shards are kept and a rerun resumes after them",
+                source: bool = False) -> None:
     """Write one shard atomically (temp name, fsync, rename). `meta` goes into the parquet metadata.
 
     A full disk raises :class:`compactlm.artifacts.WriteError` naming `path`; `keeps` says what survives.
@@ -91,7 +96,7 @@ def write_shard(path: str | os.PathLike, rows: list[dict], topk: int = 0, meta: 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    sch = schema(topk)
+    sch = schema(topk, source)
     if meta is not None:
         sch = sch.with_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
     table = pa.Table.from_pylist(rows, schema=sch)
@@ -160,14 +165,14 @@ def topk_width(dataset_dir: str | os.PathLike) -> int:
 
 
 def write_dataset(out_dir: str | os.PathLike, rows: list[dict], manifest: dict[str, Any], *, topk: int = 0,
-                  shard_rows: int | None = None) -> dict[str, Any]:
+                  shard_rows: int | None = None, source: bool = False) -> dict[str, Any]:
     """Publish `rows` as a complete dataset in one go (shards of `shard_rows`, default one shard, then the
     manifest; atomic via :func:`compactlm.artifacts.publish_dir`). For converted corpora and hand-made data;
     generation writes shard by shard instead. Returns the manifest."""
-    manifest = {"format": FORMAT, "columns": columns(topk), **manifest}
+    manifest = {"format": FORMAT, "columns": columns(topk, source), **manifest}
     step = shard_rows or max(1, len(rows))
     with publish_dir(out_dir, manifest) as tmp:
         (tmp / DATA_DIR).mkdir()
         for i, start in enumerate(range(0, max(1, len(rows)), step)):
-            write_shard(shard_path(tmp / DATA_DIR, i), rows[start:start + step], topk)
+            write_shard(shard_path(tmp / DATA_DIR, i), rows[start:start + step], topk, source=source)
     return manifest

@@ -7,11 +7,11 @@ what the model saw.
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from compactlm.records import read_file_records, read_hf_records
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -32,70 +32,13 @@ class FormattedPrompt:
 
 
 def _rows(path: Path) -> list[dict]:
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        rows = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        obj = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"prompts file {path}:{n} is not valid JSON ({e})") from None
-                    if not isinstance(obj, dict):
-                        raise ValueError(f"prompts file {path}:{n} must hold a JSON object per line")
-                    rows.append(obj)
-        return rows
-    if suffix == ".json":
-        obj = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(obj, list) or not all(isinstance(r, dict) for r in obj):
-            raise ValueError(f"prompts file {path} must hold a JSON list of objects like [{{\"prompt\": ...}}]")
-        return obj
-    if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    raise ValueError(f"generate.prompts must be 'builtin' or a .jsonl/.json/.csv/.parquet file, got {str(path)!r}")
+    return read_file_records(path, "generate.prompts")
 
 
 def _hf_rows(source: str, split: str, subset: str | None, max_prompts: int | None) -> list[dict]:
-    """Rows of a hub dataset ('hf:<id>') or a save_to_disk directory; a clear ValueError when unavailable."""
-    import datasets
-
-    try:
-        if source.startswith("hf:"):
-            name = source[3:].strip()
-            ds = datasets.load_dataset(name, subset, split=split)
-        else:
-            ds = datasets.load_from_disk(source)
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise ValueError(f"split {split!r} not in {sorted(ds)}; set generate.hf_split")
-                ds = ds[split]
-    except ValueError as e:
-        if "set generate.hf_split" in str(e):
-            raise ValueError(f"generate.prompts {source!r}: {e}") from None
-        raise ValueError(_hf_unavailable(source, split, e)) from None
-    except Exception as e:  # ConnectionError, FileNotFoundError, DatasetNotFoundError, offline mode ...
-        raise ValueError(_hf_unavailable(source, split, e)) from None
-    if max_prompts is not None and len(ds) > max_prompts:
-        ds = ds.select(range(max_prompts))
-    return ds.to_list()
-
-
-def _hf_unavailable(source: str, split: str, err: BaseException) -> str:
-    import os
-
-    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
-                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    why = " ".join(str(err).split())[:300] or type(err).__name__
-    return (f"generate.prompts: cannot load dataset {source!r} (split {split!r})"
-            + (" in offline mode (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set) and it is not in the local HF cache"
-               if offline else "") + f": {why}. Alternatives: a local .jsonl/.json/.csv/.parquet file, a "
-            "directory written by datasets' save_to_disk, or 'builtin'")
+    return read_hf_records(source, split, subset, max_prompts, field="generate.prompts",
+                           split_field="generate.hf_split",
+                           alternatives="a directory written by datasets' save_to_disk, or 'builtin'")
 
 
 def render_template(template: str, row: dict, where: str) -> str:

@@ -124,3 +124,50 @@ def test_compress_flow_end_to_end_and_rerun_hits_cache(tmp_path):
     finals = [{k for k in r.data.metrics if k.startswith("final_")}
               for r in (by_name["distill"], next(r for r in rerun if r.info.run_name == "distill"))]
     assert finals[0] and finals[0] == finals[1]  # the same metric names whether computed or reused
+
+
+@pytest.mark.integration
+@pytest.mark.long(80)
+def test_compress_into_a_student_of_another_family_and_tokenizer_on_mixed_data(tmp_path, other_student_dir):
+    """`student:` set to a Qwen2 with its own BPE vocabulary, trained on the generated set mixed with a corpus:
+    score and prune are skipped (the run tree and the table say so), the data stage mixes by tokens, distillation is
+    ULD + CE across tokenizers, and the student loads in transformers and in vLLM with the same greedy tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Story {i}: the quick brown fox jumps over the lazy dog near river {i}."
+                                  for i in range(80)))
+    sources = f"[{{kind: generated, weight: 0.7}}, {{kind: text, path: '{corpus}', weight: 0.3}}]"
+    workdir = tmp_path / "work"
+    proc = _run_cli(workdir, tmp_path / "prefect", "--set", f"student={other_student_dir}", "--set",
+                    "generate.engine=hf", "--set", f"data.sources={sources}", "--set", "distill.kd_weight=0.5",
+                    "--set", "eval.speed=false")
+    table = proc.stdout[proc.stdout.index("| model"):]
+    assert "| teacher" in table and "| student" in table and "| pruned" not in table, table
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    parents, children = _pipeline_runs(client)
+    (parent,) = parents
+    assert parent.data.tags["compactlm.student"] == str(other_student_dir)
+    kids = {k.info.run_name: k for k in children[parent.info.run_id]}
+    assert set(kids) == {"generate", "data", "distill", "evaluate"}  # no score, no prune
+    data = kids["data"].data.metrics
+    assert abs(data["source.0.generated.share"] - 0.7) <= 0.02 and abs(data["source.1.text.share"] - 0.3) <= 0.02
+    inputs = client.get_run(kids["data"].info.run_id).inputs.dataset_inputs
+    assert sorted(i.dataset.name.rsplit("-", 2)[-2:] == ["0", "generated"] or i.dataset.name.endswith("1-text")
+                  for i in inputs) == [True, True]
+    student = Path(next(line.split(": ", 1)[1] for line in proc.stdout.splitlines()
+                        if line.startswith("Student model: ")))
+    assert json.loads((student / "manifest.json").read_text())["cross_tokenizer_kd"] == "uld"
+    model = AutoModelForCausalLM.from_pretrained(student).eval()
+    tok = AutoTokenizer.from_pretrained(student)
+    assert model.config.model_type == "qwen2" and len(tok) == model.config.vocab_size == 1024
+    vllm = subprocess.run([sys.executable, str(REPO / "tests/scripts/vllm_greedy.py"), str(student)],
+                          capture_output=True, text=True, timeout=900)
+    lines = [ln for ln in vllm.stdout.splitlines() if ln.startswith("VLLM_OK")]
+    assert vllm.returncode == 0 and lines, vllm.stdout[-2000:] + vllm.stderr[-4000:]
+    import torch
+
+    prompt = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        hf = model.generate(prompt, max_new_tokens=5, do_sample=False)[0, prompt.shape[1]:].tolist()
+    assert json.loads(lines[0].split(" ", 2)[2])["ids"][:1] == hf[:1]

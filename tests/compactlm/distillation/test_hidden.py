@@ -76,3 +76,19 @@ def test_hidden_state_kd_trains_student_and_projection(shape, teacher_dir, data_
     # the published student has exactly the student's tensors: the projection is not saved into it
     assert set(load_file(str(out / "model.safetensors"))) == set(load_file(str(student / "model.safetensors")))
     assert (out / "pruning.json").is_file()
+
+
+def test_hidden_state_kd_into_a_student_of_another_family(tiny_factory, teacher_dir, data_dir, tmp_path):
+    """A student the user brings (Qwen2, 3 layers, width 128; the teacher is a 4-layer Llama of width 256) has no
+    pruning.json: student layer i imitates teacher layer round((i+1)*4/3)-1 and a fresh projection maps widths."""
+    from compactlm.distillation.hidden import layer_map
+
+    student = tiny_factory(arch="qwen2", num_hidden_layers=3)
+    assert not (student / "pruning.json").exists() and layer_map(student, 3, 4) == [0, 2, 3]
+    logged: list[dict] = []
+    summary = distill(teacher_dir, student, data_dir, cfg(kd_weight=0.5, hidden_weight=1.0, steps=6, lr=3e-3),
+                      tmp_path / "out", seed=0, log_fn=lambda m, s: logged.append(m))
+    h = [x["hidden_loss"] for x in logged]
+    assert all(math.isfinite(x) for x in h) and h[-1] < h[0], h
+    assert math.isfinite(summary["kd_loss"])
+    assert load_model(tmp_path / "out").config.model_type == "qwen2"

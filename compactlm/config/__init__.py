@@ -1,0 +1,32 @@
+"""The recipe schema: one pydantic model per section, and :class:`Recipe`, a whole pipeline.
+
+These models are the Prefect UI's forms (field descriptions, defaults and bounds come from here) and the only
+definition of what a recipe may say. Bad values fail here, before any compute, with pydantic's error naming the
+field. Loading YAML, ``--set`` overrides and error formatting are :mod:`compactlm.recipe`; checks that need the
+teacher's config are :mod:`compactlm.preflight`. Nothing here imports torch, transformers or prefect.
+
+Modules: ``generate`` (prompts, sampling, filters, self-instruct), ``data`` (the training mixture), ``stages``
+(score, prune, distill, eval), ``pipeline`` (the recipe, run settings, tracking), ``base`` (shared behaviour).
+"""
+
+from compactlm.config.base import _Strict
+from compactlm.config.data import DataConfig, DataSource
+from compactlm.config.generate import (
+    SELF_INSTRUCT_BLOCKED_WORDS,
+    FilterConfig,
+    GenerateConfig,
+    SelfInstructConfig,
+)
+from compactlm.config.pipeline import Recipe, RunSettings, TrackingConfig
+from compactlm.config.stages import (
+    SHAPE_FIELDS,
+    BudgetConfig,
+    DistillConfig,
+    EvalConfig,
+    PruneConfig,
+    ScoreConfig,
+)
+
+__all__ = ["SELF_INSTRUCT_BLOCKED_WORDS", "SHAPE_FIELDS", "BudgetConfig", "DataConfig", "DataSource",
+           "DistillConfig", "EvalConfig", "FilterConfig", "GenerateConfig", "PruneConfig", "Recipe", "RunSettings",
+           "ScoreConfig", "SelfInstructConfig", "TrackingConfig", "_Strict"]

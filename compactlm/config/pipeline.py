@@ -1,0 +1,95 @@
+"""A whole pipeline: the recipe, its run settings and MLflow tracking."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+
+from compactlm.choices import Device, Runner
+from compactlm.config.base import _Strict
+from compactlm.config.data import DataConfig
+from compactlm.config.generate import GenerateConfig
+from compactlm.config.stages import DistillConfig, EvalConfig, PruneConfig, ScoreConfig
+from compactlm.models import KNOWN_ALIASES, check_model_ref
+
+
+class TrackingConfig(_Strict):
+    """Where the runs are recorded (MLflow)."""
+
+    tracking_uri: str | None = Field(None, description="MLflow URI; empty = $MLFLOW_TRACKING_URI or SQLite in workdir")
+    experiment: str = Field("compactlm", min_length=1, description="MLflow experiment name")
+    log_model: bool = Field(True, description="Upload the distilled student's files to MLflow")
+
+
+# Run-level settings, shared by the recipe and every stage flow (one definition each).
+Workdir = Annotated[str, Field(description="Folder for stage outputs (keyed by their inputs, so reruns reuse "
+                                           "them) and the default MLflow store")]
+Seed = Annotated[int, Field(ge=0, description="Seed for sampling, data order and training")]
+DeviceSetting = Annotated[Device, Field(description="Where scoring, pruning, distillation and evaluation run; "
+                                                    "auto = CUDA when available")]
+RunnerSetting = Annotated[Runner, Field(
+    description="Where parallel candidates run (a parameter budget's shapes): thread = this process, process = a "
+    "local process pool, ray = a Ray cluster ($RAY_ADDRESS, else a local one; needs the ray extra)")]
+TrackingSetting = Annotated[TrackingConfig, Field(default_factory=TrackingConfig,
+                                                  description="Where the runs are recorded (MLflow)")]
+
+
+class RunSettings(_Strict):
+    """Where and how a run works: the recipe's workdir, seed, device, runner and tracking (every stage flow
+    takes them as one parameter)."""
+
+    workdir: Workdir = "runs"
+    seed: Seed = 0
+    device: DeviceSetting = "auto"
+    runner: RunnerSetting = "thread"
+    tracking: TrackingSetting
+
+
+class Recipe(_Strict):
+    """A whole compress pipeline: teacher -> generate -> score -> prune (or a student of your own) -> [mix the
+    training data] -> distill -> evaluate."""
+
+    name: str = Field("compress", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name (letters, digits, _ . -)")
+    teacher: str = Field(
+        ...,
+        description="The model to compress: a local Hugging Face folder, a .gguf file, a hub id (online only) or "
+        "an alias: " + ", ".join(KNOWN_ALIASES),
+    )
+    student: str = Field(
+        "pruned",
+        description="pruned = the teacher cut to prune's shape (score + prune); or a model of your own to distill "
+        "into, any family and tokenizer: a local folder, a .gguf file, a hub id or an alias",
+    )
+    workdir: Workdir = "runs"
+    seed: Seed = 0
+    device: DeviceSetting = "auto"
+    runner: RunnerSetting = "thread"
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Synthetic data")
+    data: DataConfig = Field(default_factory=DataConfig, description="Training data: sources mixed by tokens")
+    score: ScoreConfig = Field(default_factory=ScoreConfig, description="Importance scoring")
+    prune: PruneConfig = Field(default_factory=PruneConfig, description="The student's shape")
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="Distillation")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Benchmarks")
+    tracking: TrackingSetting
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_ref(cls, v: str) -> str:
+        check_model_ref(v)
+        return v
+
+    @field_validator("student")
+    @classmethod
+    def _student_ref(cls, v: str) -> str:
+        if v != "pruned":
+            check_model_ref(v)
+        return v
+
+    @property
+    def pruned_student(self) -> bool:
+        return self.student == "pruned"
+
+    def settings(self) -> RunSettings:
+        """This recipe's run settings (what a stage flow takes as ``settings``)."""
+        return RunSettings(**{k: getattr(self, k) for k in RunSettings.model_fields})

@@ -1,0 +1,191 @@
+"""The score, prune, distill and eval sections."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from compactlm.choices import BatchAgg, HiddenLoss, KDLoss, Proxy, SeqAgg
+from compactlm.config.base import _existing_file, _Strict
+
+
+class ScoreConfig(_Strict):
+    """Importance of every head, MLP neuron, embedding channel and layer, from the teacher's activations on
+    calibration text (Minitron)."""
+
+    data: str = Field("generated", description="'generated' = the generated answers, or a .txt / .jsonl file of text")
+    text_field: str = Field("text", description="Field holding the text when data is a .jsonl file")
+    num_samples: int = Field(32, ge=1, description="Calibration sequences")
+    seq_len: int = Field(256, ge=8, description="Tokens per calibration sequence")
+    batch_size: int = Field(8, ge=1, description="Sequences per forward pass")
+    seq_agg: SeqAgg = Field("mean", description="How a unit's activations are reduced over a sequence")
+    batch_agg: BatchAgg = Field("l2", description="How the per-sequence values are reduced over the sequences")
+    layer_loss: bool = Field(True, description="Also measure the loss rise with each layer skipped (a pass per layer)")
+
+    @field_validator("data")
+    @classmethod
+    def _data_exists(cls, v: str) -> str:
+        return v if v == "generated" else _existing_file(v, "score.data")
+
+
+class BudgetConfig(_Strict):
+    """A parameter budget: candidate shapes that fit it (depth only, width only, both) are pruned and ranked by a
+    quick proxy on calibration data, and the best one is kept."""
+
+    params: float = Field(..., gt=0, lt=1, description="Fraction of the teacher's parameters to keep, e.g. 0.5")
+    candidates: int = Field(3, ge=1, description="How many of the best-ranked shapes to report")
+    search: int = Field(8, ge=1, description="Candidate shapes to measure (at least one of each kind that fits)")
+    proxy: Proxy = Field(
+        "loss", description="Rank by the pruned model's calibration loss, or by KL(teacher || pruned); lower wins"
+    )
+    proxy_samples: int = Field(8, ge=1, description="Calibration sequences for the proxy")
+    proxy_seq_len: int = Field(256, ge=8, description="Tokens per proxy calibration sequence")
+
+
+#: The student shape fields of PruneConfig (unset = keep the teacher's value).
+SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
+
+
+class PruneConfig(_Strict):
+    """The student's shape, either given field by field (unset fields keep the teacher's value) or chosen within a
+    parameter budget (the budget section)."""
+
+    MOVED: ClassVar[dict[str, str]] = {k: "budget" for k in BudgetConfig.model_fields}
+
+    num_hidden_layers: int | None = Field(None, ge=1, description="Layers to keep (depth pruning)")
+    hidden_size: int | None = Field(None, ge=1, description="Embedding channels to keep")
+    intermediate_size: int | None = Field(None, ge=1, description="MLP neurons to keep in every layer")
+    num_attention_heads: int | None = Field(
+        None, ge=1, description="Query heads to keep in every layer (a multiple of the key/value heads)"
+    )
+    budget: BudgetConfig | None = Field(
+        None, description="Instead of a shape: a parameter budget, the best candidate shape is chosen; empty = use "
+        "the shape fields",
+    )
+    layer_metric: Literal["block_influence", "loss"] = Field(
+        "block_influence",
+        description="Which layers to drop first: lowest block influence (1 - cos(input, output)), or lowest loss "
+        "increase when skipped (needs score.layer_loss)",
+    )
+    rescale_norms: bool = Field(
+        True,
+        description="When channels are removed, scale the RMSNorm weights by sqrt(D/D') so the kept channels keep "
+        "their scale",
+    )
+
+    @model_validator(mode="after")
+    def _budget_or_shape(self) -> PruneConfig:
+        if self.budget is not None:
+            given = [f for f in SHAPE_FIELDS if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"give either a budget or an explicit shape, not both: unset {', '.join(given)} "
+                                 "or budget")
+        return self
+
+
+class DistillConfig(_Strict):
+    """Knowledge distillation of the student from the teacher: logit KD, optionally hidden-state KD."""
+
+    mode: Literal["online", "offline"] = Field(
+        "online",
+        description="online = the teacher runs on every batch; offline = use the top-k log-probs stored at "
+        "generation (needs generate.topk_logprobs > 0; the teacher is not loaded)",
+    )
+    loss: KDLoss = Field("forward_kl", description="Divergence: forward_kl, reverse_kl, jsd or tv")
+    temperature: float = Field(1.0, gt=0.0, le=20.0, description="Softening temperature T (loss scaled by T²)")
+    kd_weight: float = Field(
+        1.0, ge=0.0, le=1.0,
+        description="Weight of the teacher's distribution; the data's next token (CE) gets 1 - kd_weight. 0 = plain "
+        "fine-tuning on the teacher's text",
+    )
+    steps: int = Field(20, ge=1, description="Optimizer steps")
+    batch_size: int = Field(4, ge=1, description="Sequences per step")
+    seq_len: int = Field(256, ge=8, description="Tokens per training sequence (examples are packed)")
+    lr: float = Field(3e-4, gt=0.0, le=1.0, description="Peak learning rate (AdamW)")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (weight matrices only)")
+    warmup_steps: int = Field(2, ge=0, description="Steps of linear warmup before the cosine decay")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="The cosine decay ends at lr x this")
+    grad_clip: float = Field(1.0, gt=0.0, description="Clip the gradient norm to this")
+    log_every: int = Field(1, ge=1, description="Log metrics every N steps")
+    jsd_beta: float = Field(0.5, gt=0.0, lt=1.0, description="Teacher weight in the JSD mixture; 0.5 = symmetric")
+    chunk_size: int = Field(1024, ge=1, description="Tokens per chunk of the loss (bounds its memory)")
+    micro_batch_size: int | None = Field(None, ge=1, description="Sequences per forward pass; empty = batch_size")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute the student's activations in the backward pass (less memory, ~30% slower)"
+    )
+    checkpoint_every: int | None = Field(
+        None, ge=1,
+        description="Save a checkpoint every N steps; a stopped run resumes from the last one (empty = off)",
+    )
+    hidden_weight: float = Field(0.0, ge=0.0, description="Weight of hidden-state KD (0 = off; online mode only)")
+    hidden_loss: HiddenLoss = Field(
+        "cosine", description="Hidden-state distance: cosine = 1 - cos per token, mse = mean squared error"
+    )
+    peak_tflops: float | None = Field(
+        None, gt=0,
+        description="Peak TFLOP/s of one device in the training dtype, for the MFU metric; empty = known GPUs' "
+        "bf16 peak (H100, A100, L4, ...), no MFU on CPU",
+    )
+
+    #: Fields that change how a run is observed, not what it computes: left out of the stage key, so changing
+    #: them reuses a finished student.
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"log_every", "checkpoint_every", "peak_tflops"})
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> DistillConfig:
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size ({self.micro_batch_size}) must divide batch_size "
+                             f"({self.batch_size})")
+        if self.mode == "offline" and self.hidden_weight > 0:
+            raise ValueError("hidden_weight > 0 needs the teacher's hidden states, which offline mode does not "
+                             "have: use mode: online, or hidden_weight: 0")
+        return self
+
+
+class EvalConfig(_Strict):
+    """Benchmarks (lm-eval) and held-out perplexity, the same for teacher, pruned model and student."""
+
+    tasks: list[str] = Field(
+        default_factory=lambda: ["compactlm_facts"],
+        description="lm-eval tasks: the shipped compactlm_* tasks or standard lm-eval task names",
+    )
+    limit: int | None = Field(None, ge=1, description="Questions per task (empty = all); perplexity reads all")
+    num_fewshot: int = Field(0, ge=0, le=25, description="Worked examples in each prompt")
+    batch_size: int = Field(16, ge=1, description="Scoring batch size")
+    perplexity: bool = Field(True, description="Also measure perplexity on held-out text")
+    perplexity_text: str = Field("builtin", description="'builtin' or a .txt file (documents separated by blank lines)")
+    max_length: int | None = Field(
+        None, ge=16, description="Context length for scoring and the perplexity window; empty = the model's own")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights dtype for scoring; auto = float32 on CPU, bfloat16 on CUDA"
+    )
+    bootstrap_iters: int = Field(0, ge=0, description="lm-eval bootstrap iterations for standard errors (0 = off)")
+    data_dir: str | None = Field(
+        None,
+        description="Folder with local copies of the benchmark datasets that compactlm_arc_easy, compactlm_hellaswag "
+        "and the other compactlm_* benchmarks read (one sub-folder per benchmark); not needed for compactlm_facts",
+    )
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="Scoring engine: hf = Hugging Face model in this process; vllm = vLLM in a child process",
+    )
+    speed: bool = Field(True, description="Also measure generation speed (greedy, 8 prompts x 32 new tokens, batch 8)")
+    min_recovery: float | None = Field(
+        None, ge=0.0, le=1.0,
+        description="Quality gate: fail the run when the student keeps less than this fraction of the teacher "
+        "(the table's '% of teacher kept' / 100); empty = no gate",
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one task (e.g. compactlm_facts)")
+        return v
+
+    @field_validator("perplexity_text")
+    @classmethod
+    def _text_exists(cls, v: str) -> str:
+        return v if v == "builtin" else _existing_file(v, "perplexity_text")
