@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from compactlm.config import (
+    DataConfig,
     DistillConfig,
     EvalConfig,
     GenerateConfig,
@@ -22,7 +23,8 @@ ALL = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
 DEPLOYMENTS = {d["name"]: d for d in ALL if d["entrypoint"] == "flows/compress.py:compress"}
 STAGES = {d["entrypoint"].rsplit(":", 1)[1]: d for d in ALL if d["entrypoint"].startswith("flows/stages.py:")}
 # stage flow -> (its config class, the recipe section holding its defaults)
-STAGE_CONFIGS = {"generate": (GenerateConfig, "generate"), "score": (ScoreConfig, "score"),
+STAGE_CONFIGS = {"generate": (GenerateConfig, "generate"), "data": (DataConfig, "data"),
+                 "score": (ScoreConfig, "score"),
                  "prune": (PruneConfig, "prune"), "distill": (DistillConfig, "distill"),
                  "evaluate": (EvalConfig, "eval")}
 
@@ -110,6 +112,10 @@ def test_stage_flow_form_shows_config_fields_with_bounds(stage):
         assert (budget["exclusiveMinimum"], budget["exclusiveMaximum"]) == (0, 1)
         assert fields["budget"]["description"] and "anyOf" in fields["budget"]  # an optional section
         assert set(schema["required"]) == {"teacher", "scores_dir"}
+    elif stage == "data":
+        source = defs["DataSource"]["properties"]  # each source of the mixture is a sub-form
+        assert source["kind"]["enum"] == ["generated", "text", "instructions"] and source["weight"]["minimum"] == 0
+        assert bound("doc_tokens", "minimum") == 8 and set(schema["required"]) == {"teacher"}
     elif stage == "distill":
         assert bound("steps", "minimum") == 1
         assert (bound("lr", "exclusiveMinimum"), bound("lr", "maximum")) == (0.0, 1.0)
