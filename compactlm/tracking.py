@@ -41,6 +41,9 @@ class TrackingUnavailableError(RuntimeError):
 #: tracking URI -> when a call to it last failed as unreachable (this process): best-effort calls skip it
 _DOWN_SINCE: dict[str, float] = {}
 _DOWN_MEMORY_S = 120.0
+#: The experiment tag that makes the MLflow UI (3.x) open an experiment on its runs, not on the GenAI
+#: "Overview" of traces; set when compactlm creates the experiment, or finds one without a kind.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def bound_http_retries() -> dict[str, str]:
@@ -178,6 +181,8 @@ class Tracker:
     def _experiment_id(self, artifact_root: str | None) -> str:
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is not None:
+            if EXPERIMENT_KIND[0] not in exp.tags:  # an experiment made before compactlm marked them
+                self.client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
             return exp.experiment_id
         if artifact_root is None and self.tracking_uri.startswith("sqlite:///"):
             # Keep artifacts beside the SQLite file, not in whatever the current directory is.
@@ -186,7 +191,8 @@ class Tracker:
         if artifact_root:
             location = Path(artifact_root).resolve().as_uri() if "://" not in artifact_root else artifact_root
         try:
-            return self.client.create_experiment(self.experiment, artifact_location=location)
+            return self.client.create_experiment(self.experiment, artifact_location=location,
+                                                 tags=dict([EXPERIMENT_KIND]))
         except Exception:  # created concurrently by another run
             return self.client.get_experiment_by_name(self.experiment).experiment_id
 

@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("recipe", help="path to a YAML recipe (see configs/)")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field, e.g. --set distill.steps=50 (repeatable)")
+        if name == "run":
+            sp.add_argument("-v", "--verbose", action="store_true",
+                            help="also show every stage's output live (vLLM, lm-eval, Prefect); it is always in "
+                                 "<workdir>/logs")
     sub.add_parser("schema", help="print the recipe's JSON schema (the Prefect UI form)")
     return p
 
@@ -58,19 +62,30 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(recipe.model_dump(mode="json"), indent=2))
         return 0
 
+    return _run(recipe, args)
+
+
+def _run(recipe: Recipe, args: argparse.Namespace) -> int:
+    from flows.console import Console
     from flows.guard import RunGuard
 
     workdir = Path(recipe.workdir).expanduser().resolve()
     hint = (f"Finished stage outputs are kept in {workdir}; rerun the same command to resume: "
             f"compactlm run {shlex.join([args.recipe, *(a for o in args.overrides for a in ('--set', o))])}")
+    console = Console(workdir, verbose=args.verbose)
+    console.line(f"compactlm: {recipe.name}: {recipe.teacher} -> "
+                 f"{'pruned student' if recipe.pruned_student else recipe.student}; log {console.log}")
     try:
-        with RunGuard(hint) as guard:
+        with console, RunGuard(hint, stream=console.out) as guard:
             from flows.compress import compress
 
             result = compress(recipe)
     except KeyboardInterrupt:
         print(guard.message(), file=sys.__stderr__, flush=True)
         return 130
+    except Exception as e:  # noqa: BLE001 - the stage's line and its log already say where; end with one line
+        print(f"compactlm: the run failed: {type(e).__name__}: {e}\nFull log: {console.log}", file=sys.stderr)
+        return 1
     print("\n" + result["table"])
     print(f"Student model: {result['student']}")
     print(f"MLflow run {result['mlflow_run_id']} in experiment {result['experiment']!r}; open the UI with:")

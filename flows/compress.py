@@ -9,7 +9,6 @@ pruning needs it; the data stage runs when the training data is more than the ge
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -27,18 +26,7 @@ from tasks.generate import generate
 from tasks.models import resolve_teacher
 from tasks.prune import check_runner, prune
 from tasks.score import score
-
-
-def _summary_metrics(results: dict) -> dict[str, float]:
-    from compactlm.evaluation import flat_metrics
-
-    out: dict[str, float] = {}
-    for label, result in results.items():
-        out.update({f"{label}/{k}": v for k, v in flat_metrics(result).items()})
-    t, s = results.get("teacher", {}).get("params"), results.get("student", {}).get("params")
-    if t and s:
-        out["student_param_fraction"] = s / t
-    return out
+from tasks.summary import log_run_summary
 
 
 def _needs_generation(recipe: Recipe) -> bool:
@@ -102,10 +90,10 @@ def compress(recipe: Recipe) -> dict:
         teacher = resolve_teacher(recipe.teacher)
         preflight(recipe, teacher)  # the prune target must fit this teacher: fail before generating
         out = _stages(ctx, recipe, teacher)
-        results = json.loads((Path(out["eval"]) / "results.json").read_text())
         table = (Path(out["eval"]) / "comparison.md").read_text()
-        tracker.log_metrics(parent, _summary_metrics(results))
-        tracker.log_artifact(parent, Path(out["eval"]) / "comparison.md")
+        header = (f"compactlm `{recipe.name}`: {recipe.teacher} -> "
+                  + ("the teacher pruned and distilled" if recipe.pruned_student else f"`{recipe.student}`"))
+        log_run_summary(tracker, parent, out, header)
         tracker.end_run(parent)
     except BaseException:
         tracker.end_run(parent, "FAILED")

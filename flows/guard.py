@@ -25,13 +25,13 @@ SERVER_MARK = "prefect.server.api.server:create_app"
 
 
 class RunGuard:
-    def __init__(self, resume_hint: str, grace: float = 6.0, poll: float = 0.5):
+    def __init__(self, resume_hint: str, grace: float = 6.0, poll: float = 0.5, stream: TextIO | None = None):
         self.resume_hint = resume_hint
         self.grace = grace
         self.poll = poll
         self.interrupted: str | None = None
         self.done = threading.Event()
-        self._stderr: TextIO = sys.stderr
+        self._stderr: TextIO = stream or sys.stderr  # where the one line goes (the console's terminal)
         self._previous: dict[int, object] = {}
 
     # -------------------------------------------------------------------------------------------- lifecycle

@@ -13,9 +13,15 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import MissingContextError
 from pydantic import BaseModel
 
+from compactlm import progress
 from compactlm.artifacts import WriteError, is_complete, output_lock, read_manifest, stage_key
 from compactlm.evaluation.report import RecoveryError
 from compactlm.tracking import Tracker, TrackingUnavailableError
+from tasks.capture import capture_output
+
+#: Whether a stage's output (engine internals, progress bars) is also shown live, besides its log file. The CLI's
+#: console turns it off unless -v; elsewhere (workers, tests, notebooks) stages print as they always did.
+SHOW_STAGE_OUTPUT = True
 
 
 class RunContext(BaseModel):
@@ -109,44 +115,82 @@ def run_stage(ctx: RunContext, stage: str, config: Any, upstream: list[str],
     key_material = stage_key_material(config, ctx.seed, extra_key)
     key = stage_key(stage, key_material, upstream)
     out = Path(ctx.workdir) / stage / key
+    log_file = stage_log_path(ctx, stage)
     tracker = ctx.tracker()
     run_id = _child_run(tracker, ctx, stage, key)
+    t0, cached = time.time(), False
     try:
         tracker.log_params(run_id, {**key_material, "config": config.model_dump(mode="json")}
                            if hasattr(config, "model_dump") else key_material)
         for i, u in enumerate(upstream):
             tracker.log_params(run_id, {f"input_{i}": u})
-        t0 = time.time()
         with output_lock(out):  # another run computing the same output: wait for it, then reuse it
             cached = is_complete(out)
+            progress.announce(stage, "start", output=str(out), cached=cached)
             if cached:
                 logger.info("%s: cache hit, reusing %s", stage, out)
                 summary = {**read_manifest(out), "cache_hit": True}
             else:
-                logger.info("%s: computing into %s", stage, out)
-
-                def log_step(metrics: dict, step: int) -> None:
-                    if tracker.unavailable is not None:
-                        return  # already reported; the compute goes on
-                    try:
-                        tracker.log_metrics(run_id, metrics, step=step)
-                    except TrackingUnavailableError as e:
-                        logger.warning("%s: step metrics are no longer logged, the stage goes on: %s", stage, e)
-
-                summary = produce(out, log_step)
+                logger.info("%s: computing into %s (log: %s)", stage, out, log_file)
+                with capture_output(log_file, tee=SHOW_STAGE_OUTPUT):
+                    summary = produce(out, _step_logger(tracker, run_id, stage, logger))
         try:
             tracker.set_tags(run_id, {"compactlm.cache_hit": str(cached).lower(), "compactlm.output": out})
             if log is not None:
                 tracker.call(lambda: log(tracker, run_id, out, summary))
+            _log_stage_log(tracker, run_id, log_file)
             tracker.log_metrics(run_id, {"stage_seconds": time.time() - t0})
             tracker.end_run(run_id)
         except TrackingUnavailableError as e:
             raise TrackingUnavailableError(f"{stage}: the output {out} is complete and a rerun reuses it, but "
                                            f"logging the stage failed: {e}") from e
-    except BaseException:
+    except BaseException as e:
+        progress.announce(stage, "end", ok=False, seconds=time.time() - t0, cached=cached, log=str(log_file),
+                          error=f"{type(e).__name__}: {e}")
+        _log_stage_log(tracker, run_id, log_file, quiet=True)
         tracker.end_run(run_id, "FAILED")
         raise
+    progress.announce(stage, "end", ok=True, seconds=time.time() - t0, cached=cached, output=str(out),
+                      log=str(log_file), summary=_brief(summary))
     return str(out)
+
+
+def stage_log_path(ctx: RunContext, stage: str) -> Path:
+    """Where a stage's output goes: ``<workdir>/logs/<parent MLflow run>/<stage>.log``."""
+    return Path(ctx.workdir) / "logs" / ctx.parent_run_id / f"{stage}.log"
+
+
+def _step_logger(tracker: Tracker, run_id: str, stage: str, logger) -> Callable[[dict, int], None]:
+    """Per-step metrics to the child run; when MLflow goes away, one warning and the compute goes on."""
+    def log_step(metrics: dict, step: int) -> None:
+        if tracker.unavailable is not None:
+            return  # already reported
+        try:
+            tracker.log_metrics(run_id, metrics, step=step)
+        except TrackingUnavailableError as e:
+            logger.warning("%s: step metrics are no longer logged, the stage goes on: %s", stage, e)
+
+    return log_step
+
+
+def _log_stage_log(tracker: Tracker, run_id: str, log_file: Path, quiet: bool = False) -> None:
+    """The stage's log file as the child run's artifact ``logs/<stage>.log`` (best effort when `quiet`)."""
+    if not log_file.is_file():
+        return
+    try:
+        tracker.call(lambda: tracker.log_artifact(run_id, log_file, "logs"))
+    except Exception:  # noqa: BLE001
+        if not quiet:
+            raise
+
+
+def _brief(summary: dict[str, Any]) -> dict[str, Any]:
+    """The few figures of a stage summary a console line shows: rows, tok/s, loss, parameters."""
+    stats = {**summary, **(summary.get("stats") or {}), **(summary.get("metrics") or {})}
+    pick = {"rows": stats.get("completions"), "loss": stats.get("loss"),
+            "tok_s": stats.get("completion_tokens_per_s") or stats.get("tokens_per_s"),
+            "params": stats.get("params_after")}
+    return {k: v for k, v in pick.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def log_dataset_input(tracker: Tracker, run_id: str, frame, source: Path, name: str,

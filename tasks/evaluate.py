@@ -20,6 +20,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from compactlm import progress
 from compactlm.artifacts import is_complete, publish_dir, stage_key
 from compactlm.config import EvalConfig
 from compactlm.evaluation.report import RecoveryError
@@ -92,7 +93,11 @@ def evaluate(ctx: RunContext, models: dict[str, str], cfg: EvalConfig) -> str:
                          f"{list(models)} (unset eval.min_recovery to evaluate without the gate)")
 
     def produce(out: Path, log_step) -> dict:
-        results = {label: _evaluate_cached(ctx, d, cfg) for label, d in models.items()}
+        results = {}
+        for i, (label, d) in enumerate(models.items()):
+            progress.report("evaluate", i, len(models), model=label)
+            results[label] = _evaluate_cached(ctx, d, cfg)
+        progress.report("evaluate", len(models), len(models))
         table = compare_table(results, reference=next(iter(models)))
         with publish_dir(out, {"models": models}) as tmp:
             (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str))

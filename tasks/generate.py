@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from compactlm import progress
 from compactlm.artifacts import read_manifest
 from compactlm.config import GenerateConfig
 from compactlm.formats.generated import read_rows
@@ -24,15 +25,20 @@ from tasks.common import RunContext, log_dataset_input, retry_transient, run_sta
 
 
 def run_logged(cmd: list[str]) -> None:
-    """Run a command, streaming its output to the Prefect log; raise with its last lines if it fails: a
-    ValueError with its one ``error: ...`` line for bad input (exit 2, not retried), else a RuntimeError."""
+    """Run a command: its output goes to stdout (the stage's log file), its ``@progress`` lines to the console's
+    progress bar, its own summary lines (``[generate] ...``, the final JSON, ``error: ...``) to the Prefect log
+    too; raise with its last lines if it fails: a ValueError with its one ``error: ...`` line for bad input (exit 2,
+    not retried), else a RuntimeError."""
     logger = get_run_logger()
     tail: deque[str] = deque(maxlen=30)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
         for line in proc.stdout:
             line = line.rstrip()
+            if progress.parse_line(line):
+                continue
             tail.append(line)
-            if line:
+            print(line, flush=True)
+            if line.startswith(("[generate]", "{", "error: ")):
                 logger.info(line)
     if proc.returncode == 2:
         error = next((ln for ln in reversed(tail) if ln.startswith("error: ")), None)
@@ -80,7 +86,7 @@ def log_generated(tracker: Tracker, run_id: str, out: Path, manifest: dict) -> N
 def generate(ctx: RunContext, teacher_dir: str, cfg: GenerateConfig) -> str:
     def produce(out: Path, log_step) -> dict:
         run_logged([sys.executable, "-m", "compactlm.generation", "--model", teacher_dir, "--out", str(out),
-                    "--config", cfg.model_dump_json(), "--seed", str(ctx.seed)])
+                    "--config", cfg.model_dump_json(), "--seed", str(ctx.seed), "--progress-lines"])
         return read_manifest(out)
 
     # A local prompts file/dir is an input too: editing it changes the key (hf: datasets are named by id).

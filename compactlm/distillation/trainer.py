@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from compactlm import progress
 from compactlm.artifacts import fingerprint as fingerprint_of
 from compactlm.artifacts import publish_dir
 from compactlm.config import DistillConfig
@@ -157,6 +158,8 @@ def record(run: Run, state: dict[str, Any], step: int, batch: Batch, metrics: di
     if not run.use_hidden:
         last.pop("hidden_loss")
     state["last"] = last
+    if run.par.is_main:
+        progress.report("distill", step + 1, cfg.steps, loss=metrics["loss"], tok_s=last["tokens_per_s"])
     if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
         state["log_lines"].append({"step": step + 1, **last})
         if log_fn is not None and run.par.is_main:

@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="{}", help="GenerateConfig as a JSON object or a .json/.yaml path")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--progress-lines", action="store_true",
+                        help="also print one '@progress {json}' line per shard (for a parent process to show)")
     args = parser.parse_args(argv)
 
     from compactlm.config import GenerateConfig
@@ -26,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     from compactlm.stage_cli import exit_code, parse_stage_config
 
     def run() -> None:
+        from compactlm import progress
+
+        if args.progress_lines:
+            progress.listening(progress.emit_line).__enter__()  # for the life of this process
         cfg = parse_stage_config(args.config, GenerateConfig)
         manifest = generate_dataset(resolve_model(args.model), cfg, args.out, seed=args.seed,
                                     progress=not args.no_progress)

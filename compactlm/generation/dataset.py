@@ -29,6 +29,7 @@ from compactlm.artifacts import MANIFEST, atomic_file, code_version, is_complete
 from compactlm.formats import generated as fmt
 from compactlm.generation.engines import Completion, Request, SamplingSettings
 from compactlm.generation.filters import DROP_FILTERS, CompletionFilter
+from compactlm.progress import report
 
 if TYPE_CHECKING:
     from compactlm.config import GenerateConfig
@@ -172,6 +173,9 @@ def _run_pass(engine: _LazyEngine, prompts: list[FormattedPrompt], data_dir: Pat
             if totals["gen_seconds"] > 0:
                 bar.set_postfix(tok_s=f"{totals['generated_completion_tokens'] / totals['gen_seconds']:.1f}",
                                 rows=totals["completions"], refresh=False)
+            report("generate", hi, len(prompts), rows=totals["completions"], pass_=label,
+                   tok_s=round(totals["generated_completion_tokens"] / totals["gen_seconds"], 1)
+                   if totals["gen_seconds"] > 0 else None)
             if progress and not sys.stderr.isatty():
                 print(f"[generate] {label}: shard {i + 1}/{num_shards} prompts [{lo}, {hi}): {meta['rows']} rows"
                       + (" (already done)" if was_done else ""), file=sys.stderr, flush=True)

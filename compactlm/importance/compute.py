@@ -20,6 +20,7 @@ from compactlm.calibration import batches, calibration_loss, lm_loss_sums
 from compactlm.choices import BATCH_AGG_CHOICES as BATCH_AGGS
 from compactlm.choices import SEQ_AGG_CHOICES as SEQ_AGGS
 from compactlm.formats.scores import ImportanceScores
+from compactlm.progress import report
 
 if TYPE_CHECKING:
     import torch
@@ -193,13 +194,14 @@ def _compute(model, input_ids, layers, n_heads, hd, device, batch_size, seq_agg,
              log_fn) -> ImportanceScores:
     import torch
 
-    total, count = 0.0, 0
+    total, count, n_batches = 0.0, 0, -(-len(input_ids) // batch_size)
     with _Collector(layers, n_heads, hd, seq_agg, batch_agg) as col, torch.no_grad():
-        for batch in batches(input_ids, batch_size):
+        for i, batch in enumerate(batches(input_ids, batch_size)):
             col.channel_buf.clear()
             s, c = lm_loss_sums(model, batch.to(device))
             total, count = total + s, count + c
             col.channels.add(col.channel_buf["sum"])
+            report("score", i + 1, n_batches)
     base_loss = total / count
     loss_increase = (_layer_loss_increase(model, [p.layer for p in layers], input_ids, batch_size, base_loss,
                                           log_fn) if layer_loss else None)

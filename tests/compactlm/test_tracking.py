@@ -230,3 +230,17 @@ def test_printed_ui_command_survives_a_workdir_with_a_space(tmp_path):
     tr = Tracker(default_tracking_uri(work), "exp")
     cmd = tr.run_url(tr.start_run("r")).split("  (experiment")[0]
     assert shlex.split(cmd) == ["mlflow", "ui", "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}"]
+
+
+def test_experiments_open_on_their_runs_in_the_mlflow_ui(tmp_path):
+    """MLflow 3's UI shows an experiment without a kind as a GenAI one (traces); compactlm's are model training."""
+    from compactlm.tracking import EXPERIMENT_KIND, Tracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    made = Tracker(uri, "fresh")
+    assert made.client.get_experiment_by_name("fresh").tags[EXPERIMENT_KIND[0]] == "custom_model_development"
+    made.client.create_experiment("older")
+    made.client.create_experiment("chosen", tags={EXPERIMENT_KIND[0]: "genai_development"})
+    Tracker(uri, "older"), Tracker(uri, "chosen")
+    assert made.client.get_experiment_by_name("older").tags[EXPERIMENT_KIND[0]] == "custom_model_development"
+    assert made.client.get_experiment_by_name("chosen").tags[EXPERIMENT_KIND[0]] == "genai_development"  # kept

@@ -99,7 +99,7 @@ def test_interrupted_run_ends_in_seconds_with_one_line_to_resume(fault, shared_w
     with open(log_path, "w") as log:
         proc = _start_run(shared_workdir, tmp_path / "prefect", log)
         try:
-            _wait_for(log_path, "distill: computing", proc)
+            _wait_for(log_path, "distill   started", proc)  # the console's line as distillation starts
             t0 = time.monotonic()
             if fault == "ctrl-c":
                 os.killpg(proc.pid, signal.SIGINT)

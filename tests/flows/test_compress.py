@@ -61,6 +61,13 @@ def test_compress_flow_end_to_end_and_rerun_hits_cache(tmp_path):
     # The CLI prints the comparison table and where the MLflow run is.
     assert "| teacher" in first.stdout and "| student" in first.stdout, first.stdout
     assert "mlflow ui --backend-store-uri sqlite:///" in first.stdout
+    # A quiet console: one line per stage start and end (plus progress), no engine internals; those are in the
+    # stage logs, which are the stage runs' artifacts.
+    console = (first.stdout + first.stderr).splitlines()
+    assert len(console) <= 40 and not any(w in first.stdout + first.stderr for w in ("EngineCore", "lm_eval",
+                                                                                    "Task run")), console
+    for stage in STAGES:
+        assert any(line.startswith(f"{stage} ") and " done " in line for line in console), (stage, console)
 
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
     parents, children = _pipeline_runs(client)
@@ -75,6 +82,9 @@ def test_compress_flow_end_to_end_and_rerun_hits_cache(tmp_path):
         assert k.data.tags["compactlm.cache_hit"] == "false"
         assert k.data.tags["prefect.flow_run_id"] == parent.data.tags["prefect.flow_run_id"]
         assert client.list_artifacts(k.info.run_id), f"{k.info.run_name} logged no artifacts"
+        assert [a.path for a in client.list_artifacts(k.info.run_id, "logs")] == [f"logs/{k.info.run_name}.log"]
+    generate_log = workdir / "logs" / parent.info.run_id / "generate.log"
+    assert "EngineCore" in generate_log.read_text()  # vLLM's internals, kept for whoever needs them
     by_name = {k.info.run_name: k for k in kids}
     distill_history = client.get_metric_history(by_name["distill"].info.run_id, "loss")
     assert len(distill_history) == 3  # one point per step of the tiny recipe
@@ -98,6 +108,16 @@ def test_compress_flow_end_to_end_and_rerun_hits_cache(tmp_path):
                 + 3 * (per_layer_attn + per_layer_mlp * 128 + norms))
     assert count_params(model) == expected < count_params(teacher)
     assert parent.data.metrics["student_param_fraction"] == pytest.approx(expected / count_params(teacher))
+    # The parent run reads at a glance in the MLflow UI: the table as its description, key metrics for the chart
+    # view, the training data as its input, the loss curve and the comparison as plots; the experiment opens
+    # on its runs.
+    assert "| student" in parent.data.tags["mlflow.note.content"]
+    assert {"student/avg_acc", "student/word_ppl", "teacher/avg_acc"} <= set(parent.data.metrics)
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == [
+        "plots/comparison.png", "plots/loss_curve.png"]
+    assert client.get_run(parent.info.run_id).inputs.dataset_inputs
+    assert client.get_experiment_by_name("compactlm-tiny").tags["mlflow.experimentKind"] == \
+        "custom_model_development"
 
     # Planted secrets appear nowhere: MLflow store and artifacts, Prefect database and logs, stage outputs.
     assert _assert_no_secret_in(workdir, prefect_home) > 20
