@@ -61,6 +61,7 @@ def student_size_warning(student_dir: str | os.PathLike, teacher_dir: str | os.P
 
 
 def _named(err: Exception, field: str) -> str:
-    """``field: message``, unless the message already starts with a field name (``eval.data_dir: ...``)."""
+    """``field: message``, unless the message already starts with a field name (``eval.data_dir: ...``,
+    ``eval.jsonl_tasks.0.choices: ...``)."""
     msg = str(err)
-    return msg if re.match(r"^[a-z_]+(\.[a-z_]+)+: ", msg) else f"{field}: {msg}"
+    return msg if re.match(r"^[a-z_]+(\.[a-z_0-9]+)+: ", msg) else f"{field}: {msg}"

@@ -31,15 +31,24 @@ REFERENCE, CANDIDATE = "teacher", "student"  # the gate's labels (as the compres
 
 
 def _model_key_config(cfg: EvalConfig) -> dict:
-    """What a single model's scores depend on: the config minus the gate threshold."""
-    return cfg.model_dump(mode="json", exclude={"min_recovery"})
+    """What a single model's scores depend on: the config minus the gate threshold and how the choices are
+    batched (``shared_prefix`` gives the same scores)."""
+    return cfg.model_dump(mode="json", exclude={"min_recovery", "shared_prefix"})
+
+
+def _task_inputs(cfg: EvalConfig) -> list[str]:
+    """The user's task files (jsonl tasks, include-path YAMLs and their data): editing one re-evaluates."""
+    from compactlm.evaluation.registry import task_inputs
+
+    return task_inputs(cfg)
 
 
 def _evaluate_cached(ctx: RunContext, model_dir: str, cfg: EvalConfig) -> dict:
     from compactlm.evaluation import evaluate_model
 
     out = Path(ctx.workdir) / "eval-model" / stage_key("eval-model", {"config": _model_key_config(cfg),
-                                                                      "seed": ctx.seed}, [model_dir])
+                                                                      "seed": ctx.seed},
+                                                       [model_dir, *_task_inputs(cfg)])
     if not is_complete(out):
         result = evaluate_model(model_dir, cfg, device=ctx.device, seed=ctx.seed)
         with publish_dir(out, {"model_dir": model_dir}) as tmp:
@@ -104,7 +113,7 @@ def evaluate(ctx: RunContext, models: dict[str, str], cfg: EvalConfig) -> str:
             (tmp / "comparison.md").write_text(table + "\n")
         return {"models": models}
 
-    out = run_stage(ctx, "evaluate", cfg, list(models.values()), produce, _logger(cfg),
+    out = run_stage(ctx, "evaluate", cfg, list(models.values()) + _task_inputs(cfg), produce, _logger(cfg),
                     extra_key={"labels": list(models)})
     table = (Path(out) / "comparison.md").read_text()
     create_markdown_artifact(table, key="compactlm-comparison", description="teacher vs pruned vs student")

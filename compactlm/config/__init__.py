@@ -23,10 +23,11 @@ from compactlm.config.stages import (
     BudgetConfig,
     DistillConfig,
     EvalConfig,
+    JsonlTask,
     PruneConfig,
     ScoreConfig,
 )
 
 __all__ = ["SELF_INSTRUCT_BLOCKED_WORDS", "SHAPE_FIELDS", "BudgetConfig", "DataConfig", "DataSource",
-           "DistillConfig", "EvalConfig", "FilterConfig", "GenerateConfig", "PruneConfig", "Recipe", "RunSettings",
-           "ScoreConfig", "SelfInstructConfig", "TrackingConfig", "_Strict"]
+           "DistillConfig", "EvalConfig", "FilterConfig", "GenerateConfig", "JsonlTask", "PruneConfig",
+           "Recipe", "RunSettings", "ScoreConfig", "SelfInstructConfig", "TrackingConfig", "_Strict"]

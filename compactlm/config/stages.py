@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -145,12 +146,41 @@ class DistillConfig(_Strict):
         return self
 
 
+class JsonlTask(_Strict):
+    """A multiple-choice task from a local .jsonl file, one question per line: prompted as "Question: <question>
+    Answer:", each choice scored as its continuation, acc and acc_norm reported. List its name in eval.tasks."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+                      description="Task name, as listed in eval.tasks and shown in the results")
+    path: str = Field(..., description="The .jsonl file (a relative path is taken from the current directory)")
+    question: str = Field("question", description="Field holding the question text")
+    choices: str = Field("choices", description="Field holding the list of choices (at least two strings)")
+    answer: str = Field("answer", description="Field holding the correct choice: its index (0-based) or its text")
+
+    @field_validator("path")
+    @classmethod
+    def _jsonl_exists(cls, v: str) -> str:
+        if not v.endswith(".jsonl"):
+            raise ValueError(f"give a .jsonl file (one JSON object per line), got {v!r}")
+        return _existing_file(v, ".jsonl")
+
+
 class EvalConfig(_Strict):
     """Benchmarks (lm-eval) and held-out perplexity, the same for teacher, pruned model and student."""
 
     tasks: list[str] = Field(
         default_factory=lambda: ["compactlm_facts"],
-        description="lm-eval tasks: the shipped compactlm_* tasks or standard lm-eval task names",
+        description="lm-eval tasks: the shipped compactlm_* tasks, names from include_path or jsonl_tasks, or "
+        "standard lm-eval task names whose data is in the local HF cache",
+    )
+    include_path: str | None = Field(
+        None,
+        description="Folder of your own lm-eval task YAMLs (searched recursively); list their task names in tasks. "
+        "Relative data_files in them are taken from the YAML's folder, ${data_dir} is eval.data_dir",
+    )
+    jsonl_tasks: list[JsonlTask] = Field(
+        default_factory=list,
+        description="Multiple-choice tasks from local .jsonl files with a field mapping; list their names in tasks",
     )
     limit: int | None = Field(None, ge=1, description="Questions per task (empty = all); perplexity reads all")
     num_fewshot: int = Field(0, ge=0, le=25, description="Worked examples in each prompt")
@@ -172,6 +202,12 @@ class EvalConfig(_Strict):
         "hf", description="Scoring engine: hf = Hugging Face model in this process; vllm = vLLM in a child process",
     )
     speed: bool = Field(True, description="Also measure generation speed (greedy, 8 prompts x 32 new tokens, batch 8)")
+    shared_prefix: bool = Field(
+        True,
+        description="hf backend: score a multiple-choice question's choices from one forward of their shared "
+        "context (KV cache), same scores as lm-eval's per-choice scoring and about 2x faster; false = lm-eval's "
+        "plain HFLM",
+    )
     min_recovery: float | None = Field(
         None, ge=0.0, le=1.0,
         description="Quality gate: fail the run when the student keeps less than this fraction of the teacher "
@@ -189,3 +225,21 @@ class EvalConfig(_Strict):
     @classmethod
     def _text_exists(cls, v: str) -> str:
         return v if v == "builtin" else _existing_file(v, "perplexity_text")
+
+    @field_validator("include_path")
+    @classmethod
+    def _include_is_dir(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).expanduser().is_dir():
+            raise ValueError(f"folder not found: {v!r} (give the folder holding your lm-eval task YAMLs)")
+        return v
+
+    @model_validator(mode="after")
+    def _jsonl_tasks_listed(self) -> EvalConfig:
+        names = [t.name for t in self.jsonl_tasks]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"jsonl_tasks: two tasks are named {name!r}; give each its own name")
+            if name not in self.tasks:
+                raise ValueError(f"jsonl_tasks.{i}.name: {name!r} is defined but not listed in tasks; add it to "
+                                 "tasks to evaluate it (or remove its definition)")
+        return self

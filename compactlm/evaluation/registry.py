@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
+from compactlm.evaluation.taskfiles import data_files, safe_yaml, substitute
 
 if TYPE_CHECKING:
     from compactlm.config import EvalConfig
@@ -30,20 +30,10 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILTIN_HELDOUT = REPO_ROOT / "compactlm" / "data" / "heldout.txt"
 PERPLEXITY_TASK = "compactlm_heldout"
 
-_PLACEHOLDER = re.compile(r"\$\{(tasks|data_dir|heldout)\}")
-
 
 def local_task_names() -> list[str]:
     """Names of the shipped benchmark tasks (the perplexity task is not listed: it is `perplexity: true`)."""
     return sorted(p.stem for p in TASKS_DIR.glob("compactlm_*.yaml") if p.stem != PERPLEXITY_TASK)
-
-
-def _safe_yaml(path: Path) -> dict[str, Any]:
-    class _Loader(yaml.SafeLoader):
-        pass
-
-    _Loader.add_constructor("!function", lambda loader, node: "!function " + loader.construct_scalar(node))
-    return yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 - SafeLoader subclass
 
 
 #: Stands in for eval.data_dir when it is unset; tasks that need it then fail the file check with a clear message.
@@ -65,32 +55,8 @@ def heldout_path(cfg: EvalConfig) -> Path:
     return BUILTIN_HELDOUT if cfg.perplexity_text == "builtin" else Path(cfg.perplexity_text).expanduser().resolve()
 
 
-def _substitute(obj: Any, roots: dict[str, Path], used: set[str]) -> Any:
-    if isinstance(obj, str):
-        def repl(m: re.Match) -> str:
-            used.add(m.group(1))
-            return str(roots[m.group(1)])
-
-        return _PLACEHOLDER.sub(repl, obj)
-    if isinstance(obj, dict):
-        return {k: _substitute(v, roots, used) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_substitute(v, roots, used) for v in obj]
-    return obj
-
-
-def _data_files(kwargs: dict[str, Any]) -> list[str]:
-    files: list[str] = []
-    for key, value in kwargs.items():
-        if key == "data_files":
-            files += list(value.values()) if isinstance(value, dict) else [value] if isinstance(value, str) else value
-        elif key.endswith("_file") and isinstance(value, str):
-            files.append(value)
-    return files
-
-
 def _check_files(name: str, spec: dict[str, Any], used: set[str], cfg: EvalConfig) -> None:
-    for f in _data_files(spec.get("dataset_kwargs") or {}):
+    for f in data_files(spec.get("dataset_kwargs") or {}):
         if Path(f).is_file():
             continue
         if "data_dir" in used:
@@ -113,7 +79,7 @@ def _check_files(name: str, spec: dict[str, Any], used: set[str], cfg: EvalConfi
 def _local_spec(name: str, cfg: EvalConfig) -> dict[str, Any]:
     """Parsed YAML of a shipped task with placeholders resolved and its data files checked."""
     used: set[str] = set()
-    spec = _substitute(_safe_yaml(TASKS_DIR / f"{name}.yaml"), _roots(cfg), used)
+    spec = substitute(safe_yaml(TASKS_DIR / f"{name}.yaml"), _roots(cfg), used)
     _check_files(name, spec, used, cfg)
     return spec
 
@@ -133,20 +99,60 @@ def standard_task_manager():
     return TaskManager()
 
 
-def check_tasks(cfg: EvalConfig) -> list[str]:
-    """Validate `cfg` without loading a model or indexing lm-eval's built-in tasks; return the task names.
+def _user_tasks(cfg: EvalConfig, local: list[str]) -> tuple[dict[str, Any], dict[str, tuple[str, Path]]]:
+    """({name: (index, JsonlTask)}, {name: (kind, yaml)}) of the user's tasks; a listed name that clashes fails."""
+    from compactlm.evaluation.custom import include_index
 
-    Raises ValueError for: an empty task list, duplicates, `limit` < 1, a name that is neither a shipped
-    local task nor a plausible lm-eval task name, a shipped task whose data files are missing (naming
-    `eval.data_dir`), or a missing perplexity text. Shipped names are checked in milliseconds without
-    importing lm-eval; only a name that is not shipped makes it index lm-eval's standard task set
-    (~15 s, once per process). Such standard tasks download their data from the HF hub when run.
+    jsonl = {t.name: (i, t) for i, t in enumerate(cfg.jsonl_tasks)}
+    include = include_index(cfg.include_path) if cfg.include_path else {}
+    for name in cfg.tasks:
+        if name in jsonl and (name in local or name in include):
+            where = "a shipped task" if name in local else f"a task in eval.include_path ({include[name][1].name})"
+            raise ValueError(f"eval.jsonl_tasks.{jsonl[name][0]}.name: {name!r} is also {where}; rename it")
+        if name in include and name in local:
+            raise ValueError(f"eval.include_path: {include[name][1]} defines {name!r}, the name of a shipped "
+                             "task; rename it in the YAML")
+    return jsonl, include
+
+
+def _check_standard(name: str, local: list[str]) -> None:
+    """A name that is neither shipped nor the user's: lm-eval's standard task set, with its data in the HF cache."""
+    from compactlm.evaluation.custom import standard_task_problem
+
+    if (name.startswith("compactlm_") or not re.fullmatch(r"[A-Za-z0-9_.\-*]+", name)
+            or name not in standard_task_manager().all_tasks):
+        raise ValueError(
+            f"eval.tasks: unknown task {name!r}. Shipped local tasks (offline): {', '.join(local)}. Your own tasks: "
+            "name them in eval.jsonl_tasks or in task YAMLs under eval.include_path. Any other name must be in "
+            "lm-eval's standard task set (e.g. arc_easy), with its dataset in the local HF cache"
+        )
+    problem = standard_task_problem(standard_task_manager(), name)
+    if problem:
+        copy = f"compactlm_{name}"
+        hint = f"use the shipped offline copy {copy!r} (with eval.data_dir), " if copy in local else "use "
+        raise ValueError(f"eval.tasks: {name!r} is a standard lm-eval task and its {problem}: {hint}a local copy "
+                         "(eval.jsonl_tasks or eval.include_path), or allow downloads with HF_HUB_OFFLINE=0 "
+                         "HF_DATASETS_OFFLINE=0")
+
+
+def check_tasks(cfg: EvalConfig) -> list[str]:
+    """Validate `cfg` without loading a model; return the task names.
+
+    Raises ValueError naming the field for: an empty task list, duplicates, `limit` < 1, an unknown name, a
+    shipped task whose data files are missing (naming `eval.data_dir`), a jsonl task whose file lacks a mapped
+    field or holds a bad row, an include-path task whose data files are missing, a standard task whose hub
+    dataset is not in the local cache (compactlm runs offline), a missing perplexity text. Shipped and user tasks
+    are checked by reading YAML / JSON only (milliseconds for the shipped ones); only a name that is none of
+    them makes it index lm-eval's standard task set (~15 s, once per process).
     """
+    from compactlm.evaluation.custom import check_jsonl, include_spec
+
     local = local_task_names()
     if not cfg.tasks:
         raise ValueError("eval.tasks: give at least one task, e.g. " + ", ".join(local))
     if cfg.limit is not None and cfg.limit < 1:
         raise ValueError(f"eval.limit must be >= 1 (examples per task) or None for all, got {cfg.limit}")
+    jsonl, include = _user_tasks(cfg, local)
     seen: set[str] = set()
     for name in cfg.tasks:
         if name in seen:
@@ -154,36 +160,59 @@ def check_tasks(cfg: EvalConfig) -> list[str]:
         seen.add(name)
         if name in local:
             _local_spec(name, cfg)
+        elif name in jsonl:
+            check_jsonl(jsonl[name][1], jsonl[name][0])
+        elif name in include:
+            include_spec(name, include[name], _roots(cfg))
         elif name == PERPLEXITY_TASK:
             raise ValueError(f"eval.tasks: {PERPLEXITY_TASK!r} is the perplexity task; set eval.perplexity: true "
                              "instead of listing it")
-        elif (name.startswith("compactlm_") or not re.fullmatch(r"[A-Za-z0-9_.\-*]+", name)
-              or name not in standard_task_manager().all_tasks):
-            raise ValueError(
-                f"eval.tasks: unknown task {name!r}. Shipped local tasks (offline): {', '.join(local)}. Any other "
-                "name must be in lm-eval's standard task set (e.g. arc_easy, hellaswag), whose datasets come from "
-                "the HF hub (online only)"
-            )
+        else:
+            _check_standard(name, local)
     if cfg.perplexity:
         _local_spec(PERPLEXITY_TASK, cfg)
     return list(cfg.tasks)
 
 
 def build_task_configs(cfg: EvalConfig, names: list[str]) -> list[str | dict[str, Any]]:
-    """lm-eval task specs for `names`: a config dict (functions resolved, absolute paths) for each shipped
-    task, the plain name for any other (looked up in lm-eval's standard task set)."""
+    """lm-eval task specs for `names`: a config dict (functions resolved, absolute paths) for each shipped, jsonl
+    and include-path task, the plain name for any other (looked up in lm-eval's standard task set)."""
     offline_env()
     from lm_eval.tasks._yaml_loader import load_yaml
 
+    from compactlm.evaluation.custom import include_spec, jsonl_spec
+
     out: list[str | dict[str, Any]] = []
     roots = _roots(cfg)
+    jsonl = {t.name: t for t in cfg.jsonl_tasks}
+    include = _user_tasks(cfg, local_task_names())[1] if cfg.include_path else {}
     for name in names:
         path = TASKS_DIR / f"{name}.yaml"
-        if not path.is_file():
+        if path.is_file():
+            used: set[str] = set()
+            spec = substitute(load_yaml(path, resolve_func=True, recursive=True), roots, used)
+            _check_files(name, spec, used, cfg)
+            out.append(spec)
+        elif name in jsonl:
+            out.append(jsonl_spec(jsonl[name]))
+        elif name in include:
+            out.append(include_spec(name, include[name], roots,
+                                    load=lambda p: load_yaml(p, resolve_func=True, recursive=True)))
+        else:
             out.append(name)
-            continue
-        used: set[str] = set()
-        spec = _substitute(load_yaml(path, resolve_func=True, recursive=True), roots, used)
-        _check_files(name, spec, used, cfg)
-        out.append(spec)
     return out
+
+
+def task_inputs(cfg: EvalConfig) -> list[str]:
+    """The user's files that `cfg`'s listed tasks read (jsonl files; include-path YAMLs and their data files), for
+    keying cached results: editing one of them re-evaluates."""
+    from compactlm.evaluation.custom import include_spec
+
+    files = [str(Path(t.path).expanduser().resolve()) for t in cfg.jsonl_tasks if t.name in cfg.tasks]
+    if cfg.include_path:
+        include = _user_tasks(cfg, local_task_names())[1]
+        for name in cfg.tasks:
+            if name in include and name not in local_task_names():
+                spec = include_spec(name, include[name], _roots(cfg))
+                files += [str(include[name][1])] + [f for f in data_files(spec["dataset_kwargs"]) if "://" not in f]
+    return sorted(set(files))

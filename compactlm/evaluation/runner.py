@@ -149,9 +149,7 @@ def evaluate_in_process(model_dir: str | os.PathLike, cfg: EvalConfig, *, device
     tokenizer = load_tokenizer(model_dir)
     params = count_params(model)
     if cfg.backend == "hf":
-        from lm_eval.models.huggingface import HFLM
-
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length)
+        lm = hf_lm(model, tokenizer, cfg)
         max_length = int(lm.max_length)  # cfg.max_length unset: the model's own context
         out = evaluate_lm(lm, cfg, seed=seed, _checked=names)
         speed = generation_speed(model, tokenizer) if cfg.speed else None
@@ -176,6 +174,17 @@ def evaluate_in_process(model_dir: str | os.PathLike, cfg: EvalConfig, *, device
         "seconds": time.perf_counter() - t0,
         "lm_eval": out["lm_eval"],
     }
+
+
+def hf_lm(model, tokenizer, cfg: EvalConfig):
+    """lm-eval's HF model on an already-loaded model: :class:`compactlm.evaluation.prefix.SharedPrefixHFLM`
+    (a question's shared context runs once) or, with ``cfg.shared_prefix`` off, lm-eval's plain ``HFLM``."""
+    if cfg.shared_prefix:
+        from compactlm.evaluation.prefix import SharedPrefixHFLM as LMClass
+    else:
+        from lm_eval.models.huggingface import HFLM as LMClass
+
+    return LMClass(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length)
 
 
 def _import_lm_eval_vllm():
@@ -246,6 +255,11 @@ def _evaluate_in_child(model_dir: Path, cfg: EvalConfig, *, device: str, seed: i
 
     if cfg.data_dir is not None:  # the child runs elsewhere: hand it the folder this process means
         cfg = cfg.model_copy(update={"data_dir": str(resolve_data_dir(cfg.data_dir))})
+    if cfg.include_path is not None:
+        cfg = cfg.model_copy(update={"include_path": str(resolve_data_dir(cfg.include_path))})
+    if cfg.jsonl_tasks:
+        tasks = [t.model_copy(update={"path": str(Path(t.path).expanduser().resolve())}) for t in cfg.jsonl_tasks]
+        cfg = cfg.model_copy(update={"jsonl_tasks": tasks})
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="compactlm-eval-") as tmp:
         out, log = Path(tmp) / "result.json", Path(tmp) / "child.log"
@@ -300,5 +314,5 @@ def evaluate_lm(lm, cfg: EvalConfig, *, seed: int = 0, _checked: list[str] | Non
     return {"tasks": tasks, "perplexity": perplexity, "lm_eval": raw}
 
 
-__all__ = ["evaluate_in_process", "evaluate_lm", "evaluate_model", "local_task_names", "vllm_lm",
+__all__ = ["evaluate_in_process", "evaluate_lm", "evaluate_model", "hf_lm", "local_task_names", "vllm_lm",
            "PERPLEXITY_METRICS"]
