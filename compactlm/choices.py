@@ -30,3 +30,13 @@ HIDDEN_LOSS_CHOICES: tuple[str, ...] = get_args(HiddenLoss)
 PROXY_CHOICES: tuple[str, ...] = get_args(Proxy)
 SEQ_AGG_CHOICES: tuple[str, ...] = get_args(SeqAgg)
 BATCH_AGG_CHOICES: tuple[str, ...] = get_args(BatchAgg)
+
+#: GGUF file types the export stage writes: float types come from llama.cpp's converter, the others from llama.cpp's
+#: quantizer (types that need an importance matrix, e.g. iq2_xxs, are left out).
+GgufType = Literal["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_1", "q5_0", "q4_k_m", "q4_k_s",
+                   "q4_1", "q4_0", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k", "iq4_nl", "iq4_xs"]
+#: Quantized HF directories for vLLM (compressed-tensors): int8 weights and activations, or int4 weights.
+VllmScheme = Literal["w8a8", "w4a16"]
+
+GGUF_TYPE_CHOICES: tuple[str, ...] = get_args(GgufType)
+VLLM_SCHEME_CHOICES: tuple[str, ...] = get_args(VllmScheme)

@@ -36,17 +36,43 @@ def preflight(recipe: Recipe, teacher_dir: str | os.PathLike | None = None) -> N
         check_tasks(recipe.eval)
     except ValueError as e:
         raise RecipeError("invalid recipe:\n  " + _named(e, "eval.tasks")) from None
+    _check_export_tools(recipe)
     if teacher_dir is not None:
         try:
             check_weights(teacher_dir)
         except ValueError as e:
             raise RecipeError(f"invalid recipe:\n  teacher: {e}") from None
+        if recipe.export.enabled and recipe.pruned_student:  # the student keeps the teacher's family and tokenizer
+            _check_export_model(recipe, teacher_dir)
         if not recipe.pruned_student:
             return  # a student of your own: score and prune do not run
         try:
             check_prune_target(teacher_dir, recipe.prune)
         except ValueError as e:
             raise RecipeError(f"invalid recipe:\n  prune: {e}") from None
+
+
+def _check_export_tools(recipe: Recipe) -> None:
+    """GGUF exports need llama.cpp (built by `make install`): fail before any compute when it is missing."""
+    if not recipe.export.gguf:
+        return
+    from compactlm.export.toolchain import ExportError, check_llama_cpp, converter_script
+
+    try:
+        converter_script()
+        check_llama_cpp()
+    except ExportError as e:
+        raise RecipeError(f"invalid recipe:\n  export.gguf: {e}") from None
+
+
+def _check_export_model(recipe: Recipe, model_dir: str | os.PathLike) -> None:
+    """The teacher's family and tokenizer (which a pruned student keeps) can take the asked-for exports."""
+    from compactlm.export import ExportError, check_export
+
+    try:
+        check_export(model_dir, recipe.export)
+    except ExportError as e:
+        raise RecipeError(f"invalid recipe:\n  {e}") from None
 
 
 def student_size_warning(student_dir: str | os.PathLike, teacher_dir: str | os.PathLike) -> str | None:

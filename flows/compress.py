@@ -1,5 +1,5 @@
 """The `compress` flow: teacher -> generate -> score -> prune (or a student of your own) -> [data] -> distill ->
-evaluate.
+evaluate -> [export].
 
 One parent MLflow run per flow run (tagged with the Prefect flow-run id), one child run per stage that runs.
 Stages hand each other directories on disk, keyed by their inputs, so a re-run reuses finished stages. With a
@@ -22,6 +22,7 @@ from tasks.common import RunContext, prefect_ids
 from tasks.data import mix
 from tasks.distill import distill
 from tasks.evaluate import evaluate
+from tasks.export import export_for_recipe
 from tasks.generate import generate
 from tasks.models import resolve_teacher
 from tasks.prune import check_runner, prune
@@ -64,8 +65,10 @@ def _stages(ctx: RunContext, recipe: Recipe, teacher: str) -> dict[str, str | No
         train = mix(ctx, teacher, data, recipe.data, recipe.data.tokens or d.steps * d.batch_size * d.seq_len)
     student = distill(ctx, teacher, start, train, recipe.distill, log_model=recipe.tracking.log_model)
     models = {"teacher": teacher, **({"pruned": pruned} if pruned else {}), "student": student}
-    return {"data": data, "train_data": train, "scores": scores, "pruned": pruned, "student": student,
-            "eval": evaluate(ctx, models, recipe.eval)}
+    out = {"data": data, "train_data": train, "scores": scores, "pruned": pruned, "student": student,
+           "eval": evaluate(ctx, models, recipe.eval)}
+    out["export"] = export_for_recipe(ctx, recipe, teacher, student)  # None unless the recipe asks for exports
+    return out
 
 
 @flow(name="compress", log_prints=True)

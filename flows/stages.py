@@ -6,6 +6,7 @@
     prune(teacher, scores_dir, data_dir, config, settings) -> pruned model dir
     distill(teacher, student_dir, data_dir, config, settings) -> distilled student dir (any student model)
     evaluate(models={label: model ref or dir}, config, settings) -> eval dir (results.json, comparison.md)
+    export(student_dir, teacher, config, eval_config, settings) -> export dir (results.json, rows.json, comparison.md)
 
 ``config`` is the stage's section of a recipe and ``settings`` the recipe's run settings (workdir, seed, device,
 runner, tracking: :class:`compactlm.config.RunSettings`), so each flow's Prefect UI form shows the stage config and
@@ -35,6 +36,7 @@ from compactlm.config import (
     DataConfig,
     DistillConfig,
     EvalConfig,
+    ExportConfig,
     GenerateConfig,
     PruneConfig,
     RunSettings,
@@ -47,6 +49,7 @@ from tasks.common import RunContext, prefect_ids
 from tasks.data import mix as mix_task
 from tasks.distill import distill as distill_task
 from tasks.evaluate import evaluate as evaluate_task
+from tasks.export import export as export_task
 from tasks.generate import generate as generate_task
 from tasks.models import resolve_teacher
 from tasks.prune import check_runner
@@ -185,14 +188,14 @@ def distill(teacher: str, student_dir: str, data_dir: str, config: DistillConfig
                             log_model=settings.tracking.log_model)
 
 
-def _student_ref(ref: str) -> str:
-    """A prune output (finished) or any model reference; the error names the parameter otherwise."""
+def _student_ref(ref: str, producer: str = "prune") -> str:
+    """A `producer` output (finished) or any model reference; the error names the parameter otherwise."""
     p = Path(ref or "").expanduser()
     if ref and p.is_dir() and not (p / "manifest.json").is_file() and (p / "config.json").is_file():
         return str(p.resolve())  # a model of the user's own
     if ref and not p.exists() and not ref.startswith(("/", ".", "~")):
         return ref  # an alias or hub id: resolved (and checked) in the flow
-    return finished_output(ref, "student_dir", "prune")
+    return finished_output(ref, "student_dir", producer)
 
 
 @flow(name="evaluate", log_prints=True)
@@ -220,6 +223,45 @@ def evaluate(models: dict[str, str], config: EvalConfig = EvalConfig(), settings
         return eval_dir
 
 
+@flow(name="export", log_prints=True)
+def export(student_dir: str, teacher: str | None = None, config: ExportConfig = ExportConfig(),
+           eval_config: EvalConfig = EvalConfig(), settings: RunSettings = RunSettings()) -> str:
+    """Export a student as deployable files (GGUF for llama.cpp, quantized vLLM directories), each evaluated and
+    timed beside the full-precision model, and register them in MLflow; returns the export dir (results.json,
+    rows.json, comparison.md).
+
+    Args:
+        student_dir: The student: a distilled student (what a distill run returned) or any model of your own (a
+            local Hugging Face folder, a .gguf file, a hub id or an alias).
+        teacher: The teacher, exported and measured beside the student as the reference when config.teacher is on
+            (a local Hugging Face folder, a .gguf file, a hub id or an alias).
+        config: What to export and how to measure it (a recipe's export section).
+        eval_config: The benchmarks and perplexity every export is scored on (a recipe's eval section).
+        settings: Workdir, seed, device, runner and MLflow tracking (a recipe's top-level settings).
+    """
+    from compactlm.evaluation import check_tasks
+
+    if not config.enabled:
+        raise ValueError("config: give at least one format: config.gguf (e.g. [f16, q8_0, q4_k_m]) or config.vllm "
+                         "(e.g. [w8a8])")
+    if config.teacher and not teacher:
+        raise ValueError("teacher: config.teacher is on: give the teacher, or switch config.teacher off")
+    if config.evaluate:
+        check_tasks(eval_config)
+    student_dir = _student_ref(student_dir, "distill")
+    with _stage_run("export", settings, {"student_dir": student_dir, "teacher": teacher or ""}) as (ctx, tracker):
+        student = resolve_teacher.with_options(name="resolve-student")(student_dir)
+        models = {"student": student, **({"teacher": resolve_teacher(teacher)} if config.teacher else {})}
+        inputs = {"student_dir": student_dir, "teacher": teacher, "export": config.model_dump(mode="json"),
+                  "eval": eval_config.model_dump(mode="json"), "settings": settings.model_dump(mode="json")}
+        out = export_task(ctx, models, config, eval_config, recipe=inputs, log_files=settings.tracking.log_model,
+                          registered_model=config.registered_model or "compactlm-student")
+        rows = json.loads((Path(out) / "rows.json").read_text())
+        tracker.log_metrics(ctx.parent_run_id, {f"{r['model']}/{r['format']}/{k}": v for r in rows
+                                                for k, v in r.items() if isinstance(v, float)})
+        return out
+
+
 #: The stage flows by name (what prefect.yaml's entrypoints point at).
 STAGE_FLOWS = {"generate": generate, "data": data, "score": score, "prune": prune, "distill": distill,
-               "evaluate": evaluate}
+               "evaluate": evaluate, "export": export}

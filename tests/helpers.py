@@ -325,3 +325,25 @@ def kill_group(proc: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def peaked_tiny_model(out: Path, *, seed: int = 0, std: float = 3.0) -> Path:
+    """The tiny Llama (head_dim 64, real SmolLM2 tokenizer) with weights redrawn large enough that greedy decoding
+    is decisive and varied (~32 distinct tokens in 32 steps, top-1 / top-2 logit gap >= ~0.15 on the path from
+    "The capital of France is"; the stock random init repeats one token). Export tests compare engines on it."""
+    import torch
+
+    from compactlm.models import load_model, load_tokenizer, make_tiny_model
+
+    if (out / "model.safetensors").is_file():
+        return out
+    base = make_tiny_model(out.parent / f"{out.name}-base")
+    model, tok = load_model(base), load_tokenizer(base)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if "embed" in name else std / p.shape[1] ** 0.5))
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out

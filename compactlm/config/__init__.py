@@ -6,11 +6,13 @@ field. Loading YAML, ``--set`` overrides and error formatting are :mod:`compactl
 teacher's config are :mod:`compactlm.preflight`. Nothing here imports torch, transformers or prefect.
 
 Modules: ``generate`` (prompts, sampling, filters, self-instruct), ``data`` (the training mixture), ``stages``
-(score, prune, distill, eval), ``pipeline`` (the recipe, run settings, tracking), ``base`` (shared behaviour).
+(score, prune, distill, eval), ``export`` (deployable files), ``pipeline`` (the recipe, run settings, tracking),
+``base`` (shared behaviour).
 """
 
 from compactlm.config.base import _Strict
 from compactlm.config.data import DataConfig, DataSource
+from compactlm.config.export import ExportConfig
 from compactlm.config.generate import (
     SELF_INSTRUCT_BLOCKED_WORDS,
     FilterConfig,
@@ -29,5 +31,5 @@ from compactlm.config.stages import (
 )
 
 __all__ = ["SELF_INSTRUCT_BLOCKED_WORDS", "SHAPE_FIELDS", "BudgetConfig", "DataConfig", "DataSource",
-           "DistillConfig", "EvalConfig", "FilterConfig", "GenerateConfig", "JsonlTask", "PruneConfig",
+           "DistillConfig", "EvalConfig", "ExportConfig", "FilterConfig", "GenerateConfig", "JsonlTask", "PruneConfig",
            "Recipe", "RunSettings", "ScoreConfig", "SelfInstructConfig", "TrackingConfig", "_Strict"]

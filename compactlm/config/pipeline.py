@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 from compactlm.choices import Device, Runner
 from compactlm.config.base import _Strict
 from compactlm.config.data import DataConfig
+from compactlm.config.export import ExportConfig
 from compactlm.config.generate import GenerateConfig
 from compactlm.config.stages import DistillConfig, EvalConfig, PruneConfig, ScoreConfig
 from compactlm.models import KNOWN_ALIASES, check_model_ref
@@ -48,7 +49,7 @@ class RunSettings(_Strict):
 
 class Recipe(_Strict):
     """A whole compress pipeline: teacher -> generate -> score -> prune (or a student of your own) -> [mix the
-    training data] -> distill -> evaluate."""
+    training data] -> distill -> evaluate -> [export]."""
 
     name: str = Field("compress", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name (letters, digits, _ . -)")
     teacher: str = Field(
@@ -71,6 +72,8 @@ class Recipe(_Strict):
     prune: PruneConfig = Field(default_factory=PruneConfig, description="The student's shape")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Distillation")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Benchmarks")
+    export: ExportConfig = Field(default_factory=ExportConfig,
+                                 description="Deployable exports: GGUF for llama.cpp, quantized vLLM directories")
     tracking: TrackingSetting
 
     @field_validator("teacher")

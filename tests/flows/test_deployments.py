@@ -10,6 +10,7 @@ from compactlm.config import (
     DataConfig,
     DistillConfig,
     EvalConfig,
+    ExportConfig,
     GenerateConfig,
     PruneConfig,
     Recipe,
@@ -26,7 +27,7 @@ STAGES = {d["entrypoint"].rsplit(":", 1)[1]: d for d in ALL if d["entrypoint"].s
 STAGE_CONFIGS = {"generate": (GenerateConfig, "generate"), "data": (DataConfig, "data"),
                  "score": (ScoreConfig, "score"),
                  "prune": (PruneConfig, "prune"), "distill": (DistillConfig, "distill"),
-                 "evaluate": (EvalConfig, "eval")}
+                 "evaluate": (EvalConfig, "eval"), "export": (ExportConfig, "export")}
 
 
 def _flow(entrypoint: str):
@@ -66,6 +67,8 @@ def test_stage_deployment_defaults_equal_the_demo_recipe(stage):
     assert settings.runner == recipe.runner
     if stage == "evaluate":
         assert params["models"] == {"teacher": recipe.teacher}
+    elif stage == "export":  # every export is scored on the recipe's benchmarks
+        assert EvalConfig.model_validate(params["eval_config"]) == recipe.eval and params["teacher"] == recipe.teacher
     else:
         assert params["teacher"] == recipe.teacher
     # every given parameter is one of the flow's, and the flow accepts them (as Prefect validates a run's)
@@ -120,6 +123,10 @@ def test_stage_flow_form_shows_config_fields_with_bounds(stage):
         assert bound("steps", "minimum") == 1
         assert (bound("lr", "exclusiveMinimum"), bound("lr", "maximum")) == (0.0, 1.0)
         assert set(schema["required"]) == {"teacher", "student_dir", "data_dir"}
+    elif stage == "export":
+        gguf = fields["gguf"]["items"]  # a multi-select of llama.cpp's types
+        assert {"f16", "q8_0", "q4_k_m"} <= set(gguf["enum"]) and fields["vllm"]["items"]["enum"] == ["w8a8", "w4a16"]
+        assert bound("group_size", "minimum") == 8 and set(schema["required"]) == {"student_dir"}
     else:
         assert (bound("min_recovery", "minimum"), bound("min_recovery", "maximum")) == (0.0, 1.0)
         assert schema["required"] == ["models"]

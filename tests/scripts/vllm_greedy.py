@@ -2,7 +2,7 @@
 ``VLLM_OK <index> {"ids": [...], "logprobs": [...]}`` (the greedy tokens after a fixed prompt and vLLM's log-prob
 of each) or ``VLLM_FAIL <index> <error>``.
 
-    python tests/scripts/vllm_greedy.py [--max-tokens N] MODEL_DIR [MODEL_DIR ...]
+    python tests/scripts/vllm_greedy.py [--max-tokens N] [--dtype D] MODEL_DIR [MODEL_DIR ...]
 
 vLLM is imported once and each engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` and the
 ``uni`` executor: no engine-core or worker process to spawn, which is what costs ~30 s per engine on two cores);
@@ -18,11 +18,11 @@ import os
 PROMPT = "The capital of France is"
 
 
-def greedy(model_dir: str, max_tokens: int) -> dict:
+def greedy(model_dir: str, max_tokens: int, dtype: str = "float32") -> dict:
     from vllm import LLM, SamplingParams
 
     # the CPU backend reserves gpu_memory_utilization x RAM for the KV cache: keep it small on a shared box
-    llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=256, gpu_memory_utilization=0.1,
+    llm = LLM(model=model_dir, dtype=dtype, enforce_eager=True, max_model_len=256, gpu_memory_utilization=0.1,
               distributed_executor_backend="uni", trust_remote_code=False)
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0)  # 0: the chosen token's only
@@ -41,11 +41,12 @@ if __name__ == "__main__":
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     parser = argparse.ArgumentParser()
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--dtype", default="float32", help="bfloat16 for int4 weights (vLLM's CPU kernel has no fp32)")
     parser.add_argument("models", nargs="+")
     args = parser.parse_args()
     for i, model in enumerate(args.models):
         try:
-            result = greedy(model, args.max_tokens)
+            result = greedy(model, args.max_tokens, args.dtype)
         except Exception as e:  # noqa: BLE001 - report the failure and go on with the next model
             msg = " ".join(f"{type(e).__name__}: {e}".split())[:2000]
             print(f"VLLM_FAIL {i} {msg}", flush=True)
