@@ -58,6 +58,15 @@ def _evaluate_cached(ctx: RunContext, model_dir: str, cfg: EvalConfig) -> dict:
     return json.loads((out / "results.json").read_text())
 
 
+def _speeds(ctx: RunContext, models: dict[str, str], cfg: EvalConfig) -> dict[str, dict]:
+    from compactlm.evaluation.runner import eval_dtype
+    from compactlm.evaluation.speed import compare_speeds
+    from compactlm.models import pick_device
+
+    device = pick_device(ctx.device)
+    return compare_speeds(models, device=device, dtype=eval_dtype(cfg, device))
+
+
 def _gate(results: dict, cfg: EvalConfig) -> tuple[str, float | None]:
     """("off" | "passed" | "failed", the student's kept fraction or None)."""
     from compactlm.evaluation import check_recovery, kept_fraction
@@ -105,8 +114,11 @@ def evaluate(ctx: RunContext, models: dict[str, str], cfg: EvalConfig) -> str:
         results = {}
         for i, (label, d) in enumerate(models.items()):
             progress.report("evaluate", i, len(models), model=label)
-            results[label] = _evaluate_cached(ctx, d, cfg)
+            results[label] = _evaluate_cached(ctx, d, cfg.model_copy(update={"speed": False}))
         progress.report("evaluate", len(models), len(models))
+        if cfg.speed:  # timed side by side, interleaved, after the scoring: one figure per model that compares
+            for label, speed in _speeds(ctx, models, cfg).items():
+                results[label]["speed"] = speed
         table = compare_table(results, reference=next(iter(models)))
         with publish_dir(out, {"models": models}) as tmp:
             (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str))

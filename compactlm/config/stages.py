@@ -201,7 +201,9 @@ class EvalConfig(_Strict):
     backend: Literal["hf", "vllm"] = Field(
         "hf", description="Scoring engine: hf = Hugging Face model in this process; vllm = vLLM in a child process",
     )
-    speed: bool = Field(True, description="Also measure generation speed (greedy, 8 prompts x 32 new tokens, batch 8)")
+    speed: bool = Field(True, description="Also measure decode speed: greedy, 16 new tokens per prompt at batch 1 "
+                        "and batch 8, the models interleaved over 3 rounds (medians); a model evaluated alone: "
+                        "8 prompts x 32 tokens at batch 8")
     shared_prefix: bool = Field(
         True,
         description="hf backend: score a multiple-choice question's choices from one forward of their shared "

@@ -66,25 +66,41 @@ def _fmt_params(n: Any) -> str:
 def kept_fraction(result: dict[str, Any], reference: dict[str, Any]) -> float | None:
     """How much of the reference model's quality `result` keeps, as a fraction (1.0 = all of it).
 
-    Definition: the mean, over every task both share whose reference score is > 0, of
-    ``score / reference_score`` (headline metric, higher is better), plus one more term for perplexity
-    (lower is better, so inverted): ``reference_word_perplexity / word_perplexity``. None when nothing is
-    comparable. Note that chance level is not subtracted: a random 4-choice guesser keeps about
-    0.25 / reference accuracy.
+    Definition (:data:`KEPT_FORMULA`): the mean of one term per task both share and one for perplexity. A task's
+    term is its headline metric above chance over the reference's above chance, ``(score - chance) / (ref - chance)``,
+    where ``chance`` is the expected score of guessing (``tasks[t]["chance"]``: mean of 1 / number of choices over
+    the questions; 0 when unknown); tasks where the reference is not above chance are left out (nothing to keep).
+    The perplexity term (lower is better) is ``reference_word_perplexity / word_perplexity``. None when nothing is
+    comparable. A model at chance level keeps 0 % of a task, one worse than chance a negative share.
     """
     ratios: list[float] = []
     ref_tasks = reference.get("tasks") or {}
     for task, metrics in (result.get("tasks") or {}).items():
         ref = ref_tasks.get(task)
         name = main_metric(ref) if ref else None
-        if name is None or not _finite(metrics.get(name)) or ref[name] <= 0:
+        if name is None or not _finite(metrics.get(name)):
             continue
-        ratios.append(metrics[name] / ref[name])
+        chance = chance_level(ref)
+        if ref[name] - chance <= 1e-9:
+            continue
+        ratios.append((metrics[name] - chance) / (ref[name] - chance))
     ppl = (result.get("perplexity") or {}).get(_PPL_METRIC)
     ref_ppl = (reference.get("perplexity") or {}).get(_PPL_METRIC)
     if _finite(ppl) and _finite(ref_ppl) and ppl > 0:
         ratios.append(ref_ppl / ppl)
     return sum(ratios) / len(ratios) if ratios else None
+
+
+def chance_level(metrics: dict[str, Any]) -> float:
+    """A task's expected score when guessing (``metrics["chance"]``, set by the evaluation for multiple-choice
+    tasks), 0 when unknown."""
+    chance = metrics.get("chance")
+    return float(chance) if _finite(chance) else 0.0
+
+
+#: The "% kept" column's formula, printed under the comparison table.
+KEPT_FORMULA = ("% kept = mean over the tasks of (score - chance) / (teacher's score - chance), with the "
+                "perplexity term teacher's ppl / ppl; chance = 1 / number of choices")
 
 
 def compare_rows(results: dict[str, dict[str, Any]], reference: str = "teacher") -> tuple[list[str], list[list[str]]]:
@@ -103,12 +119,16 @@ def compare_rows(results: dict[str, dict[str, Any]], reference: str = "teacher")
         metric_of[task] = next((n for n in names if n), None)
     has_ppl = any(_finite((r.get("perplexity") or {}).get(_PPL_METRIC)) for r in results.values())
     has_speed = any(_finite(tok_per_second(r)) for r in results.values())
+    batch = next((s["batch_size"] for r in results.values() if _finite((s := r.get("speed") or {}).get("tok_s_batch"))),
+                 None)
     ref = results.get(reference)
 
-    header = ["model", "params", "size MB"] + (["tok/s ↑"] if has_speed else [])
+    header = ["model", "params", "size MB"]
+    if has_speed:  # side by side (compare_speeds): batch 1 and a batch; timed alone: generation_speed's tok/s
+        header += ["decode tok/s b1 ↑", f"decode tok/s b{batch} ↑"] if batch else ["tok/s ↑"]
     header += [f"{t} ({metric_of[t] or '—'})" for t in tasks]
     header += ["word ppl ↓"] if has_ppl else []
-    header += [f"% of {reference} kept"]
+    header += [f"% of {reference} kept ↑"]
     rows = []
     for label, res in results.items():
         size = res.get("size_bytes")
@@ -116,6 +136,9 @@ def compare_rows(results: dict[str, dict[str, Any]], reference: str = "teacher")
         if has_speed:
             speed = tok_per_second(res)
             row.append(f"{speed:.1f}" if _finite(speed) else "—")
+            if batch:
+                speed = (res.get("speed") or {}).get("tok_s_batch")
+                row.append(f"{speed:.1f}" if _finite(speed) else "—")
         for task in tasks:
             value = (res.get("tasks") or {}).get(task, {}).get(metric_of[task]) if metric_of[task] else None
             row.append(f"{value:.3f}" if _finite(value) else "—")
@@ -129,22 +152,43 @@ def compare_rows(results: dict[str, dict[str, Any]], reference: str = "teacher")
 
 
 def compare_table(results: dict[str, dict[str, Any]], reference: str = "teacher") -> str:
-    """Markdown table, one row per model label (in the order given), e.g. teacher / pruned / student.
+    """Markdown table, one row per model label (in the order given), e.g. teacher / pruned / student, then a
+    legend that says what every column is.
 
-    Columns: model, params, size MB (safetensors on disk, 1 MB = 1e6 bytes), "tok/s ↑" (greedy HF generation
-    throughput of :func:`compactlm.evaluation.speed.generation_speed`; only when some result has it), each
-    task's headline metric (acc_norm if present else acc; the header names it), held-out word perplexity
-    (lower is better), and "% of teacher kept" = 100 x :func:`kept_fraction` against the `reference` row
-    ("—" when `reference` is not among `results`; the reference row itself shows 100.0). Speed and size are
-    reported, not part of "kept".
+    Columns: model, params, size MB (safetensors on disk, 1 MB = 1e6 bytes), "decode tok/s b1 ↑" and
+    "decode tok/s b8 ↑" (greedy HF generation, :func:`compactlm.evaluation.speed.compare_speeds`: medians of
+    interleaved rounds; a result timed alone shows its ``tok_s`` only), each task's headline metric (acc_norm if
+    present else acc; the header names it), held-out word perplexity (lower is better), and "% of teacher kept" =
+    100 x :func:`kept_fraction` against the `reference` row ("—" when `reference` is not among `results`; the
+    reference row itself shows 100.0). Speed and size are reported, not part of "kept".
     """
     header, rows = compare_rows(results, reference)
     rows = [header, ["---"] + ["---:"] * (len(header) - 1)] + rows
-    return "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
+    table = "\n".join("| " + " | ".join(r) + " |" for r in rows) + "\n"
+    speed = next((r["speed"] for r in results.values() if (r.get("speed") or {}).get("tok_s_batch")), {})
+    return table + "\n" + legend(header, reference, speed) + "\n"
+
+
+def legend(header: list[str], reference: str = "teacher", speed: dict[str, Any] | None = None) -> str:
+    """What the comparison table's columns are, in one paragraph (`speed`: one model's speed record)."""
+    parts = ["size MB: weights on disk"]
+    if any(h.startswith("decode tok/s") for h in header):
+        speed = speed or {}
+        parts.append(f"decode tok/s: greedy generation of {speed.get('new_tokens', '?')} tokens per prompt at batch "
+                     f"1 and at batch {speed.get('batch_size', '?')} (HF, prompt included), median of "
+                     f"{speed.get('repeats', '?')} rounds with the models interleaved")
+    elif "tok/s ↑" in header:
+        parts.append("tok/s: greedy generation, 8 prompts x 32 tokens at batch 8, each model timed alone")
+    parts.append("task columns: the task's headline metric (higher is better)")
+    if "word ppl ↓" in header:
+        parts.append("word ppl: held-out word perplexity (lower is better)")
+    parts.append(KEPT_FORMULA.replace("teacher", reference))
+    return "; ".join(parts) + "."
 
 
 def tok_per_second(result: dict[str, Any]) -> float | None:
-    """The result's inference throughput (``result["speed"]["tok_s"]``), or None when not measured."""
+    """The result's headline inference throughput (``result["speed"]["tok_s"]``: batch-1 decode when
+    :func:`compactlm.evaluation.speed.compare_speeds` measured it), or None when not measured."""
     value = (result.get("speed") or {}).get("tok_s")
     return float(value) if _finite(value) else None
 

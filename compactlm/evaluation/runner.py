@@ -123,7 +123,8 @@ def evaluate_model(model_dir: str | os.PathLike, cfg: EvalConfig, *, device: str
     return evaluate_in_process(model_dir, cfg, device=device, seed=seed, _checked=names)
 
 
-def _dtype(cfg: EvalConfig, device: str) -> str:
+def eval_dtype(cfg: EvalConfig, device: str) -> str:
+    """The dtype models are evaluated in: eval.dtype, or bfloat16 on CUDA and float32 elsewhere for "auto"."""
     return cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
 
 
@@ -144,7 +145,7 @@ def evaluate_in_process(model_dir: str | os.PathLike, cfg: EvalConfig, *, device
     from compactlm.models import count_params, load_model, load_tokenizer, pick_device
 
     device = pick_device(device)
-    dtype = _dtype(cfg, device)
+    dtype = eval_dtype(cfg, device)
     model = load_model(model_dir, dtype=dtype, device=device)
     tokenizer = load_tokenizer(model_dir)
     params = count_params(model)
@@ -233,7 +234,7 @@ def vllm_lm(model_dir: str | os.PathLike, cfg: EvalConfig, *, device: str = "cpu
 
     module = _import_lm_eval_vllm()
     with nullcontext() if device.startswith("cuda") else vllm_cpu_env():
-        return module.VLLM(pretrained=str(model_dir), dtype=_dtype(cfg, device), batch_size=cfg.batch_size,
+        return module.VLLM(pretrained=str(model_dir), dtype=eval_dtype(cfg, device), batch_size=cfg.batch_size,
                            max_model_len=cfg.max_length, seed=seed, trust_remote_code=False,
                            enforce_eager=True)
 
@@ -279,6 +280,16 @@ def _evaluate_in_child(model_dir: Path, cfg: EvalConfig, *, device: str, seed: i
     return result
 
 
+def _chance_levels(run: dict[str, Any]) -> dict[str, float]:
+    """Per multiple-choice task, the expected accuracy of guessing: the mean of 1 / number of choices over its
+    questions (lm-eval sends one request per choice)."""
+    out = {}
+    for task, samples in (run.get("samples") or {}).items():
+        if (run.get("configs") or {}).get(task, {}).get("output_type") == "multiple_choice" and samples:
+            out[task] = sum(1 / len(s["arguments"]) for s in samples) / len(samples)
+    return out
+
+
 def evaluate_lm(lm, cfg: EvalConfig, *, seed: int = 0, _checked: list[str] | None = None) -> dict[str, Any]:
     """Run `cfg`'s tasks (and perplexity) on any `lm_eval.api.model.LM`; the core of :func:`evaluate_model`.
 
@@ -292,8 +303,10 @@ def evaluate_lm(lm, cfg: EvalConfig, *, seed: int = 0, _checked: list[str] | Non
                   numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
     runs: list[dict[str, Any]] = []
     specs = build_task_configs(cfg, names)
+    common_tasks = {**common, "log_samples": True}  # the samples give each question's number of choices
     runs.append(simple_evaluate(model=lm, tasks=specs, num_fewshot=cfg.num_fewshot, limit=cfg.limit,
-                                task_manager=_task_manager(specs), **common))
+                                task_manager=_task_manager(specs), **common_tasks))
+    chances = _chance_levels(runs[0])
     if cfg.perplexity:
         ppl_specs = build_task_configs(cfg, [PERPLEXITY_TASK])
         runs.append(simple_evaluate(model=lm, tasks=ppl_specs, num_fewshot=0, limit=None,
@@ -305,7 +318,8 @@ def evaluate_lm(lm, cfg: EvalConfig, *, seed: int = 0, _checked: list[str] | Non
             raw[key].update(res.get(key) or {})
     raw = _jsonable(raw)
 
-    tasks = {t: _plain_metrics(m) for t, m in raw["results"].items() if t != PERPLEXITY_TASK}
+    tasks = {t: _plain_metrics(m) | ({"chance": chances[t]} if t in chances else {})
+             for t, m in raw["results"].items() if t != PERPLEXITY_TASK}
     perplexity = None
     if cfg.perplexity:
         ppl = _plain_metrics(raw["results"][PERPLEXITY_TASK])

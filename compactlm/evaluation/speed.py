@@ -1,4 +1,9 @@
-"""A short, fixed greedy-generation benchmark: the "tok/s" column of the comparison table.
+"""Short, fixed greedy-generation benchmarks: the decode-speed columns of the comparison table.
+
+:func:`compare_speeds` (what the evaluate stage runs) measures several models side by side: decode tok/s at batch 1
+and at batch 8, the models interleaved round after round and the median of the rounds reported, so that a
+neighbour's burst of work on a shared machine lands on every model alike. :func:`generation_speed` times one model
+alone (``evaluate_model`` with ``eval.speed``).
 
 Every model gets the same work: :data:`SPEED_PROMPTS` (8 short plain-text prompts, no chat template, so
 pruned and random models are measured the same way), left-padded into one batch of 8, and exactly
@@ -80,3 +85,57 @@ def generation_speed(model, tokenizer, *, prompts: int = 8, new_tokens: int = 32
         raise RuntimeError(f"generation_speed: expected {prompts * new_tokens} new tokens, got {tokens}")
     return {"tok_s": tokens / best, "seconds": best, "tokens": tokens, "prompts": prompts,
             "new_tokens": new_tokens, "batch_size": batch_size, "repeats": repeats}
+
+
+def _decode_tok_s(model, tokenizer, batch: int, new_tokens: int) -> float:
+    """Tokens per second of one greedy generate call: `batch` prompts x `new_tokens` tokens (prefill included)."""
+    return generation_speed(model, tokenizer, prompts=batch, new_tokens=new_tokens, batch_size=batch,
+                            repeats=1)["tok_s"]
+
+
+def compare_speeds(model_dirs: dict[str, str], *, device: str = "cpu", dtype: str = "float32", repeats: int = 3,
+                   batch: int = 8, new_tokens: int = 16) -> dict[str, dict[str, Any]]:
+    """Decode speed of each labelled model at batch 1 and at `batch`, medians over `repeats` interleaved rounds.
+
+    On CPU every model is loaded first and each round times every model once (the order rotates each round); on a
+    GPU (where one model may fill the device) each model is loaded in turn and timed `repeats` times. Returns
+    ``{label: {"tok_s": median batch-1 tok/s, "tok_s_b1", "tok_s_batch", "batch_size", "new_tokens", "repeats",
+    "runs_b1", "runs_batch"}}`` (``tok_s`` is the headline: batch-1 decode is what one user of the model waits on).
+    """
+    import statistics
+
+    from compactlm.models import load_model, load_tokenizer
+
+    if repeats < 1 or batch < 1 or new_tokens < 1:
+        raise ValueError(f"compare_speeds: repeats, batch and new_tokens must be >= 1, got {repeats}, {batch}, "
+                         f"{new_tokens}")
+    labels = list(model_dirs)
+    runs: dict[str, dict[str, list[float]]] = {label: {"b1": [], "batch": []} for label in labels}
+
+    def time_once(label: str, model, tok) -> None:
+        runs[label]["b1"].append(_decode_tok_s(model, tok, 1, new_tokens))
+        runs[label]["batch"].append(_decode_tok_s(model, tok, batch, new_tokens))
+
+    def load(label: str):
+        model = load_model(model_dirs[label], dtype=dtype, device=device)
+        tok = load_tokenizer(model_dirs[label])
+        _decode_tok_s(model, tok, 1, 2)  # warm-up
+        return model, tok
+
+    if device.startswith("cuda"):
+        for label in labels:
+            model, tok = load(label)
+            for _ in range(repeats):
+                time_once(label, model, tok)
+            del model
+    else:
+        loaded = {label: load(label) for label in labels}
+        for r in range(repeats):
+            for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+                time_once(label, *loaded[label])
+    out = {}
+    for label, got in runs.items():
+        b1, bb = statistics.median(got["b1"]), statistics.median(got["batch"])
+        out[label] = {"tok_s": b1, "tok_s_b1": b1, "tok_s_batch": bb, "batch_size": batch, "new_tokens": new_tokens,
+                      "repeats": repeats, "runs_b1": got["b1"], "runs_batch": got["batch"]}
+    return out

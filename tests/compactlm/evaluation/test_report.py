@@ -23,7 +23,8 @@ def test_compare_table_on_hand_made_results():
     }
     table = compare_table(results)
     lines = table.strip().splitlines()
-    assert lines[0] == "| model | params | size MB | compactlm_facts (acc_norm) | word ppl ↓ | % of teacher kept |"
+    assert lines[-1].startswith("size MB: weights on disk;") and "% kept = mean over the tasks" in lines[-1]
+    assert lines[0] == "| model | params | size MB | compactlm_facts (acc_norm) | word ppl ↓ | % of teacher kept ↑ |"
     assert lines[2] == "| teacher | 134.5M | 538.1 | 0.800 | 10.00 | 100.0 |"
     # pruned: mean(0.40/0.80, 10/40) = 0.375 ; student: mean(0.60/0.80, 10/20) = 0.625
     assert lines[3] == "| pruned | 50.0M | 200.0 | 0.400 | 40.00 | 37.5 |"
@@ -33,7 +34,7 @@ def test_compare_table_on_hand_made_results():
     # acc when acc_norm is absent; no perplexity column when nobody has one; unknown reference -> dashes.
     t2 = compare_table({"a": fake_result(0.5, None, None, task="boolq"),
                         "b": fake_result(0.25, None, None, task="boolq")}, reference="a").strip().splitlines()
-    assert t2[0] == "| model | params | size MB | boolq (acc) | % of a kept |"
+    assert t2[0] == "| model | params | size MB | boolq (acc) | % of a kept ↑ |"
     assert t2[3].endswith("| 0.250 | 50.0 |")
     t3 = compare_table({"x": fake_result(0.5, 0.5, 5.0)}, reference="teacher").strip().splitlines()
     assert t3[2].endswith("| — |")
@@ -46,12 +47,36 @@ def test_table_has_tok_s_column_when_measured():
                "student": fake_result(0.45, 0.60, 20.0, params=50_000_000, size=200_000_000)}  # not measured
     lines = compare_table(results).strip().splitlines()
     assert lines[0] == ("| model | params | size MB | tok/s ↑ | compactlm_facts (acc_norm) | word ppl ↓ "
-                        "| % of teacher kept |")
+                        "| % of teacher kept ↑ |")
     assert lines[2] == "| teacher | 134.5M | 538.1 | 120.0 | 0.800 | 10.00 | 100.0 |"
     assert lines[3] == "| student | 50.0M | 200.0 | — | 0.600 | 20.00 | 62.5 |"
     header, rows = compare_rows(results)
     assert header[3] == "tok/s ↑" and rows[0][3] == "120.0" and len(rows) == 2
     assert flat_metrics(results["teacher"])["tok_s"] == 120.0 and "tok_s" not in flat_metrics(results["student"])
+
+
+def test_kept_counts_only_what_is_above_chance():
+    teacher, student = fake_result(0.60, 0.70, None), fake_result(0.40, 0.40, None)
+    assert kept_fraction(student, teacher) == pytest.approx(0.40 / 0.70)  # chance unknown: plain ratio
+    for r in (teacher, student):
+        r["tasks"]["compactlm_facts"]["chance"] = 0.25  # 4 choices
+    assert kept_fraction(student, teacher) == pytest.approx((0.40 - 0.25) / (0.70 - 0.25))
+    guesser = fake_result(0.25, 0.25, None)
+    assert kept_fraction(guesser, teacher) == pytest.approx(0.0)
+    teacher["tasks"]["compactlm_facts"]["acc_norm"] = 0.25  # a teacher at chance has nothing to keep
+    assert kept_fraction(student, teacher) is None
+
+
+def test_side_by_side_speed_columns():
+    results = {label: fake_result(0.6, 0.8, 10.0) for label in ("teacher", "student")}
+    for label, (b1, b8) in {"teacher": (20.0, 90.0), "student": (35.5, 150.0)}.items():
+        results[label]["speed"] = {"tok_s": b1, "tok_s_b1": b1, "tok_s_batch": b8, "batch_size": 8,
+                                   "new_tokens": 16, "repeats": 3}
+    lines = compare_table(results).strip().splitlines()
+    assert lines[0].startswith("| model | params | size MB | decode tok/s b1 ↑ | decode tok/s b8 ↑ |")
+    assert lines[3].startswith("| student | 1.0M | 4.0 | 35.5 | 150.0 |")
+    assert "16 tokens per prompt at batch 1 and at batch 8" in lines[-1]
+    assert "median of 3 rounds with the models interleaved" in lines[-1]
 
 
 def test_check_recovery_gate():

@@ -173,6 +173,32 @@ def test_generation_speed_is_fixed_work_and_rejects_bad_input(tiny_model_dir):
         generation_speed(model, tok, new_tokens=0)
 
 
+def test_compare_speeds_interleaves_rounds_and_reports_medians(tiny_model_dir, monkeypatch):
+    import statistics
+
+    from compactlm.evaluation import speed
+
+    calls = []
+    real = speed._decode_tok_s
+    monkeypatch.setattr(speed, "_decode_tok_s", lambda m, t, b, n: calls.append((id(m), b, n)) or real(m, t, b, n))
+    out = speed.compare_speeds({"a": tiny_model_dir, "b": tiny_model_dir}, repeats=3, batch=4, new_tokens=3)
+    assert set(out) == {"a", "b"}
+    for s in out.values():
+        assert len(s["runs_b1"]) == len(s["runs_batch"]) == 3 and s["batch_size"] == 4
+        assert s["tok_s"] == s["tok_s_b1"] == statistics.median(s["runs_b1"]) > 0
+        assert s["tok_s_batch"] == statistics.median(s["runs_batch"]) > 0
+    timed = [c for c in calls if c[2] == 3]  # warm-ups generate 2 tokens
+    assert len(timed) == 12 and [b for _, b, _ in timed] == [1, 4] * 6
+    models = [m for m, b, _ in timed if b == 1]  # round 0: a b; round 1: b a; round 2: a b
+    assert models[0] == models[3] == models[4] != models[1] == models[2] == models[5]
+    with pytest.raises(ValueError, match="repeats"):
+        speed.compare_speeds({"a": tiny_model_dir}, repeats=0)
+
+
+def test_multiple_choice_tasks_report_their_chance_level(tiny_result):
+    assert tiny_result["tasks"]["compactlm_facts"]["chance"] == pytest.approx(0.25)  # every fact has 4 choices
+
+
 def test_evaluation_cli_bad_input_exits_2(tmp_path, tiny_model_dir):
     import subprocess
     import sys
