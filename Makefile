@@ -16,7 +16,7 @@ LLAMA_TREE  := llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install llama-cpp demo test test-fast test-integration lint validate serve deploy stop clean
+.PHONY: install llama-cpp demo test test-fast test-integration browser-deps screenshots lint validate serve deploy stop clean
 
 install: $(STAMP) $(LLAMA_STAMP)
 
@@ -61,6 +61,17 @@ test-fast: install
 
 test-integration: install
 	$(BIN)/pytest -m integration tests
+
+# The browser tests (tests/flows/test_browser.py, in the integration group) drive Debian's chromium with its
+# chromedriver through selenium (dev extra); nothing is downloaded at test time. .ci/run installs them the same way.
+browser-deps:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+	  SUDO=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
+
+# The README's UI screenshots (docs/img/prefect-run-form.png, docs/img/mlflow-run.png), taken by the browser tests.
+screenshots: install browser-deps
+	COMPACTLM_SCREENSHOTS=docs/img $(BIN)/pytest -m integration tests/flows/test_browser.py
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/lint-imports

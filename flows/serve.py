@@ -82,6 +82,8 @@ def start(state_dir: str | os.PathLike = "runs/serve", prefect_port: int = 4200,
     procs: dict[str, subprocess.Popen] = {}
     try:
         server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+        # the UI's browser code calls this API URL; unset, the server builds it from the default port 4200
+        server_env["PREFECT_UI_API_URL"] = env["PREFECT_API_URL"]
         procs["prefect-server"] = _spawn("prefect-server", [_bin("prefect"), "server", "start", "--host", HOST,
                                                            "--port", str(prefect_port)], server_env, state_dir)
         procs["mlflow-server"] = _spawn("mlflow-server", [

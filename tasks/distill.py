@@ -12,6 +12,16 @@ from compactlm.tracking import Tracker
 from tasks.common import RunContext, retry_transient, run_stage
 
 
+def log_student(tracker: Tracker, run_id: str, out: Path, metrics: dict) -> str:
+    """The distilled student (its folder: HF files, pruning record, training log) as an MLflow logged model of this
+    run with its final metrics: the run's "Logged models" and the experiment's Models tab show it."""
+    from tasks.registry import log_logged_model
+
+    return log_logged_model(tracker, run_id, "student", out, metrics={f"final_{k}": v for k, v in metrics.items()},
+                            params={}, attachments={}, tags={"compactlm.stage": "distill"},
+                            model_type="compactlm-student")
+
+
 def _make_log(log_model: bool):
     def _log(tracker: Tracker, run_id: str, out: Path, summary: dict) -> None:
         metrics = read_manifest(out)["metrics"]  # same names whether computed now or reused
@@ -20,7 +30,7 @@ def _make_log(log_model: bool):
         tracker.log_artifact(run_id, out / "config.json")
         tracker.set_tags(run_id, {"compactlm.model_dir": out})
         if log_model and not summary.get("cache_hit"):  # a reused student was uploaded by the run that made it
-            tracker.log_artifact(run_id, out, "model")
+            log_student(tracker, run_id, out, metrics)
     return _log
 
 

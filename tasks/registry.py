@@ -37,12 +37,12 @@ def _ensure_registered_model(tracker: Tracker, name: str, description: str) -> N
             raise
 
 
-def register(tracker: Tracker, run_id: str, name: str, files: Path | None, *, metrics: dict[str, float],
-             params: dict[str, Any], attachments: dict[str, Any], tags: dict[str, str],
-             model_type: str) -> dict[str, Any]:
+def log_logged_model(tracker: Tracker, run_id: str, name: str, files: Path | None, *, metrics: dict[str, float],
+                     params: dict[str, Any], attachments: dict[str, Any], tags: dict[str, str],
+                     model_type: str) -> str:
     """A logged model of the experiment (source run `run_id`; `files` uploaded unless None, `attachments` written
-    beside them as JSON files, `metrics` and `params` on the model) and a new version of registered model `name`
-    pointing at it. Returns ``{"name", "version", "model_id"}``."""
+    beside them as JSON files, `metrics` and `params` on the model), READY; returns its model id. The MLflow UI
+    lists it under the run's "Logged models" and the experiment's Models tab."""
     flat = {k: json.dumps(v) if isinstance(v, (dict, list)) else str(v) for k, v in redact(params).items()}
     model = tracker.call(lambda: tracker.client.create_logged_model(
         tracker.experiment_id, name=name, source_run_id=run_id, tags=tags, params=flat, model_type=model_type))
@@ -60,6 +60,20 @@ def register(tracker: Tracker, run_id: str, name: str, files: Path | None, *, me
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             tracker.call(lambda k=key, v=value: tracker.client.log_metric(run_id, k, float(v), model_id=model_id))
     tracker.call(lambda: tracker.client.finalize_logged_model(model_id, "READY"))
+    from mlflow.entities import LoggedModelOutput
+
+    # the run's output: what makes the run page list it under "Logged models"
+    tracker.call(lambda: tracker.client.log_outputs(run_id, [LoggedModelOutput(model_id, 0)]))
+    return model_id
+
+
+def register(tracker: Tracker, run_id: str, name: str, files: Path | None, *, metrics: dict[str, float],
+             params: dict[str, Any], attachments: dict[str, Any], tags: dict[str, str],
+             model_type: str) -> dict[str, Any]:
+    """:func:`log_logged_model` and a new version of registered model `name` pointing at it. Returns
+    ``{"name", "version", "model_id"}``."""
+    model_id = log_logged_model(tracker, run_id, name, files, metrics=metrics, params=params,
+                                attachments=attachments, tags=tags, model_type=model_type)
     _ensure_registered_model(tracker, name, f"compactlm export: {model_type}")
     # the logged model's artifact location, not models:/<id>: the SQL registry resolves that through the global
     # tracking URI (an MLflow TODO), which compactlm never sets
