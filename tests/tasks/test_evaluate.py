@@ -32,7 +32,7 @@ def test_evaluate_task_gate_logs_then_fails_without_retry(tmp_path, monkeypatch)
             dirs["pruned"]: with_speed(fake_result(0.30, 0.40, 40.0), 150.0),
             dirs["student"]: with_speed(fake_result(0.45, 0.60, 20.0), 150.0)}  # keeps 62.5%
     monkeypatch.setattr(te, "_evaluate_cached", lambda ctx, d, cfg: {k: v for k, v in fake[d].items() if k != "speed"})
-    monkeypatch.setattr(te, "_speeds", lambda ctx, models, cfg: {label: fake[d]["speed"] for label, d in models.items()})
+    monkeypatch.setattr(te, "_speeds", lambda ctx, models, cfg: {k: fake[d]["speed"] for k, d in models.items()})
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "gate-test", artifact_root=str(tmp_path / "art"))
     parent = tracker.start_run("pipeline")
     ctx = RunContext(workdir=str(tmp_path / "work"), tracking_uri=tracker.tracking_uri, experiment="gate-test",
