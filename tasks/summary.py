@@ -82,10 +82,31 @@ def _comparison(metrics: dict[str, float], labels: list[str], png: Path) -> bool
     return True
 
 
-def log_run_summary(tracker: Tracker, run_id: str, outputs: dict[str, Any], header: str = "") -> dict[str, float]:
-    """Log the parent run's description, key metrics, training-data input and plots; returns the metrics."""
+def _plots(eval_dir: Path, student_dir: Path, metrics: dict[str, float], labels: list[str]) -> Path:
+    """The run's two plots, drawn once per (evaluation, student) pair and kept beside the stage outputs
+    (``<workdir>/plots/<eval key>-<student key>/``), so a rerun whose stages are all cached draws nothing."""
+    import shutil
     import tempfile
 
+    out = eval_dir.parent.parent / "plots" / f"{eval_dir.name}-{student_dir.name}"
+    if out.is_dir():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        _loss_curve(student_dir / "train_log.jsonl", tmp / "loss_curve.png")
+        _comparison(metrics, labels, tmp / "comparison.png")
+        tmp.rename(out)  # published whole: a crash leaves no half-drawn folder under the final name
+    except OSError:
+        if not out.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def log_run_summary(tracker: Tracker, run_id: str, outputs: dict[str, Any], header: str = "") -> dict[str, float]:
+    """Log the parent run's description, key metrics, training-data input and plots; returns the metrics."""
     eval_dir = Path(outputs["eval"])
     results = json.loads((eval_dir / "results.json").read_text())
     table = (eval_dir / "comparison.md").read_text()
@@ -98,11 +119,6 @@ def log_run_summary(tracker: Tracker, run_id: str, outputs: dict[str, Any], head
 
         train = Path(outputs["train_data"])
         log_dataset_input(tracker, run_id, dataset_frame(train), train / "data", f"train-{train.name}")
-    with tempfile.TemporaryDirectory() as tmp:
-        plots = Path(tmp) / "plots"
-        plots.mkdir()
-        _loss_curve(Path(outputs["student"]) / "train_log.jsonl", plots / "loss_curve.png")
-        _comparison(metrics, list(results), plots / "comparison.png")
-        for png in sorted(plots.glob("*.png")):
-            tracker.log_artifact(run_id, png, "plots")
+    for png in sorted(_plots(eval_dir, Path(outputs["student"]), metrics, list(results)).glob("*.png")):
+        tracker.log_artifact(run_id, png, "plots")
     return metrics

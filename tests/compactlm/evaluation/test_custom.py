@@ -90,7 +90,9 @@ def test_jsonl_task_and_include_path_task_run_beside_a_shipped_task(tmp_path):
     answers |= {f"Question: {r['prompt']}\nAnswer:": " " + r["gold"] for r in QUIZ}
     answers |= {"The capital of France is": " Paris", "The capital of Japan is": " Tokyo"}
     out = evaluate_lm(_oracle_lm(answers), cfg)
-    assert out["tasks"]["my_quiz"] == {"acc": 1.0, "acc_norm": 1.0, "acc_stderr": None, "acc_norm_stderr": None}
+    chance = sum(1 / len(r["options"]) for r in QUIZ) / len(QUIZ)  # guessing's expected score, for "% kept"
+    assert out["tasks"]["my_quiz"] == {"acc": 1.0, "acc_norm": 1.0, "acc_stderr": None, "acc_norm_stderr": None,
+                                       "chance": pytest.approx(chance)}
     assert out["tasks"]["my_capitals"]["acc"] == 1.0 and out["tasks"]["compactlm_facts"]["acc"] == 1.0
     assert out["lm_eval"]["n-samples"]["my_quiz"]["effective"] == 3
     assert out["lm_eval"]["n-samples"]["my_capitals"]["effective"] == 2
