@@ -30,9 +30,15 @@ def test_transplanted_rows_are_the_mean_of_the_old_pieces(tiny_gqa_model_dir, ot
     for t in shared:  # a token in both vocabularies keeps its rows
         assert torch.equal(e_new[new_tok.convert_tokens_to_ids(t)], e_old[old_vocab[t]])
         assert torch.equal(h_new[new_tok.convert_tokens_to_ids(t)], h_old[old_vocab[t]])
-    only_new = next(t for t in new_tok.get_vocab() if t not in old_vocab and t not in new_tok.all_special_tokens)
-    pieces = [old_vocab[p.value] for p in old_tok.backend_tokenizer.model.tokenize(only_new)]
-    assert len(pieces) > 1
+    def old_pieces(token: str) -> list:  # the old BPE's split of the new token's byte-level symbols
+        return [old_vocab.get(p.value) for p in old_tok.backend_tokenizer.model.tokenize(token)]
+
+    # in id order (get_vocab's order changes between processes): the first new-only token the old BPE spells
+    # with several of its own tokens
+    only_new = next(t for t, _ in sorted(new_tok.get_vocab().items(), key=lambda kv: kv[1])
+                    if t not in old_vocab and t not in new_tok.all_special_tokens
+                    and len(old_pieces(t)) > 1 and None not in old_pieces(t))
+    pieces = old_pieces(only_new)
     assert torch.allclose(e_new[new_tok.convert_tokens_to_ids(only_new)], e_old[pieces].mean(0))
     # the blocks are the old model's: same hidden states for the same old-vocabulary embeddings
     sd_old, sd_new = old.state_dict(), new.state_dict()
