@@ -207,7 +207,7 @@ class EvalConfig(_Strict):
     shared_prefix: bool = Field(
         True,
         description="hf backend: score a multiple-choice question's choices from one forward of their shared "
-        "context (KV cache), same scores as lm-eval's per-choice scoring and about 2x faster; false = lm-eval's "
+        "context (KV cache), same scores as lm-eval's per-choice scoring and ~1.6x faster; false = lm-eval's "
         "plain HFLM",
     )
     min_recovery: float | None = Field(
