@@ -347,3 +347,16 @@ def peaked_tiny_model(out: Path, *, seed: int = 0, std: float = 3.0) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+def vllm_greedy(model_dirs: list, max_tokens: int, dtype: str = "float32") -> dict[int, dict]:
+    """{"ids", "logprobs"} of each model's greedy tokens after tests/scripts/vllm_greedy.py's prompt, from one vLLM
+    subprocess, by index; fails with vLLM's output if any model fails."""
+    proc = run_script("vllm_greedy.py", "--max-tokens", max_tokens, "--dtype", dtype, *model_dirs,
+                      env={**SUB_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=900)
+    ok = {int(ln.split()[1]): json.loads(ln.split(" ", 2)[2]) for ln in proc.stdout.splitlines()
+          if ln.startswith("VLLM_OK ")}
+    failed = [ln for ln in proc.stdout.splitlines() if ln.startswith("VLLM_FAIL ")]
+    assert proc.returncode == 0 and not failed and len(ok) == len(model_dirs), \
+        (failed, proc.stdout[-3000:], proc.stderr[-8000:])
+    return ok

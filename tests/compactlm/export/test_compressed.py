@@ -10,21 +10,10 @@ import pytest
 
 from compactlm.config import ExportConfig
 from compactlm.export import ExportError, write_exports
-from tests.helpers import SUB_ENV, peaked_tiny_model, run_script
+from tests.helpers import peaked_tiny_model, vllm_greedy
 
 MAX_TOKENS = 8
 PROMPT = "The capital of France is"  # tests/scripts/vllm_greedy.py's prompt
-
-
-def _vllm_greedy(model_dirs: list[Path], dtype: str) -> dict[int, dict]:
-    proc = run_script("vllm_greedy.py", "--max-tokens", MAX_TOKENS, "--dtype", dtype, *model_dirs,
-                      env={**SUB_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=900)
-    ok = {int(ln.split()[1]): json.loads(ln.split(" ", 2)[2]) for ln in proc.stdout.splitlines()
-          if ln.startswith("VLLM_OK ")}
-    failed = [ln for ln in proc.stdout.splitlines() if ln.startswith("VLLM_FAIL ")]
-    assert proc.returncode == 0 and not failed and len(ok) == len(model_dirs), \
-        (failed, proc.stdout[-3000:], proc.stderr[-8000:])
-    return ok
 
 
 def _hf_first_tokens(model_dir: Path) -> list[int]:
@@ -64,7 +53,7 @@ def test_vllm_exports_hold_quantized_weights_and_decode_in_vllm_and_transformers
             assert dtypes["weight_packed"] == "I32"  # 8 int4 values per int32
         assert (d / "tokenizer.json").is_file() and rec["size_bytes"] < fp32_bytes / 2
 
-    vllm = _vllm_greedy([model, *dirs], "bfloat16")
+    vllm = vllm_greedy([model, *dirs], MAX_TOKENS, "bfloat16")
     # int8 weights and activations stay close to full precision: the first greedy steps agree (measured: 4 of 8;
     # int4 round-to-nearest on this deliberately chaotic model diverges at once, so it is checked engine to engine)
     assert vllm[1]["ids"][:2] == vllm[0]["ids"][:2]

@@ -19,7 +19,7 @@ from compactlm.config import PruneConfig, ScoreConfig
 from compactlm.importance import score_model
 from compactlm.models import count_params
 from compactlm.pruning import prune_to_dir
-from tests.helpers import PRUNING_TEXT, SUB_ENV, run_script
+from tests.helpers import PRUNING_TEXT, vllm_greedy
 
 #: The tiny teachers (hidden 128, 2 query heads x 64 in 1 KV group, 4 layers, MLP 256, tied) cut on every axis.
 MIXED = PruneConfig(num_hidden_layers=3, hidden_size=96, intermediate_size=192, num_attention_heads=1)
@@ -36,18 +36,6 @@ def _hf_greedy(model) -> tuple[list[int], torch.Tensor]:
         logp = torch.log_softmax(model(ids).logits[0, prompt.shape[1] - 1:-1].float(), dim=-1)
     new = ids[0, prompt.shape[1]:]
     return new.tolist(), logp.gather(-1, new[:, None])[:, 0]
-
-
-def _vllm_greedy(model_dirs: list) -> dict[int, dict]:
-    """{"ids", "logprobs"} of each model from one vLLM subprocess, by index; fails with vLLM's output if any fails."""
-    proc = run_script("vllm_greedy.py", "--max-tokens", MAX_TOKENS, *model_dirs,
-                      env={**SUB_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}, timeout=900)
-    ok = {int(ln.split()[1]): json.loads(ln.split(" ", 2)[2]) for ln in proc.stdout.splitlines()
-          if ln.startswith("VLLM_OK ")}
-    failed = [ln for ln in proc.stdout.splitlines() if ln.startswith("VLLM_FAIL ")]
-    assert proc.returncode == 0 and not failed and len(ok) == len(model_dirs), \
-        (failed, proc.stdout[-3000:], proc.stderr[-8000:])
-    return ok
 
 
 @pytest.mark.long(80)
@@ -69,7 +57,7 @@ def test_every_familys_pruned_student_loads_in_vllm(tiny_factory, tmp_path):
         assert json.loads((out / "config.json").read_text())["model_type"] == written
         students[arch] = (out, rec)
 
-    vllm = _vllm_greedy([out for out, _ in students.values()])
+    vllm = vllm_greedy([out for out, _ in students.values()], MAX_TOKENS)
     for i, (arch, (out, rec)) in enumerate(students.items()):
         # the student loads unchanged in transformers, with the parameters the record counted
         model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
