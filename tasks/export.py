@@ -59,7 +59,7 @@ def _speed(path: str, fmt: str, cfg: ExportConfig, dtype: str | None = None) -> 
     from compactlm.evaluation.deploy import measure
 
     return measure(path, fmt, prompt_tokens=cfg.prompt_tokens, decode_tokens=cfg.decode_tokens, threads=cfg.threads,
-                   dtype=dtype)
+                   dtype=dtype, batch=cfg.decode_batch)
 
 
 def _hf_row(ctx: RunContext, model_dir: str, cfg: ExportConfig, eval_cfg: EvalConfig) -> dict:

@@ -54,9 +54,12 @@ class ExportConfig(_Strict):
         True, description="Score every export with the eval section's tasks and perplexity (GGUF through llama.cpp, "
         "vLLM directories through vLLM)")
     speed: bool = Field(
-        True, description="Time every export as deployed: batch-1 decode and prompt tokens/s, peak memory (RSS)")
+        True, description="Time every export as deployed: decode tokens/s at batch 1 and at decode_batch, prompt "
+        "tokens/s, peak memory (RSS)")
     prompt_tokens: int = Field(256, ge=8, le=8192, description="Speed: prompt length for the prompt tokens/s")
-    decode_tokens: int = Field(64, ge=4, le=4096, description="Speed: tokens generated one at a time (batch 1)")
+    decode_tokens: int = Field(64, ge=4, le=4096, description="Speed: tokens generated one at a time per sequence")
+    decode_batch: int = Field(
+        8, ge=1, le=256, description="Speed: sequences decoded together for the batch decode tok/s (1 = batch 1 only)")
     threads: int | None = Field(
         None, ge=1, description="Speed and llama.cpp scoring: CPU threads; empty = every core of the machine")
     register_models: bool = Field(

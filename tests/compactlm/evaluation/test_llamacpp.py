@@ -44,15 +44,29 @@ def test_deploy_speed_is_measured_in_a_child_per_format(tiny_model_dir, f16_file
     q4 = f16_file.with_name("model-q4_k_m.gguf")
     ballast = bytearray(b"\x01") * (768 << 20)  # this process holds > 768 MiB when it forks the child
     for path, fmt in ((q4, "gguf"), (tiny_model_dir, "hf")):
-        r = measure(path, fmt, prompt_tokens=64, decode_tokens=16, threads=1, repeats=1)
+        r = measure(path, fmt, prompt_tokens=64, decode_tokens=16, threads=1, repeats=1, batch=4)
         assert (r["format"], r["prompt_tokens"], r["decode_tokens"], r["threads"]) == (fmt, 64, 16, 1)
         assert r["engine"] == {"gguf": "llama.cpp", "hf": "transformers"}[fmt]
         assert r["decode_tok_s_b1"] == pytest.approx(16 / r["decode_s"]) and r["prompt_tok_s"] > 0
+        assert r["batch_size"] == 4 and r["decode_tok_s_batch"] == pytest.approx(4 * 16 / r["decode_s_batch"])
         assert 30 < r["peak_rss_mib"] < 8192
         if fmt == "gguf":  # the child's own peak (ru_maxrss would carry this process's RSS at fork: > 768 MiB)
             assert r["peak_rss_mib"] < 512 and len(ballast) == 768 << 20
     with pytest.raises(RuntimeError, match="speed of .* failed"):
         measure(tiny_model_dir / "config.json", "gguf", prompt_tokens=8, decode_tokens=4, threads=1, repeats=1)
+
+
+@pytest.mark.integration
+def test_llamacpp_batch_decoding_gives_every_sequence_the_batch_1_tokens(f16_file):
+    from compactlm.evaluation.deploy import gguf_batch_decode
+    from compactlm.evaluation.llamacpp import GgufRunner, load_gguf
+
+    runner = GgufRunner(load_gguf(f16_file, n_ctx=128, threads=1))
+    ids = runner.llm.tokenize(b"The capital of France is Paris. The capital of Spain is", add_bos=False)
+    one = runner.greedy(ids, 12)
+    seconds, seqs = gguf_batch_decode(runner.llm, ids, 11, batch=3)
+    assert seconds > 0 and len(seqs) == 3
+    assert all(seq == one for seq in seqs), (one, seqs)  # 3 sequences in one context, each its own KV positions
 
 
 def test_deploy_rows_relate_each_format_to_the_full_precision_row():
@@ -68,5 +82,5 @@ def test_deploy_rows_relate_each_format_to_the_full_precision_row():
     assert rows[0]["avg_acc"] == pytest.approx((0.6 + 0.5) / 2)  # acc_norm where a task has it
     assert rows[0]["size_mb"] == 2.0 and rows[0]["prompt_tok_s"] == 100.0 and rows[1]["decode_tok_s_b1"] is None
     table = deploy_table(rows).splitlines()
-    assert table[0].startswith("| model | format | size MB | decode tok/s (batch 1)")
-    assert "| student | gguf-q4_k_m | 2.0 | — | — | — | 21.00 | 0.450 | 1.050 |" == table[3]
+    assert table[0].startswith("| model | format | size MB | decode tok/s (batch 1) ↑ | decode tok/s (batch n) ↑")
+    assert "| student | gguf-q4_k_m | 2.0 | — | — | — | — | 21.00 | 0.450 | 1.050 |" == table[3]
