@@ -2,10 +2,12 @@
 
     .venv/bin/python benchmarks/demo.py [--keep]
 
-Reports install and demo wall times, each stage's seconds (from the MLflow child runs the demo logged) and the
-teacher / pruned / student figures of its comparison. pip's own download cache is not cleared (on a machine
-with the package index on local disk that changes little). Prints one JSON object as its last line and writes it
-to benchmarks/results/demo.json.
+Reports install and demo wall times, the lines `make demo` printed (``console_lines``: what a user reads without
+``-v``), each stage's seconds (from the MLflow child runs the demo logged), the teacher / pruned / student figures
+of its comparison (quality and decode tok/s at batch 1 and at a batch) and the export stage's rows (GGUF files:
+size, perplexity, decode tok/s), and whether the student beats the pruned model on every quality column. pip's
+own download cache is not cleared (on a machine with the package index on local disk that changes little). Prints
+one JSON object as its last line and writes it to benchmarks/results/demo.json.
 """
 
 from __future__ import annotations
@@ -23,11 +25,27 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def _timed(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> float:
+def _timed(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> tuple[float, int]:
+    """(wall seconds, lines printed) of `cmd`, its stdout and stderr appended to `log`."""
     t0 = time.perf_counter()
     with open(log, "a") as f:
+        start = f.tell()
         subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, check=True)
-    return round(time.perf_counter() - t0, 1)
+    with open(log, "rb") as f:
+        f.seek(start)
+        lines = f.read().decode(errors="replace").count("\n")
+    return round(time.perf_counter() - t0, 1), lines
+
+
+def _beats(models: dict[str, dict]) -> bool | None:
+    """Whether the student is better than the pruned model on every quality column (higher accuracies, lower word
+    perplexity); None without a pruned row."""
+    student, pruned = models.get("student"), models.get("pruned")
+    if not student or not pruned:
+        return None
+    acc = [k for k in pruned if k.endswith(("/acc", "/acc_norm"))]
+    return (all(student[k] > pruned[k] for k in acc)
+            and (pruned["word_perplexity"] is None or student["word_perplexity"] < pruned["word_perplexity"]))
 
 
 def main() -> None:
@@ -35,6 +53,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the clone (default: delete it)")
     args = ap.parse_args()
 
+    load_before = os.getloadavg()[0]
     # The clone sits beside the repo so ../shared stays in reach, as in CI.
     clone = Path(tempfile.mkdtemp(prefix="compactlm-demo-", dir=REPO.parent))
     cache = Path(tempfile.mkdtemp(prefix="compactlm-cache-"))
@@ -46,8 +65,8 @@ def main() -> None:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("MLFLOW_", "PREFECT_API", "VIRTUAL_ENV"))}
         env["COMPACTLM_CACHE"] = str(cache)
-        install_s = _timed(["make", "install"], clone, env, log)
-        demo_s = _timed(["make", "demo"], clone, env, log)
+        install_s, _ = _timed(["make", "install"], clone, env, log)
+        demo_s, console_lines = _timed(["make", "demo"], clone, env, log)
 
         from mlflow.tracking import MlflowClient
 
@@ -61,8 +80,11 @@ def main() -> None:
         models = {label: {"params": r["params"],
                           **{f"{t}/{k}": v for t, m in r["tasks"].items() for k, v in m.items()
                              if k in ("acc", "acc_norm")},
-                          "word_perplexity": (r.get("perplexity") or {}).get("word_perplexity")}
+                          "word_perplexity": (r.get("perplexity") or {}).get("word_perplexity"),
+                          "tok_s_b1": (r.get("speed") or {}).get("tok_s_b1"),
+                          "tok_s_batch": (r.get("speed") or {}).get("tok_s_batch")}
                   for label, r in results.items()}
+        export_rows = [json.loads(f.read_text()) for f in (clone / "runs" / "export").glob("*/rows.json")]
         # The student is a normal HF directory: transformers loads it, vLLM serves it.
         student = next(p for p in (clone / "runs" / "distill").iterdir() if not p.name.startswith("."))
         from transformers import AutoModelForCausalLM
@@ -75,9 +97,14 @@ def main() -> None:
         vllm_tokens = json.loads((clone / "student-gen" / "manifest.json").read_text())["stats"]["completion_tokens"]
         result = {"commit": commit, "student_loads_in_transformers": hf_loads,
                   "student_vllm_completion_tokens": vllm_tokens, "install_s": install_s, "demo_s": demo_s,
+                  "console_lines": console_lines,
                   "total_s": round(install_s + demo_s, 1), "stage_s": stages,
                   "flow_s": round((parent.info.end_time - parent.info.start_time) / 1000, 1),
-                  "models": models, "cpu_count": os.cpu_count(), "load_avg_after": os.getloadavg()[0]}
+                  "models": models, "student_beats_pruned": _beats(models),
+                  "student_faster_than_teacher_b1": (models["student"]["tok_s_b1"] or 0)
+                  > (models["teacher"]["tok_s_b1"] or float("inf")),
+                  "export": export_rows[0] if export_rows else None, "cpu_count": os.cpu_count(),
+                  "load_avg_before": load_before, "load_avg_after": os.getloadavg()[0]}
     finally:
         if not args.keep:
             shutil.rmtree(clone, ignore_errors=True)
