@@ -261,13 +261,27 @@ def pick_device(device: str = "auto") -> str:
     return device
 
 
+#: A quantized layer's bookkeeping tensors (compressed-tensors names): not parameters of the model it stands for.
+QUANT_AUX = ("weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape", "input_scale",
+             "input_zero_point", "output_scale", "output_zero_point")
+
+
 def count_params(model) -> int:
-    """Parameters, counting tied tensors once."""
+    """Parameters of the model as designed, counting tied tensors once. A layer loaded in a quantized form counts
+    its dense weight (``weight_shape`` for compressed-tensors' packed int4 ``weight_packed``, 8 values per int32),
+    not its packing, scales or zero points, so a W4A16 directory counts as many parameters as its source model."""
+    import math
+
     seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) in seen or name in QUANT_AUX:
+                continue
             seen.add(id(p))
-            total += p.numel()
+            if name == "weight_packed" and getattr(module, "weight_shape", None) is not None:
+                total += math.prod(int(d) for d in module.weight_shape.tolist())
+            else:
+                total += p.numel()
     return total
 
 

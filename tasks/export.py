@@ -30,7 +30,8 @@ from compactlm.tracking import Tracker
 from tasks.common import RunContext, retry_transient, run_stage, stage_logger
 
 #: Row fields logged as metrics (``<label>/<format>/<field>``) and attached to registered versions.
-ROW_METRICS = ("size_mb", "decode_tok_s_b1", "prompt_tok_s", "peak_rss_mib", "word_ppl", "avg_acc", "ppl_ratio")
+ROW_METRICS = ("size_mb", "decode_tok_s_b1", "decode_tok_s_batch", "prompt_tok_s", "peak_rss_mib", "word_ppl",
+               "avg_acc", "ppl_ratio")
 HF_ROW = "hf-fp32"
 
 

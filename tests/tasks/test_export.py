@@ -52,6 +52,7 @@ def test_export_task_measures_registers_and_reruns_as_a_cache_hit(tiny_model_dir
     for r in rows:
         assert r["model"] == "student" and r["decode_tok_s_b1"] > 0 and r["prompt_tok_s"] > 0 and r["avg_acc"] >= 0
         assert r["word_ppl"] > 1 and r["peak_rss_mib"] > 0 and r["size_mb"] > 0
+        assert r["batch_size"] == CFG.decode_batch and r["decode_tok_s_batch"] > 0
     hf, f16, q4row = rows
     assert f16["ppl_ratio"] == pytest.approx(1.0, rel=1e-3) and q4row["size_mb"] < f16["size_mb"] < hf["size_mb"]
     assert "| student | gguf-q4_k_m |" in (out / "comparison.md").read_text()
@@ -73,7 +74,8 @@ def test_export_task_measures_registers_and_reruns_as_a_cache_hit(tiny_model_dir
     logged = client.get_logged_model(model_id)
     assert logged.tags["compactlm.registered_version"] == "tiny-student-gguf-q4_k_m:1"
     assert version.source == logged.artifact_location
-    assert {m.key for m in logged.metrics} >= {"word_ppl", "decode_tok_s_b1", "size_mb", "avg_acc"}
+    assert {m.key for m in logged.metrics} >= {"word_ppl", "decode_tok_s_b1", "decode_tok_s_batch", "size_mb",
+                                               "avg_acc"}
     files = {Path(a.path).name for a in client.list_logged_model_artifacts(model_id)}
     assert files >= {"model-q4_k_m.gguf", "recipe.json", "pruning.json", "metrics.json", "export.json"}
     student_files = {Path(a.path).name for a in client.list_logged_model_artifacts(

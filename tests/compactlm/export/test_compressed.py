@@ -62,6 +62,11 @@ def test_vllm_exports_hold_quantized_weights_and_decode_in_vllm_and_transformers
         # same weights, two engines: vLLM's int8 / int4 kernels agree with transformers' decompressed layers on
         # the first greedy token (later ones may drift: the activations differ in bf16 rounding)
         assert vllm[i]["ids"][0] == _hf_first_tokens(d)[0], d.name
+    # the evaluation's parameter count is the model's, not the packing's (w4a16 holds 8 int4 values per int32)
+    from compactlm.models import count_params, load_model
+
+    dense = count_params(load_model(model))
+    assert [count_params(load_model(d)) for d in dirs] == [dense, dense]
 
 
 def test_w4a16_with_a_group_size_that_does_not_divide_fails_naming_the_fix(tiny_model_dir, tmp_path):
