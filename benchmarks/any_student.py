@@ -158,12 +158,7 @@ def main() -> None:
     from compactlm.models import pick_device, resolve_model
     from compactlm.tracking import Tracker, default_tracking_uri
 
-    p = dict(DEFAULTS)
-    for kv in args.set:
-        k, _, v = kv.partition("=")
-        if k not in p:
-            raise SystemExit(f"--set {k}: not a setting ({', '.join(sorted(p))})")
-        p[k] = json.loads(v)
+    p = q.with_overrides(DEFAULTS, args.set, "a setting")
     p["device"] = pick_device(args.device)
     root = Path(args.out or q.REPO / "runs" / "any-student").resolve()
     root.mkdir(parents=True, exist_ok=True)

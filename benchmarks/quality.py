@@ -293,6 +293,18 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 # ------------------------------------------------------------------------------------------------- main
 
+def with_overrides(defaults: dict[str, Any], sets: list[str], what: str) -> dict[str, Any]:
+    """A copy of `defaults` with each ``--set KEY=JSON`` of `sets` applied; an unknown key exits naming the known
+    ones (`what` says what a key is, e.g. "a profile field")."""
+    p = dict(defaults)
+    for kv in sets:
+        k, _, v = kv.partition("=")
+        if k not in p:
+            raise SystemExit(f"--set {k}: not {what} ({', '.join(sorted(p))})")
+        p[k] = json.loads(v)
+    return p
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
@@ -319,12 +331,7 @@ def main() -> None:
         saved = json.loads((RESULTS / f"{name}.json").read_text())
         plot(saved["rows"], RESULTS / f"{name}.png", saved["plot_title"])
         return
-    p = dict(PROFILES[args.profile])
-    for kv in args.set:
-        k, _, v = kv.partition("=")
-        if k not in p:
-            raise SystemExit(f"--set {k}: not a profile field ({', '.join(sorted(p))})")
-        p[k] = json.loads(v)
+    p = with_overrides(PROFILES[args.profile], args.set, "a profile field")
     p["device"] = pick_device(args.device)
     root = Path(args.out or REPO / "runs" / f"quality-{args.profile}").resolve()
     root.mkdir(parents=True, exist_ok=True)
