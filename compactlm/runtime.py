@@ -11,12 +11,16 @@ from contextlib import contextmanager
 DEFAULT_CPU_KVCACHE_GIB = 2
 
 
+def affinity_cores() -> list[int]:
+    """The CPU cores this process may run on, in order (every core where the OS has no affinity call)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
 def cpu_binding() -> dict[str, str]:
     """vLLM's CPU thread binding: all cores of this process's affinity, none reserved ({} when the user chose)."""
     if "VLLM_CPU_OMP_THREADS_BIND" in os.environ or "VLLM_CPU_NUM_OF_RESERVED_CPU" in os.environ:
         return {}
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, affinity_cores())), "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
 
 
 @contextmanager

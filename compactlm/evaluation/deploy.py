@@ -161,8 +161,9 @@ def _vllm(path: str, n_prompt: int, n_decode: int, threads: int, repeats: int, d
 
 
 def _cpu_list(threads: int) -> str:
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-    return ",".join(str(c) for c in cores[:threads])
+    from compactlm.runtime import affinity_cores
+
+    return ",".join(str(c) for c in affinity_cores()[:threads])
 
 
 def measure_in_process(path: str, fmt: str, *, prompt_tokens: int = 256, decode_tokens: int = 64,
