@@ -153,8 +153,8 @@ def _vllm(path: str, n_prompt: int, n_decode: int, threads: int, repeats: int, d
     total = min(gen(n_decode + 1) for _ in range(repeats))
     batched = None
     if batch > 1:  # decode seconds at the batch: (batch prompts, n_decode + 1 tokens) - (batch prompts, 1 token)
-        batched = max(min(gen(n_decode + 1, batch) for _ in range(repeats)) - min(gen(1, batch)
-                                                                                  for _ in range(repeats)), 1e-9)
+        whole = min(gen(n_decode + 1, batch) for _ in range(repeats))
+        batched = max(whole - min(gen(1, batch) for _ in range(repeats)), 1e-9)
     llm.llm_engine.engine_core.shutdown()
     return {"engine": "vllm", "dtype": dtype or "auto", "prefill_s": prefill, "decode_s": max(total - prefill, 1e-9),
             "decode_s_batch": batched}
