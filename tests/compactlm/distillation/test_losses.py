@@ -54,7 +54,9 @@ def test_forward_kl_matches_torch_kl_div():
 
 
 def test_jsd_symmetric_at_half_and_bounded_by_log2():
-    s, t = torch.randn(4, 6, 13) * 4, torch.randn(4, 6, 13) * 4
+    # fixed draws: with whatever the global generator held, a draw can make beta=0.2 symmetric to 2e-4 (CI saw one)
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 6, 13, generator=g) * 4, torch.randn(4, 6, 13, generator=g) * 4
     assert generalized_jsd(s, t, beta=0.5).item() == pytest.approx(generalized_jsd(t, s, beta=0.5).item(), rel=1e-5)
     assert generalized_jsd(s, t, beta=0.2).item() != pytest.approx(generalized_jsd(t, s, beta=0.2).item(), rel=1e-3)
     # disjoint one-hot distributions reach the bound log 2; nothing exceeds it
