@@ -95,6 +95,9 @@ def fan_out_candidates(ctx: RunContext, teacher_dir: str, scores_dir: str, data_
 def _log(tracker: Tracker, run_id: str, out: Path, summary: dict) -> None:
     record = json.loads((out / "pruning.json").read_text())
     tracker.log_metrics(run_id, {k: v for k, v in record.items() if k.startswith("params")})
+    if record.get("repair"):  # how much of the removed units' output the refit rebuilt (calibration tokens)
+        tracker.log_metrics(run_id, {f"repair_{k}": record["repair"][f"mean_{k}"]
+                                     for k in ("error_before", "error_after")})
     tracker.log_artifact(run_id, out / "pruning.json")
     tracker.log_artifact(run_id, out / "config.json")
 
@@ -103,17 +106,19 @@ def _log(tracker: Tracker, run_id: str, out: Path, summary: dict) -> None:
 def prune(ctx: RunContext, teacher_dir: str, scores_dir: str, data_dir: str, cfg: PruneConfig,
           runner: Runner = "thread") -> str:
     """Prune to cfg's explicit shape, or, with a parameter budget (`cfg.budget`), to the best of the candidate
-    shapes ranked on the generated data (which then becomes an input of the output's key); the candidates are
-    measured as parallel tasks on `runner` (see the module docstring). A cache hit measures nothing."""
+    shapes ranked on the generated data; the candidates are measured as parallel tasks on `runner` (see the module
+    docstring). With `cfg.repair` the student's output projections are refitted on the generated data. Either way
+    the data becomes an input of the output's key. A cache hit measures nothing."""
     from compactlm.pruning import prune_to_dir
 
     check_runner(runner)
     budget = cfg.budget is not None
+    calibrated = budget or cfg.repair is not None  # the generated data ranks candidates and/or refits the student
 
     def produce(out: Path, log_step) -> dict:
         ranking = fan_out_candidates(ctx, teacher_dir, scores_dir, data_dir, cfg, runner) if budget else None
-        return prune_to_dir(teacher_dir, scores_dir, cfg, out, calibration=data_dir if budget else None,
+        return prune_to_dir(teacher_dir, scores_dir, cfg, out, calibration=data_dir if calibrated else None,
                             device=ctx.device, seed=ctx.seed, ranking=ranking)
 
-    upstream = [teacher_dir, scores_dir] + ([data_dir] if budget else [])
+    upstream = [teacher_dir, scores_dir] + ([data_dir] if calibrated else [])
     return run_stage(ctx, "prune", cfg, upstream, produce, _log)

@@ -27,9 +27,10 @@ from compactlm.config.stages import (
     EvalConfig,
     JsonlTask,
     PruneConfig,
+    RepairConfig,
     ScoreConfig,
 )
 
 __all__ = ["SELF_INSTRUCT_BLOCKED_WORDS", "SHAPE_FIELDS", "BudgetConfig", "DataConfig", "DataSource",
            "DistillConfig", "EvalConfig", "ExportConfig", "FilterConfig", "GenerateConfig", "JsonlTask", "PruneConfig",
-           "Recipe", "RunSettings", "ScoreConfig", "SelfInstructConfig", "TrackingConfig", "_Strict"]
+           "Recipe", "RepairConfig", "RunSettings", "ScoreConfig", "SelfInstructConfig", "TrackingConfig", "_Strict"]

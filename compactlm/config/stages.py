@@ -44,6 +44,25 @@ class BudgetConfig(_Strict):
     proxy_seq_len: int = Field(256, ge=8, description="Tokens per proxy calibration sequence")
 
 
+class RepairConfig(_Strict):
+    """Rebuild part of what the removed heads and neurons contributed, without training: every kept layer's output
+    projections (attention o_proj, MLP down_proj) refitted by least squares so that, on calibration text, they
+    reproduce the teacher's outputs from the units the student keeps (compactlm.pruning.repair)."""
+
+    method: Literal["least_squares"] = Field(
+        "least_squares", description="least_squares = refit o_proj and down_proj on the teacher's activations"
+    )
+    num_samples: int = Field(32, ge=1, description="Calibration sequences (from the prune stage's data)")
+    seq_len: int = Field(256, ge=8, description="Tokens per calibration sequence")
+    damping: float = Field(
+        0.01, gt=0.0, le=100.0,
+        description="Ridge strength toward the sliced weights, relative to the mean activation energy",
+    )
+    max_memory_gb: float = Field(
+        2.0, gt=0.0, description="Memory for the activation statistics; larger teachers take more passes"
+    )
+
+
 #: The student shape fields of PruneConfig (unset = keep the teacher's value).
 SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
 
@@ -73,6 +92,10 @@ class PruneConfig(_Strict):
         True,
         description="When channels are removed, scale the RMSNorm weights by sqrt(D/D') so the kept channels keep "
         "their scale",
+    )
+    repair: RepairConfig | None = Field(
+        None, description="After slicing, refit each layer's output projections to the teacher's outputs on "
+        "calibration text (no training); empty = plain slicing",
     )
 
     @model_validator(mode="after")

@@ -33,7 +33,7 @@ def _with_shape(cfg: PruneConfig, shape: dict[str, Any]) -> PruneConfig:
     if unknown:
         raise ValueError(f"shape has unknown keys {unknown}; allowed: {', '.join(SHAPE_FIELDS)} "
                          "(e.g. a candidate's 'shape' from rank_candidates)")
-    return PruneConfig(**shape, layer_metric=cfg.layer_metric, rescale_norms=cfg.rescale_norms)
+    return PruneConfig(**shape, layer_metric=cfg.layer_metric, rescale_norms=cfg.rescale_norms, repair=cfg.repair)
 
 
 def _shape_key(candidate: dict[str, Any]) -> tuple:
@@ -54,6 +54,10 @@ def _selection(config: Any, scores: ImportanceScores, cfg: PruneConfig, shape: d
     """(selection, explicit shape config or None for a budget, the budget's candidate pool); validates every
     target before any weight is loaded."""
     pool: list[dict[str, Any]] = []
+    if cfg.repair is not None and (calibration is None or not _is_ids(calibration) and not Path(calibration).exists()):
+        raise ValueError(f"prune.repair refits the pruned projections on calibration data, got calibration="
+                         f"{None if calibration is None else str(calibration)!r}: pass token ids, an existing "
+                         "generated dataset dir or text file, or leave prune.repair empty for plain slicing")
     if shape is not None:
         selection, explicit = "shape", _with_shape(cfg, shape)
     elif cfg.budget is not None:
@@ -73,6 +77,10 @@ def _selection(config: Any, scores: ImportanceScores, cfg: PruneConfig, shape: d
     if explicit is not None:
         plan_pruning(config, scores, explicit)  # fail fast, before loading weights
     return selection, explicit, pool
+
+
+def _is_ids(calibration) -> bool:
+    return type(calibration).__name__ == "Tensor"
 
 
 def _choose(model_dir: Path, scores: ImportanceScores, cfg: PruneConfig, pool: list, calibration,
@@ -107,6 +115,10 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
        exactly the pool's;
     3. ``cfg``'s explicit shape fields.
 
+    With ``cfg.repair`` the chosen student's output projections are then refitted to the teacher's outputs on
+    `calibration` (:mod:`compactlm.pruning.repair`; required then), with the teacher in fp32 on `device`; the
+    record's ``repair`` holds the per-projection errors. Budget candidates are ranked as sliced.
+
     `out_dir` becomes a normal HF directory (config.json, model.safetensors in the teacher's dtype, tokenizer
     files and chat template copied from `model_dir`) plus ``pruning.json`` (the record, with ``selection``
     ("shape" | "params" | "config"), ``budget``, the chosen ``candidate`` and, for a budget, the full
@@ -126,14 +138,33 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
     dtype = _teacher_dtype(config)
     if selection != "params":
         ranking = None  # a given ranking only applies to a budget
-        model = load_model(model_dir, dtype=dtype, device="cpu")
+        model = (load_model(model_dir, dtype="float32", device=device) if cfg.repair is not None
+                 else load_model(model_dir, dtype=dtype, device="cpu"))
     else:
         model, ranking = _choose(model_dir, scores, cfg, pool, calibration, ranking, device=device, seed=seed)
         explicit = _with_shape(cfg, ranking[0]["shape"])
     student, record = prune_model(model, scores, explicit)
+    if cfg.repair is not None:
+        record["repair"] = _repair(model, student, scores, explicit, calibration, model_dir, seed)
     student.to(device="cpu", dtype=getattr(torch, dtype))  # slicing is exact, so fp32 -> teacher dtype is too
     del model
     return _publish(student, record, cfg, model_dir, scores_dir, out_dir, dtype, selection, ranking)
+
+
+def _repair(model, student, scores: ImportanceScores, cfg: PruneConfig, calibration, model_dir: Path,
+            seed: int) -> dict[str, Any]:
+    """Refit the student's output projections on calibration ids (:mod:`compactlm.pruning.repair`)."""
+    import torch
+
+    from compactlm.calibration import calibration_ids
+    from compactlm.models import load_tokenizer
+    from compactlm.pruning.repair import reconstruct
+
+    rep = cfg.repair
+    ids = calibration if isinstance(calibration, torch.Tensor) else calibration_ids(
+        calibration, load_tokenizer(model_dir), num_samples=rep.num_samples, seq_len=rep.seq_len, seed=seed)
+    plan = plan_pruning(model.config, scores, cfg)
+    return reconstruct(model, student, plan, ids, damping=rep.damping, max_memory_gb=rep.max_memory_gb)
 
 
 def _publish(student, record: dict[str, Any], cfg: PruneConfig, model_dir: Path, scores_dir, out_dir: Path,
