@@ -2,8 +2,9 @@
 HF's.
 
 One student per supported family, pruned by the prune stage (``prune_to_dir``) to a shape that cuts every axis at
-once (depth, query heads, hidden channels, MLP neurons), all loaded by one vLLM subprocess
-(tests/scripts/vllm_greedy.py: one import, one in-process engine per model).
+once (depth, query heads, hidden channels, MLP neurons) and repaired (``prune.repair``: every family's o_proj and
+down_proj refitted), all loaded by one vLLM subprocess (tests/scripts/vllm_greedy.py: one import, one in-process
+engine per model).
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compactlm.arch import SUPPORTED_ARCHS
-from compactlm.config import PruneConfig, ScoreConfig
+from compactlm.config import PruneConfig, RepairConfig, ScoreConfig
 from compactlm.importance import score_model
 from compactlm.models import count_params
 from compactlm.pruning import prune_to_dir
+from compactlm.pruning.repair import PROJECTIONS
 from tests.helpers import PRUNING_TEXT, vllm_greedy
 
 #: The tiny teachers (hidden 128, 2 query heads x 64 in 1 KV group, 4 layers, MLP 256, tied) cut on every axis.
-MIXED = PruneConfig(num_hidden_layers=3, hidden_size=96, intermediate_size=192, num_attention_heads=1)
+MIXED = PruneConfig(num_hidden_layers=3, hidden_size=96, intermediate_size=192, num_attention_heads=1,
+                    repair=RepairConfig(num_samples=4, seq_len=32))
 PROMPT = "The capital of France is"  # tests/scripts/vllm_greedy.py's prompt
 MAX_TOKENS = 8
 
@@ -48,7 +51,12 @@ def test_every_familys_pruned_student_loads_in_vllm(tiny_factory, tmp_path):
         teacher = tiny_factory(arch=arch)
         scores, out = tmp_path / arch / "scores", tmp_path / arch / "student"
         score_model(teacher, calib, ScoreConfig(num_samples=2, seq_len=16, layer_loss=False), scores)
-        rec = prune_to_dir(teacher, scores, MIXED, out)
+        rec = prune_to_dir(teacher, scores, MIXED, out, calibration=calib)
+        rows = rec["repair"]["projections"]  # both projections of the 3 kept layers, each closer to the teacher
+        assert sorted((r["layer"], r["projection"]) for r in rows) == sorted((s, p) for s in range(3)
+                                                                            for p in PROJECTIONS), arch
+        assert all(r["error_after"] <= r["error_before"] for r in rows), (arch, rows)
+        assert rec["repair"]["mean_error_after"] < rec["repair"]["mean_error_before"], arch
         assert rec["student"] == {"num_hidden_layers": 3, "hidden_size": 96, "intermediate_size": 192,
                                   "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 64}, arch
         # vLLM's Qwen2 derives head_dim = hidden / heads (96 here, not 64): that student is written as Llama
