@@ -2,7 +2,8 @@
 
 Explicit shapes (``PruneConfig`` shape fields) or a parameter budget (``PruneConfig.budget``), whose candidate
 shapes :func:`rank_candidates` ranks by a proxy measured right after pruning. Modules, bottom up: ``shapes``
-(arithmetic on configs), ``slicing`` (the weights), ``budget`` (ranking candidates), ``prune`` (the stage).
+(arithmetic on configs), ``slicing`` (the weights), ``repair`` (the least-squares refit after slicing,
+``PruneConfig.repair``), ``budget`` (ranking candidates), ``prune`` (the stage).
 Importing this package is cheap: torch and transformers load inside the functions.
 """
 
