@@ -52,7 +52,7 @@ def _pipeline_runs(client: MlflowClient):
     return parents, children
 
 
-@pytest.mark.long(200)
+@pytest.mark.long(160)
 @pytest.mark.integration
 def test_compress_flow_end_to_end_and_rerun_hits_cache(tmp_path):
     workdir, prefect_home = tmp_path / "work", tmp_path / "prefect"
@@ -122,14 +122,8 @@ def test_compress_flow_end_to_end_and_rerun_hits_cache(tmp_path):
     # Planted secrets appear nowhere: MLflow store and artifacts, Prefect database and logs, stage outputs.
     assert _assert_no_secret_in(workdir, prefect_home) > 20
 
-    # The student is a normal HF directory that vLLM serves unchanged.
-    gen_cfg = json.dumps({"engine": "vllm", "max_prompts": 2, "max_tokens": 8, "max_model_len": 256})
-    proc = subprocess.run([sys.executable, "-m", "compactlm.generation", "--model", str(student),
-                           "--out", str(tmp_path / "student-gen"), "--config", gen_cfg],
-                          capture_output=True, text=True, cwd=REPO, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    manifest = json.loads((tmp_path / "student-gen" / "manifest.json").read_text())
-    assert manifest["stats"]["completion_tokens"] > 0, manifest
+    # (That a distilled student loads in vLLM unchanged is test_compress_into_a_student_of_another_family...'s
+    # check below, and every family's pruned student is tests/compactlm/pruning/test_vllm_students.py's.)
 
     # Same parameters again: every stage is a cache hit, and the flow takes under 15% of the first one's time
     # (flow time = the parent MLflow run's duration; process start-up and imports are outside it; each run still
