@@ -34,6 +34,7 @@ def test_deployment_run_through_api_logs_to_mlflow_server(tmp_path):
         recipe = yaml.safe_load((REPO / "configs/tiny-test.yaml").read_text())
         recipe["workdir"] = str(tmp_path / "work")
         recipe["generate"]["engine"] = "hf"  # the services are under test here, not vLLM (flows/test_compress.py)
+        recipe["prune"]["repair"] = {"num_samples": 4, "seq_len": 64}  # a nested section through the API
         trigger = (
             "import json, sys\n"
             "from prefect.deployments import run_deployment\n"
@@ -59,6 +60,8 @@ def test_deployment_run_through_api_logs_to_mlflow_server(tmp_path):
         assert {k.info.run_name for k in kids} == {"generate", "score", "prune", "distill", "evaluate"}
         for k in kids:  # artifacts went through the server into its artifact store
             assert client.list_artifacts(k.info.run_id), k.info.run_name
+        prune_run = next(k for k in kids if k.info.run_name == "prune")  # refitted on the generated data
+        assert prune_run.data.metrics["repair_error_after"] < prune_run.data.metrics["repair_error_before"]
         assert any((state_dir / "mlartifacts").rglob("comparison.md"))
     finally:
         serve.stop(state_dir)
