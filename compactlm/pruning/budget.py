@@ -72,16 +72,44 @@ def _kl(student, ids: torch.Tensor, teacher_logp, batch_size: int) -> float:
 
 
 def _measure(model, scores: ImportanceScores, candidate: dict[str, Any], calibration: torch.Tensor, *,
-             proxy: str, opts: dict[str, Any], teacher_logp, batch_size: int) -> dict[str, Any]:
-    """Prune `model` to one candidate's shape and measure the proxy: {**candidate, "proxy", "proxy_value"}."""
-    student, _ = prune_model(model, scores, PruneConfig(**candidate["shape"], **opts))
+             proxy: str, opts: dict[str, Any], teacher_logp, batch_size: int,
+             repair_ids: torch.Tensor | None = None) -> dict[str, Any]:
+    """Prune `model` to one candidate's shape (and repair it on `repair_ids` when ``opts["repair"]`` is set) and
+    measure the proxy: {**candidate, "proxy", "proxy_value"} (+ "repaired": True)."""
+    cfg = PruneConfig(**candidate["shape"], **opts)
+    student, _ = prune_model(model, scores, cfg)
+    if cfg.repair is not None:
+        from compactlm.pruning.repair import reconstruct
+
+        reconstruct(model, student, plan_pruning(model.config, scores, cfg),
+                    calibration if repair_ids is None else repair_ids, damping=cfg.repair.damping,
+                    max_memory_gb=cfg.repair.max_memory_gb)
     if proxy == "loss":
         value = calibration_loss(student, calibration, batch_size=batch_size)
     else:
         logp = teacher_logp if teacher_logp is not None else _teacher_logprobs(model, calibration, batch_size)
         value = _kl(student, calibration, logp, batch_size)
     del student
-    return {**candidate, "proxy": proxy, "proxy_value": float(value)}
+    return {**candidate, "proxy": proxy, "proxy_value": float(value),
+            **({"repaired": True} if cfg.repair is not None else {})}
+
+
+def repair_ids(calibration: torch.Tensor | str | os.PathLike, model_dir: str | os.PathLike, cfg: PruneConfig, *,
+               seed: int = 0) -> torch.Tensor | None:
+    """With ``cfg.repair``, the ids each budget candidate is repaired on before its proxy is measured: the repair's
+    ``num_samples`` x ``seq_len`` from `calibration`, drawn with ``seed + 1`` so that the fit is not scored on its
+    own rows (a tensor of ids is used as is). None without a repair."""
+    import torch
+
+    if cfg.repair is None:
+        return None
+    if isinstance(calibration, torch.Tensor):
+        return calibration
+    from compactlm.calibration import calibration_ids
+    from compactlm.models import load_tokenizer
+
+    return calibration_ids(calibration, load_tokenizer(model_dir), num_samples=cfg.repair.num_samples,
+                           seq_len=cfg.repair.seq_len, seed=seed + 1)
 
 
 def _check_proxy_inputs(proxy: str, calibration: torch.Tensor) -> None:
@@ -104,25 +132,27 @@ def rank_measured(measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def score_candidates(model, scores: ImportanceScores, candidates: list[dict[str, Any]], calibration: torch.Tensor,
-                     *, proxy: str = "loss", base: PruneConfig | None = None,
-                     batch_size: int = PROXY_BATCH_SIZE) -> list[dict[str, Any]]:
+                     *, proxy: str = "loss", base: PruneConfig | None = None, batch_size: int = PROXY_BATCH_SIZE,
+                     repair_calibration: torch.Tensor | None = None) -> list[dict[str, Any]]:
     """Prune `model` to each candidate's shape and measure the proxy on `calibration` ids [N, T].
 
     proxy "loss": mean next-token cross-entropy of the pruned model; "kl": mean per-token KL(teacher ||
     student) (teacher log-probs are computed once and cached in fp32 when they fit in 1 GiB, else recomputed).
-    `base` supplies layer_metric / rescale_norms. Returns new dicts with "proxy", "proxy_value" and "rank"
-    (1 = best), sorted best first (ties keep the given order). `model` is not modified.
+    `base` supplies layer_metric / rescale_norms / repair: with ``base.repair`` each candidate is repaired (on
+    `repair_calibration`, default `calibration`) before it is measured, so the ranking is of what the prune stage
+    publishes. Returns new dicts with "proxy", "proxy_value" and "rank" (1 = best), sorted best first (ties keep
+    the given order). `model` is not modified.
     """
     _check_proxy_inputs(proxy, calibration)
     base = base or PruneConfig()
-    opts = {"layer_metric": base.layer_metric, "rescale_norms": base.rescale_norms}
+    opts = {"layer_metric": base.layer_metric, "rescale_norms": base.rescale_norms, "repair": base.repair}
     teacher_logp: list | None = None
     if proxy == "kl":
         n, t = calibration.shape
         if n * (t - 1) * model.config.vocab_size * 4 <= TEACHER_CACHE_BYTES:
             teacher_logp = list(_teacher_logprobs(model, calibration, batch_size))
-    return rank_measured([_measure(model, scores, c, calibration, proxy=proxy, opts=opts,
-                                   teacher_logp=teacher_logp, batch_size=batch_size) for c in candidates])
+    return rank_measured([_measure(model, scores, c, calibration, proxy=proxy, opts=opts, teacher_logp=teacher_logp,
+                                   batch_size=batch_size, repair_ids=repair_calibration) for c in candidates])
 
 
 def calibration_tensor(calibration: torch.Tensor | str | os.PathLike, model_dir: str | os.PathLike,
@@ -201,7 +231,8 @@ def _rank_dir(model_dir, scores_dir, cfg: PruneConfig, calibration, *, device: s
     ids = calibration_tensor(calibration, model_dir, cfg, seed=seed)
     if model is None:
         model = load_model(model_dir, dtype="float32", device=device)
-    return score_candidates(model, scores, pool, ids, proxy=cfg.budget.proxy, base=cfg)
+    return score_candidates(model, scores, pool, ids, proxy=cfg.budget.proxy, base=cfg,
+                            repair_calibration=repair_ids(calibration, model_dir, cfg, seed=seed))
 
 
 def _pool_from_dirs(model_dir, scores: ImportanceScores, cfg: PruneConfig) -> list[dict[str, Any]]:
@@ -244,6 +275,6 @@ def measure_candidate(model_dir: str | os.PathLike, scores_dir: str | os.PathLik
     _check_proxy_inputs(_budget(cfg).proxy, ids)
     scores = load_scores(scores_dir)
     model = load_model(model_dir, dtype="float32", device=device)  # thread-safe: models.MODEL_BUILD_LOCK
-    opts = {"layer_metric": cfg.layer_metric, "rescale_norms": cfg.rescale_norms}
+    opts = {"layer_metric": cfg.layer_metric, "rescale_norms": cfg.rescale_norms, "repair": cfg.repair}
     return _measure(model, scores, candidate, ids, proxy=cfg.budget.proxy, opts=opts, teacher_logp=None,
-                    batch_size=PROXY_BATCH_SIZE)
+                    batch_size=PROXY_BATCH_SIZE, repair_ids=repair_ids(calibration, model_dir, cfg, seed=seed))

@@ -15,7 +15,13 @@ from compactlm.config import SHAPE_FIELDS, PruneConfig
 from compactlm.formats import pruning as record_format
 from compactlm.formats.scores import ImportanceScores
 from compactlm.models import copy_model_side_files
-from compactlm.pruning.budget import calibration_tensor, candidate_pool, rank_measured, score_candidates
+from compactlm.pruning.budget import (
+    calibration_tensor,
+    candidate_pool,
+    rank_measured,
+    repair_ids,
+    score_candidates,
+)
 from compactlm.pruning.shapes import shape_kind
 from compactlm.pruning.slicing import plan_pruning, prune_model
 
@@ -92,7 +98,8 @@ def _choose(model_dir: Path, scores: ImportanceScores, cfg: PruneConfig, pool: l
         return load_model(model_dir, dtype="float32", device="cpu"), ranking
     ids = calibration_tensor(calibration, model_dir, cfg, seed=seed)
     model = load_model(model_dir, dtype="float32", device=device)  # fp32: bf16 matmuls are slow on CPU
-    return model, score_candidates(model, scores, pool, ids, proxy=cfg.budget.proxy, base=cfg)
+    return model, score_candidates(model, scores, pool, ids, proxy=cfg.budget.proxy, base=cfg,
+                                   repair_calibration=repair_ids(calibration, model_dir, cfg, seed=seed))
 
 
 def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cfg: PruneConfig,
@@ -117,7 +124,8 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
 
     With ``cfg.repair`` the chosen student's output projections are then refitted to the teacher's outputs on
     `calibration` (:mod:`compactlm.pruning.repair`; required then), with the teacher in fp32 on `device`; the
-    record's ``repair`` holds the per-projection errors. Budget candidates are ranked as sliced.
+    record's ``repair`` holds the per-projection errors. Budget candidates are then repaired before their proxy
+    is measured (:func:`compactlm.pruning.budget.repair_ids`), so the ranking is of repaired students.
 
     `out_dir` becomes a normal HF directory (config.json, model.safetensors in the teacher's dtype, tokenizer
     files and chat template copied from `model_dir`) plus ``pruning.json`` (the record, with ``selection``

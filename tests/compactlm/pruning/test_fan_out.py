@@ -3,6 +3,7 @@ sequential path."""
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -92,3 +93,28 @@ def test_concurrent_pruning_leaves_weight_init_intact(tiny_gqa_model_dir, fanout
                                                          num_key_value_heads=1, num_hidden_layers=1,
                                                          intermediate_size=32))
     assert all(torch.isfinite(p).all() and p.abs().max() < 10 for p in fresh.parameters())
+
+
+def test_with_repair_candidates_are_ranked_as_repaired(tiny_gqa_model_dir, fanout_scores, fanout_calib, tmp_path):
+    """prune.repair + a budget: every candidate is repaired (on rows drawn with seed + 1) before its proxy is
+    measured, identically in the sequential path and the fan-out units, and prune_to_dir publishes the winner."""
+    from compactlm.pruning import prune_to_dir, rank_candidates
+    from compactlm.pruning.budget import measure_candidate, plan_candidates, rank_measured
+
+    budget = dict(params=0.95, search=4, candidates=4, proxy_samples=2, proxy_seq_len=16)
+    plain_cfg = PruneConfig(budget=budget)
+    cfg = PruneConfig(budget=budget, repair=dict(num_samples=4, seq_len=16))
+    plain = {json.dumps(c["shape"]): c for c in rank_candidates(tiny_gqa_model_dir, fanout_scores, plain_cfg,
+                                                                fanout_calib)}
+    repaired = rank_candidates(tiny_gqa_model_dir, fanout_scores, cfg, fanout_calib)
+    assert all(c["repaired"] for c in repaired) and len(repaired) == 4
+    assert any(c["shape"]["intermediate_size"] < 512 for c in repaired)
+    for c in repaired:  # a candidate that keeps every head and neuron of its layers has nothing to refit
+        before = plain[json.dumps(c["shape"])]["proxy_value"]
+        cuts_units = c["shape"]["intermediate_size"] < 512 or c["shape"]["num_attention_heads"] < 4
+        assert c["proxy_value"] != before if cuts_units else c["proxy_value"] == before, c
+    measured = [measure_candidate(tiny_gqa_model_dir, fanout_scores, cfg, fanout_calib, c)
+                for c in plan_candidates(tiny_gqa_model_dir, fanout_scores, cfg)]
+    assert rank_measured(measured) == repaired
+    rec = prune_to_dir(tiny_gqa_model_dir, fanout_scores, cfg, tmp_path / "s", calibration=fanout_calib)
+    assert rec["candidate"] == repaired[0] and "repair" in rec
