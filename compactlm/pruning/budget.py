@@ -96,9 +96,9 @@ def _measure(model, scores: ImportanceScores, candidate: dict[str, Any], calibra
 
 def repair_ids(calibration: torch.Tensor | str | os.PathLike, model_dir: str | os.PathLike, cfg: PruneConfig, *,
                seed: int = 0) -> torch.Tensor | None:
-    """With ``cfg.repair``, the ids each budget candidate is repaired on before its proxy is measured: the repair's
-    ``num_samples`` x ``seq_len`` from `calibration`, drawn with ``seed + 1`` so that the fit is not scored on its
-    own rows (a tensor of ids is used as is). None without a repair."""
+    """With ``cfg.repair``, the ids a student is repaired on: the repair's ``num_samples`` x ``seq_len`` from
+    `calibration` drawn with `seed` (a tensor of ids is used as is). None without a repair. Budget candidates are
+    repaired on the draw of ``seed + 1``, so that the fit is not scored on the proxy's own rows."""
     import torch
 
     if cfg.repair is None:
@@ -232,7 +232,7 @@ def _rank_dir(model_dir, scores_dir, cfg: PruneConfig, calibration, *, device: s
     if model is None:
         model = load_model(model_dir, dtype="float32", device=device)
     return score_candidates(model, scores, pool, ids, proxy=cfg.budget.proxy, base=cfg,
-                            repair_calibration=repair_ids(calibration, model_dir, cfg, seed=seed))
+                            repair_calibration=repair_ids(calibration, model_dir, cfg, seed=seed + 1))
 
 
 def _pool_from_dirs(model_dir, scores: ImportanceScores, cfg: PruneConfig) -> list[dict[str, Any]]:
@@ -277,4 +277,4 @@ def measure_candidate(model_dir: str | os.PathLike, scores_dir: str | os.PathLik
     model = load_model(model_dir, dtype="float32", device=device)  # thread-safe: models.MODEL_BUILD_LOCK
     opts = {"layer_metric": cfg.layer_metric, "rescale_norms": cfg.rescale_norms, "repair": cfg.repair}
     return _measure(model, scores, candidate, ids, proxy=cfg.budget.proxy, opts=opts, teacher_logp=None,
-                    batch_size=PROXY_BATCH_SIZE, repair_ids=repair_ids(calibration, model_dir, cfg, seed=seed))
+                    batch_size=PROXY_BATCH_SIZE, repair_ids=repair_ids(calibration, model_dir, cfg, seed=seed + 1))

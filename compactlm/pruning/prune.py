@@ -60,7 +60,8 @@ def _selection(config: Any, scores: ImportanceScores, cfg: PruneConfig, shape: d
     """(selection, explicit shape config or None for a budget, the budget's candidate pool); validates every
     target before any weight is loaded."""
     pool: list[dict[str, Any]] = []
-    if cfg.repair is not None and (calibration is None or not _is_ids(calibration) and not Path(calibration).exists()):
+    missing = calibration is None or isinstance(calibration, (str, os.PathLike)) and not Path(calibration).exists()
+    if cfg.repair is not None and missing:
         raise ValueError(f"prune.repair refits the pruned projections on calibration data, got calibration="
                          f"{None if calibration is None else str(calibration)!r}: pass token ids, an existing "
                          "generated dataset dir or text file, or leave prune.repair empty for plain slicing")
@@ -85,10 +86,6 @@ def _selection(config: Any, scores: ImportanceScores, cfg: PruneConfig, shape: d
     return selection, explicit, pool
 
 
-def _is_ids(calibration) -> bool:
-    return type(calibration).__name__ == "Tensor"
-
-
 def _choose(model_dir: Path, scores: ImportanceScores, cfg: PruneConfig, pool: list, calibration,
             ranking: list | None, *, device: str, seed: int):
     """Load the teacher and rank the budget's pool (or take the given ranking): (teacher model, ranking)."""
@@ -99,7 +96,7 @@ def _choose(model_dir: Path, scores: ImportanceScores, cfg: PruneConfig, pool: l
     ids = calibration_tensor(calibration, model_dir, cfg, seed=seed)
     model = load_model(model_dir, dtype="float32", device=device)  # fp32: bf16 matmuls are slow on CPU
     return model, score_candidates(model, scores, pool, ids, proxy=cfg.budget.proxy, base=cfg,
-                                   repair_calibration=repair_ids(calibration, model_dir, cfg, seed=seed))
+                                   repair_calibration=repair_ids(calibration, model_dir, cfg, seed=seed + 1))
 
 
 def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cfg: PruneConfig,
@@ -154,7 +151,8 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
     student, record = prune_model(model, scores, explicit)
     if cfg.repair is not None:
         record["repair"] = _repair(model, student, scores, explicit, calibration, model_dir, seed)
-    student.to(device="cpu", dtype=getattr(torch, dtype))  # slicing is exact, so fp32 -> teacher dtype is too
+    # slicing is exact, so fp32 -> teacher dtype is too; repaired weights are rounded once to the teacher's dtype
+    student.to(device="cpu", dtype=getattr(torch, dtype))
     del model
     return _publish(student, record, cfg, model_dir, scores_dir, out_dir, dtype, selection, ranking)
 
@@ -162,17 +160,11 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
 def _repair(model, student, scores: ImportanceScores, cfg: PruneConfig, calibration, model_dir: Path,
             seed: int) -> dict[str, Any]:
     """Refit the student's output projections on calibration ids (:mod:`compactlm.pruning.repair`)."""
-    import torch
-
-    from compactlm.calibration import calibration_ids
-    from compactlm.models import load_tokenizer
     from compactlm.pruning.repair import reconstruct
 
-    rep = cfg.repair
-    ids = calibration if isinstance(calibration, torch.Tensor) else calibration_ids(
-        calibration, load_tokenizer(model_dir), num_samples=rep.num_samples, seq_len=rep.seq_len, seed=seed)
-    plan = plan_pruning(model.config, scores, cfg)
-    return reconstruct(model, student, plan, ids, damping=rep.damping, max_memory_gb=rep.max_memory_gb)
+    ids = repair_ids(calibration, model_dir, cfg, seed=seed)
+    return reconstruct(model, student, plan_pruning(model.config, scores, cfg), ids, damping=cfg.repair.damping,
+                       max_memory_gb=cfg.repair.max_memory_gb)
 
 
 def _publish(student, record: dict[str, Any], cfg: PruneConfig, model_dir: Path, scores_dir, out_dir: Path,
