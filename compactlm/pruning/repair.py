@@ -45,14 +45,17 @@ def _jobs(config: Any, plan: dict[str, Any]) -> list[tuple[int, str, Any]]:
     that lost inputs (heads for ``o_proj``, neurons for ``down_proj``)."""
     import torch
 
+    from compactlm.pruning.slicing import _layer_index
+
     t, hd = plan["teacher"], head_dim_of(config)
+    channels = torch.tensor(plan["kept_channels"], dtype=torch.long)
     jobs = []
     for s, layer in enumerate(plan["kept_layers"]):
-        heads = [h * hd + j for h in plan["kept_heads"][s] for j in range(hd)]
-        if len(heads) < t["num_attention_heads"] * hd:
-            jobs.append((layer, "self_attn.o_proj", torch.tensor(heads)))
-        if len(plan["kept_neurons"][s]) < t["intermediate_size"]:
-            jobs.append((layer, "mlp.down_proj", torch.tensor(plan["kept_neurons"][s])))
+        index = _layer_index(plan, s, channels)  # the same kept columns slicing took
+        if len(index["q"]) < t["num_attention_heads"] * hd:
+            jobs.append((layer, "self_attn.o_proj", index["q"]))
+        if len(index["mlp"]) < t["intermediate_size"]:
+            jobs.append((layer, "mlp.down_proj", index["mlp"]))
     return jobs
 
 
@@ -107,7 +110,8 @@ def _fit(w: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float
     g_sk, g_ss, w_s = gram[:, kept], gram[kept][:, kept], w[:, kept]
     lam = damping * float(g_ss.diagonal().mean().clamp(min=1e-12))
     cross = w @ g_sk  # sum of y h_S^T with y = W h
-    fitted = torch.linalg.solve(g_ss + lam * torch.eye(len(kept), dtype=torch.float64), (cross + lam * w_s).T).T
+    eye = torch.eye(len(kept), dtype=torch.float64, device=gram.device)  # on the teacher's device (CUDA too)
+    fitted = torch.linalg.solve(g_ss + lam * eye, (cross + lam * w_s).T).T
     total = float(((w @ gram) * w).sum())
 
     def error(v: torch.Tensor) -> float:
