@@ -63,7 +63,7 @@ test-fast: install
 test-integration: install
 	$(BIN)/pytest -m integration tests
 
-# The browser tests (tests/flows/test_browser.py, in the integration group) drive Debian's chromium with its
+# The browser tests (in tests/flows/test_serve.py, in the integration group) drive Debian's chromium with its
 # chromedriver through selenium (dev extra); nothing is downloaded at test time. .ci/run installs them the same way.
 browser-deps:
 	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
@@ -72,7 +72,7 @@ browser-deps:
 
 # The README's UI screenshots (docs/img/prefect-run-form.png, docs/img/mlflow-run.png), taken by the browser tests.
 screenshots: install browser-deps
-	COMPACTLM_SCREENSHOTS=docs/img $(BIN)/pytest -m integration tests/flows/test_browser.py
+	COMPACTLM_SCREENSHOTS=docs/img $(BIN)/pytest -m integration tests/flows/test_serve.py -k "form or page"
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/lint-imports

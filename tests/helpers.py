@@ -303,12 +303,15 @@ def mlflow_server(state: Path, port: int) -> subprocess.Popen:
     """A real MLflow server on 127.0.0.1 (as flows/serve.py starts it), healthy when this returns."""
     import urllib.request
 
+    from flows.serve import mlflow_server_env
+
     log = open(state / f"mlflow-{port}.log", "ab")
     proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
                              "--port", str(port), "--workers", "1",
                              "--backend-store-uri", f"sqlite:///{state / 'mlflow.db'}",
                              "--artifacts-destination", str(state / "mlartifacts")],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=state)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=state,
+                            env=mlflow_server_env(dict(os.environ)))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert proc.poll() is None, (state / f"mlflow-{port}.log").read_text()[-3000:]
