@@ -290,6 +290,15 @@ def _chance_levels(run: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _skip_env_report() -> None:
+    """lm-eval's simple_evaluate ends with ``add_env_info``, torch's collect_env: `pip list`, `nvidia-smi` and more in
+    subprocesses, ~1.7 s per call on 2 cores (two calls per model), for a report this module drops (it keeps
+    results, configs, versions and counts). Replaced, once per process, by a no-op."""
+    import lm_eval.evaluator as evaluator
+
+    evaluator.add_env_info = lambda storage: None
+
+
 def evaluate_lm(lm, cfg: EvalConfig, *, seed: int = 0, _checked: list[str] | None = None) -> dict[str, Any]:
     """Run `cfg`'s tasks (and perplexity) on any `lm_eval.api.model.LM`; the core of :func:`evaluate_model`.
 
@@ -297,6 +306,7 @@ def evaluate_lm(lm, cfg: EvalConfig, *, seed: int = 0, _checked: list[str] | Non
     """
     names = _checked if _checked is not None else check_tasks(cfg)
     offline_env()
+    _skip_env_report()
     from lm_eval import simple_evaluate
 
     common = dict(bootstrap_iters=cfg.bootstrap_iters, log_samples=False, random_seed=seed,
