@@ -155,7 +155,8 @@ def build_mixture(cfg: DataConfig, tokenizer_dir: str | os.PathLike, out_dir: st
             r.pop("topk_ids", None)
             r.pop("topk_logprobs", None)
     manifest = {"stage": "data", "seed": seed, "tokens_requested": tokens, "tokens": realised, "sources": stats,
-                "config": cfg.model_dump(mode="json"), "tokenizer": str(tokenizer_dir), "topk_logprobs": topk}
+                "config": cfg.model_dump(mode="json"), "tokenizer": str(tokenizer_dir), "topk_logprobs": topk,
+                "logit_targets": fmt.logit_targets(generated) if topk else None}
     return fmt.write_dataset(out_dir, rows, manifest, topk=topk, shard_rows=4096, source=True)
 
 

@@ -126,7 +126,13 @@ class GenerateConfig(_Strict):
     filters: FilterConfig = Field(default_factory=FilterConfig, description="Which completions to keep")
     topk_logprobs: int = Field(
         0, ge=0, le=100,
-        description="Also store the teacher's top-k log-probs per token, for distill.mode offline (0 = off)",
+        description="Also store k of the teacher's log-probs per token, for distill.mode offline (0 = off)",
+    )
+    logit_targets: Literal["topk", "sampled"] = Field(
+        "topk",
+        description="What those k per token are: topk = the k most likely tokens (the rest as one bucket); sampled "
+        "= k tokens drawn from the teacher's distribution, an unbiased estimate of the full KL at the same bytes "
+        "(engine hf only)",
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per vLLM engine (tensor parallel)")
 
@@ -152,3 +158,14 @@ class GenerateConfig(_Strict):
         if v is not None:
             template_fields(v)
         return v
+
+    @model_validator(mode="after")
+    def _sampled_targets(self) -> GenerateConfig:
+        if self.logit_targets == "sampled":
+            if self.topk_logprobs == 0:
+                raise ValueError("logit_targets: sampled draws topk_logprobs tokens per position; set "
+                                 "topk_logprobs: k (e.g. 16), or drop logit_targets")
+            if self.engine != "hf":
+                raise ValueError("logit_targets: sampled needs the teacher's full distribution, which vLLM does not "
+                                 "return (only its top log-probs): set engine: hf, or logit_targets: topk")
+        return self

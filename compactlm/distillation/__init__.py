@@ -1,6 +1,7 @@
 """Knowledge distillation of a pruned student from its teacher.
 
-Logit KD online (teacher forward per batch) or offline (the teacher's top-k log-probs stored by generation),
+Logit KD online (teacher forward per batch) or offline (the teacher's top-k or sampled log-probs stored by
+generation),
 optional hidden-state KD, resumable checkpoints, data parallel under torchrun. Importing this package is cheap:
 ``distill`` and the losses load torch/transformers on first access.
 
@@ -19,14 +20,15 @@ if TYPE_CHECKING:
         hidden_state_loss,
         kd_loss,
         reverse_kl,
+        sampled_kd_loss,
         topk_kd_loss,
         total_variation,
     )
     from compactlm.distillation.setup import DistillError  # noqa: F401
     from compactlm.distillation.trainer import distill  # noqa: F401
 
-__all__ = ["distill", "DistillError", "kd_loss", "topk_kd_loss", "hidden_state_loss", "forward_kl", "reverse_kl",
-           "generalized_jsd", "total_variation"]
+__all__ = ["distill", "DistillError", "kd_loss", "topk_kd_loss", "sampled_kd_loss", "hidden_state_loss",
+           "forward_kl", "reverse_kl", "generalized_jsd", "total_variation"]
 
 
 def __getattr__(name: str) -> Any:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from compactlm.datasets import pack
-from compactlm.formats.generated import iter_tables, topk_width
+from compactlm.formats.generated import iter_tables, logit_targets, topk_width
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +46,7 @@ class PackedData:
     teacher_ids: torch.Tensor | None = None
     align_s: torch.Tensor | None = None
     align_t: torch.Tensor | None = None
+    targets: str = "topk"  # what topk_* hold: "topk" or "sampled" (compactlm.formats.generated.logit_targets)
 
     @property
     def rows(self) -> int:
@@ -112,7 +113,7 @@ def pack_with_topk(data_dir: str | os.PathLike, seq_len: int, *, seed: int = 0) 
     filler = mask == 0
     topk_ids[filler] = 0
     topk_lps[filler] = 0.0
-    return PackedData(ids, mask, topk_ids, topk_lps)
+    return PackedData(ids, mask, topk_ids, topk_lps, targets=logit_targets(data_dir))
 
 
 def pack_plain(examples: list[tuple[list[int], list[int]]], seq_len: int, *, seed: int = 0) -> PackedData:

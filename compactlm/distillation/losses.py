@@ -336,6 +336,32 @@ def topk_kd_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logp
     return _chunked_sum(chunk_loss, [s_rows, ids_rows, lp_rows], chunk_size) / s_rows.shape[0] * temperature**2
 
 
+def sampled_kd_loss(student_logits: torch.Tensor, sample_ids: torch.Tensor, sample_logprobs: torch.Tensor,
+                    mask: torch.Tensor | None, chunk_size: int = 1024) -> torch.Tensor:
+    """Offline forward KL from k ids *drawn* from the teacher's distribution p (with replacement; generation's
+    ``logit_targets: sampled``) and the teacher's raw log-probs of them: per token
+    ``(1/k) sum_j [log p(x_j) - log q(x_j)]``, x_j ~ p, an unbiased estimate of KL(p || q), whose gradient
+    ``softmax(z) - (draw counts / k)`` is unbiased for the full-vocabulary one (random-sampling KD, Anshumann et
+    al., "Sparse Logit Sampling", ACL 2025); top-k targets are biased toward the head instead. Forward KL at T = 1
+    only: the draws are of the untempered p. Shapes, masking and return as :func:`topk_kd_loss`.
+    """
+    lead = student_logits.shape[:-1]
+    if sample_ids.shape != sample_logprobs.shape or sample_ids.shape[:-1] != lead:
+        raise ValueError(f"sample_ids {tuple(sample_ids.shape)} and sample_logprobs {tuple(sample_logprobs.shape)} "
+                         f"must both be [..., k] with leading shape {tuple(lead)} (the student's logits' positions)")
+    if mask is not None and mask.shape != lead:
+        raise ValueError(f"mask shape {tuple(mask.shape)} must equal the logits' leading shape {tuple(lead)}")
+    s_rows = _select(student_logits, mask)
+    ids_rows, lp_rows = _select(sample_ids, mask).long(), _select(sample_logprobs.detach(), mask)
+    if s_rows.shape[0] == 0:
+        return student_logits.sum().float() * 0.0
+
+    def chunk_loss(s: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor) -> torch.Tensor:
+        return (lp.float() - F.log_softmax(s.float(), dim=-1).gather(-1, ids)).mean(-1).sum()
+
+    return _chunked_sum(chunk_loss, [s_rows, ids_rows, lp_rows], chunk_size) / s_rows.shape[0]
+
+
 # ----------------------------------------------------------------------------------- another tokenizer (ULD)
 
 def _uld_tokens(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:

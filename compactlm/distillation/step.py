@@ -3,7 +3,7 @@ micro-batches, the optimizer step.
 
 The loss of a micro-batch (:func:`micro_batch_loss`) is::
 
-    targets = teacher_targets(run, mb)               # online: teacher forward (no grad); offline: stored top-k
+    targets = teacher_targets(run, mb)               # online: teacher forward (no grad); offline: stored top-k/draws
     loss = (1 - kd_weight) * CE(student, data)       # completion tokens only (mask)
          + kd_weight * KD(student, targets; T)       # forward/reverse KL, JSD, TV (losses.py)
          + hidden_weight * mean over layer pairs of D(proj(student_hidden), teacher_hidden)
@@ -124,6 +124,8 @@ def _kd(run: Run, s_logits: torch.Tensor, t: Targets, mask: torch.Tensor) -> tor
 
         return losses.uld_loss(gather_positions(s_logits, t.align_s), gather_positions(t.logits, t.align_t),
                                t.align_s >= 0, c.temperature, c.chunk_size)
+    if t.topk_ids is not None and run.data.targets == "sampled":
+        return losses.sampled_kd_loss(s_logits, t.topk_ids, t.topk_logprobs, mask, c.chunk_size)
     if t.topk_ids is not None:
         return losses.topk_kd_loss(s_logits, t.topk_ids, t.topk_logprobs, mask, c.loss, c.temperature, c.chunk_size,
                                    c.jsd_beta)

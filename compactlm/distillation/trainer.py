@@ -19,7 +19,9 @@ Data is a generated dataset (prompt + teacher completion per row), packed into `
 tokens count (``loss_mask``). ``kd_weight=0`` is sequence-level KD (plain fine-tuning on teacher-written text):
 then the teacher is not even loaded, and a student with a different tokenizer is trained on the re-tokenized
 text. ``mode="offline"`` replaces the teacher forward by the top-k log-probs stored by generation
-(:func:`~compactlm.distillation.losses.topk_kd_loss`, which documents how the tail mass is handled).
+(:func:`~compactlm.distillation.losses.topk_kd_loss`, which documents how the tail mass is handled), or by the k
+ids it drew from the teacher (``generate.logit_targets: sampled``; the unbiased
+:func:`~compactlm.distillation.losses.sampled_kd_loss`).
 """
 
 from __future__ import annotations

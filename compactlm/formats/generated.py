@@ -14,8 +14,10 @@ Columns (:func:`schema`): ``id`` str "<prompt_id>-<sample>", ``prompt_id`` int64
 (raw user prompt), ``prompt_text`` str (exact formatted prompt, chat template applied), ``completion`` str,
 ``prompt_token_ids`` list<int32> (what the engine saw), ``completion_token_ids`` list<int32> (EOS included when
 generation stopped on it), ``finish_reason`` "stop"|"length"; with top-k log-probs also ``topk_ids``
-list<list<int32>> [T][k] and ``topk_logprobs`` list<list<float16>> [T][k], aligned with completion_token_ids; a
-mixed dataset (:mod:`compactlm.mixture`) also has ``source`` str, the source each row came from.
+list<list<int32>> [T][k] and ``topk_logprobs`` list<list<float16>> [T][k], aligned with completion_token_ids (the
+teacher's k most likely ids, or with the manifest's ``"logit_targets": "sampled"`` k ids drawn from its
+distribution, sorted by id, repeats kept: :func:`logit_targets`); a mixed dataset (:mod:`compactlm.mixture`)
+also has ``source`` str, the source each row came from.
 float16 is written natively (parquet's FLOAT16 logical type; ``datasets`` reads it back as float16), so
 ``datasets.load_dataset("parquet", data_dir=".../data")`` loads a dataset as is.
 
@@ -162,6 +164,14 @@ def topk_width(dataset_dir: str | os.PathLike) -> int:
             for tok in row.values:
                 return len(tok)
     return 0
+
+
+def logit_targets(dataset_dir: str | os.PathLike) -> str:
+    """What the stored ``topk_*`` columns hold: "topk" (the k most likely ids; also datasets written before the
+    manifest said) or "sampled" (k draws from the teacher's distribution)."""
+    manifest = Path(dataset_dir) / "manifest.json"
+    found = json.loads(manifest.read_text()).get("logit_targets") if manifest.is_file() else None
+    return found or "topk"
 
 
 def write_dataset(out_dir: str | os.PathLike, rows: list[dict], manifest: dict[str, Any], *, topk: int = 0,

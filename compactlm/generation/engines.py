@@ -33,8 +33,8 @@ class Request:
 class Completion:
     token_ids: list[int]
     finish_reason: str  # "stop" | "length"
-    topk_ids: list[list[int]] | None = None  # [T][k], aligned with token_ids
-    topk_logprobs: list[list[float]] | None = None
+    topk_ids: list[list[int]] | None = None  # [T][k], aligned with token_ids (top-k ids, or k sampled draws)
+    topk_logprobs: list[list[float]] | None = None  # the teacher's raw log-probs of those ids
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,10 @@ class SamplingSettings:
     top_p: float
     max_tokens: int
     topk_logprobs: int = 0
+    #: What the k slots per token hold: "topk" = the k most likely ids; "sampled" = k ids drawn with replacement
+    #: from the teacher's raw (T = 1) distribution, their own seeded generator per request (the text is the same
+    #: either way); see compactlm.distillation.losses.sampled_kd_loss.
+    logit_targets: str = "topk"
 
 
 class Engine(Protocol):
@@ -152,6 +156,7 @@ class HFEngine:
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         gens = [torch.Generator(device=dev).manual_seed(r.seed) for r in reqs]
+        target_gens = [torch.Generator(device=dev).manual_seed(r.seed + TARGET_SEED_OFFSET) for r in reqs]
         eos = torch.tensor(sorted(self.eos), device=dev)
 
         tokens: list[list[int]] = [[] for _ in reqs]
@@ -168,8 +173,7 @@ class HFEngine:
                 logits = out.logits[:, -1, :].float()
                 nxt = self._sample(logits, s, gens)
                 if s.topk_logprobs:
-                    lp, li = torch.log_softmax(logits, dim=-1).topk(s.topk_logprobs, dim=-1)
-                    lp, li = lp.cpu().tolist(), li.cpu().tolist()
+                    li, lp = logit_targets(logits, s, target_gens)
                 live = (~done).nonzero().flatten().tolist()
                 nxt_list = nxt.cpu().tolist()
                 for b in live:
@@ -222,6 +226,28 @@ class HFEngine:
         self.model = None
 
 
+#: Offset of the per-request seed for the generator that draws sampled logit targets (the text keeps its own).
+TARGET_SEED_OFFSET = 0x5EED
+
+
+def logit_targets(logits, s: SamplingSettings, gens) -> tuple[list[list[int]], list[list[float]]]:
+    """Per row of ``logits [B, V]``: k ids and the raw log-probs of them. ``topk``: the k most likely ids;
+    ``sampled``: k draws with replacement from softmax(logits) (row b from ``gens[b]``), sorted by id so a row's
+    layout never depends on draw order."""
+    import torch
+
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    k = s.topk_logprobs
+    if s.logit_targets == "topk":
+        lp, ids = logp.topk(k, dim=-1)
+    else:
+        probs = logp.exp()
+        ids = torch.stack([torch.multinomial(probs[b], k, replacement=True, generator=g)
+                           for b, g in enumerate(gens)]).sort(dim=-1).values
+        lp = logp.gather(-1, ids)
+    return ids.cpu().tolist(), lp.cpu().tolist()
+
+
 # ------------------------------------------------------------------------------------------- vLLM engine
 
 class VLLMEngine:
@@ -257,6 +283,8 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         k = sampling.topk_logprobs
+        if k and sampling.logit_targets != "topk":  # the config refuses this first (GenerateConfig)
+            raise ValueError("vLLM returns only its top log-probs: logit_targets 'sampled' needs the hf engine")
         params = [
             SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p,
                            max_tokens=sampling.max_tokens, seed=r.seed, logprobs=k or None,

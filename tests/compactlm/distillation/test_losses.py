@@ -16,6 +16,7 @@ from compactlm.distillation.losses import (
     hidden_state_loss,
     kd_loss,
     reverse_kl,
+    sampled_kd_loss,
     topk_kd_loss,
     total_variation,
 )
@@ -166,6 +167,52 @@ def test_topk_loss_hand_worked_rest_bucket_and_lower_bound():
     assert math.isfinite(topk_kd_loss(torch.randn(3, 50), torch.zeros(3, 1, dtype=torch.long), lp, None).item())
     with pytest.raises(ValueError, match="leading shape"):
         topk_kd_loss(torch.randn(2, 4, 50), torch.zeros(2, 3, 5, dtype=torch.long), torch.zeros(2, 3, 5), None)
+
+
+def _draws(t_logp: torch.Tensor, k: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """k ids per row drawn from exp(t_logp) with replacement (as generation's logit_targets: sampled), log-probs."""
+    ids = torch.multinomial(t_logp.exp().reshape(-1, t_logp.shape[-1]), k, replacement=True, generator=g)
+    ids = ids.reshape(*t_logp.shape[:-1], k)
+    return ids, t_logp.gather(-1, ids)
+
+
+def test_sampled_targets_are_unbiased_for_forward_kl_and_its_gradient():
+    """Mean over many independent draws of the sampled-target loss (and of its gradient) is the exact full-vocabulary
+    forward KL (and its gradient); the top-k loss at the same k stays biased low."""
+    torch.manual_seed(0)
+    V, k, draws = 40, 4, 4000
+    s, t = (torch.randn(6, V) * 2).requires_grad_(True), torch.randn(6, V) * 2
+    t_logp = F.log_softmax(t, -1)
+    exact = forward_kl(s, t)
+    (g_exact,) = torch.autograd.grad(exact, s)
+    g = torch.Generator().manual_seed(1)
+    values, grads = [], torch.zeros_like(s)
+    for _ in range(draws):
+        ids, lp = _draws(t_logp, k, g)
+        loss = sampled_kd_loss(s, ids, lp, None, chunk_size=4)
+        values.append(loss.item())
+        grads += torch.autograd.grad(loss, s)[0] / draws
+    mean, sd = torch.tensor(values).mean().item(), torch.tensor(values).std().item()
+    assert abs(mean - exact.item()) < 4 * sd / math.sqrt(draws), (mean, exact.item(), sd)
+    torch.testing.assert_close(grads, g_exact, rtol=0, atol=0.003)
+    lp, ids = t_logp.topk(k, dim=-1)
+    assert topk_kd_loss(s, ids, lp, None).item() < exact.item() - 10 * sd / math.sqrt(draws)
+
+
+def test_sampled_loss_hand_worked_masking_fp16_and_errors():
+    # q = [.25, .25, .5], draws {0, 0, 2} with teacher log-probs log .5, log .5, log .2:
+    # (1/3) [(ln .5 - ln .25) * 2 + (ln .2 - ln .5)]
+    s = torch.log(torch.tensor([[0.25, 0.25, 0.5]]))
+    ids, lp = torch.tensor([[0, 0, 2]]), torch.log(torch.tensor([[0.5, 0.5, 0.2]]))
+    want = (2 * math.log(2) + math.log(0.4)) / 3
+    assert sampled_kd_loss(s, ids, lp.half(), None).item() == pytest.approx(want, rel=1e-3)
+    # masked rows are never read (they may hold filler); no masked row -> 0
+    s2 = torch.cat([s, torch.randn(1, 3)])[None]
+    ids2, lp2 = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)])[None], torch.cat([lp, torch.zeros(1, 3)])[None]
+    assert sampled_kd_loss(s2, ids2, lp2, torch.tensor([[True, False]])).item() == pytest.approx(want, rel=1e-4)
+    assert sampled_kd_loss(s2, ids2, lp2, torch.zeros(1, 2, dtype=torch.bool)).item() == 0.0
+    with pytest.raises(ValueError, match="leading shape"):
+        sampled_kd_loss(torch.randn(2, 4, 50), torch.zeros(2, 3, 5, dtype=torch.long), torch.zeros(2, 3, 5), None)
 
 
 def test_hidden_state_loss_values():

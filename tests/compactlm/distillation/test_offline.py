@@ -120,3 +120,89 @@ def test_offline_mode_needs_topk_data_and_no_hidden(teacher_dir, student_dir, da
     assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="hidden_weight"):
         DistillConfig(mode="offline", hidden_weight=1.0)
+
+
+@pytest.fixture(scope="module")
+def sampled_data_dir(teacher_dir, tmp_path_factory) -> Path:
+    """The same generation as topk_data_dir, storing 20 ids drawn from the teacher's distribution instead."""
+    from compactlm.config import GenerateConfig
+    from compactlm.generation import generate_dataset
+
+    out = tmp_path_factory.mktemp("gen-sampled") / "ds"
+    gc = GenerateConfig(engine="hf", topk_logprobs=20, logit_targets="sampled", max_prompts=24, max_tokens=24, n=1,
+                        shard_size=8, filters=dict(min_tokens=1))
+    generate_dataset(teacher_dir, gc, out, seed=0, progress=False)
+    return out
+
+
+def test_sampled_targets_are_draws_from_the_teacher_and_leave_the_text_unchanged(sampled_data_dir, topk_data_dir,
+                                                                                  teacher_dir):
+    from compactlm.formats.generated import logit_targets
+
+    assert (logit_targets(sampled_data_dir), logit_targets(topk_data_dir)) == ("sampled", "topk")
+    rows, top_rows = read_rows(sampled_data_dir), read_rows(topk_data_dir)
+    assert [r["completion_token_ids"] for r in rows] == [r["completion_token_ids"] for r in top_rows]
+    teacher = load_model(teacher_dir)
+    hits, mass = [], []
+    for r in rows[:8]:
+        p, c = r["prompt_token_ids"], r["completion_token_ids"]
+        with torch.no_grad():
+            logp = F.log_softmax(teacher(torch.tensor([p + c])).logits[0].float(), -1)[len(p) - 1:len(p) - 1 + len(c)]
+        ids, lps = torch.tensor(r["topk_ids"]), torch.tensor(r["topk_logprobs"], dtype=torch.float32)
+        assert ids.shape == (len(c), 20) and bool((ids.diff(dim=-1) >= 0).all())  # sorted by id, repeats kept
+        torch.testing.assert_close(logp.gather(-1, ids), lps, atol=3e-2, rtol=1e-2)  # the teacher's raw log-probs
+        top1 = logp.argmax(-1, keepdim=True)
+        hits.append((ids == top1).float().mean(-1))  # share of draws that hit the teacher's top token ...
+        mass.append(logp.gather(-1, top1)[:, 0].exp())  # ... is about its probability
+    hits, mass = torch.cat(hits), torch.cat(mass)
+    assert abs(hits.mean().item() - mass.mean().item()) < 0.03, (hits.mean(), mass.mean())
+
+
+def test_offline_training_on_sampled_targets_lowers_the_full_kl(sampled_data_dir, teacher_dir, student_dir,
+                                                               tmp_path):
+    logged: list[dict] = []
+    summary = distill(teacher_dir, student_dir, sampled_data_dir,
+                      cfg(mode="offline", steps=8, seq_len=64, temperature=1.0), tmp_path / "off", seed=0,
+                      log_fn=lambda mm, st: logged.append(mm))
+    assert logged[-1]["kd_loss"] < 0.9 * logged[0]["kd_loss"], [x["kd_loss"] for x in logged]
+    assert is_complete(tmp_path / "off") and summary["steps"] == 8
+    # the student moved toward the teacher on the full distribution, not only on the drawn ids
+    teacher, before, after = (load_model(d) for d in (teacher_dir, student_dir, tmp_path / "off"))
+    r = read_rows(sampled_data_dir)[0]
+    ids = torch.tensor([r["prompt_token_ids"] + r["completion_token_ids"]])
+    with torch.no_grad():
+        t = teacher(ids).logits
+        kl = [kd_loss(m(ids).logits, t, None).item() for m in (before, after)]
+    assert kl[1] < kl[0], kl
+    # sampled targets estimate forward KL at T = 1 only; other choices fail before training, naming the fix
+    with pytest.raises(DistillError, match="distill.loss: forward_kl"):
+        distill(teacher_dir, student_dir, sampled_data_dir, cfg(mode="offline", loss="reverse_kl"), tmp_path / "r")
+    with pytest.raises(DistillError, match="distill.temperature: 1"):
+        distill(teacher_dir, student_dir, sampled_data_dir, cfg(mode="offline", temperature=2.0), tmp_path / "t")
+    assert not (tmp_path / "r").exists() and not (tmp_path / "t").exists()
+
+
+def test_sampled_targets_config_errors_name_the_fix(teacher_dir, tmp_path):
+    from compactlm.config import GenerateConfig
+    from compactlm.generation import generate_dataset
+
+    with pytest.raises(ValueError, match="set topk_logprobs: k"):
+        GenerateConfig(engine="hf", logit_targets="sampled")
+    with pytest.raises(ValueError, match="set engine: hf"):
+        GenerateConfig(engine="vllm", logit_targets="sampled", topk_logprobs=8)
+    # k at least the vocabulary: a teacher with a 40-word vocabulary (word-level tokenizer), refused before any
+    # prompt is loaded or anything written
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(39)} | {"<unk>": 39}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    small = tmp_path / "small-vocab"
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>").save_pretrained(small)
+    (small / "config.json").write_bytes((teacher_dir / "config.json").read_bytes())
+    for targets in ("topk", "sampled"):
+        with pytest.raises(ValueError, match=r"topk_logprobs \(40\) must be smaller than the teacher's vocabulary "
+                                             r"\(40 tokens\)"):
+            generate_dataset(small, GenerateConfig(engine="hf", logit_targets=targets, topk_logprobs=40),
+                             tmp_path / "g", seed=0, progress=False)
+    assert not (tmp_path / "g").exists()
