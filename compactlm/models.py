@@ -360,3 +360,19 @@ def count_params_on_disk(model_dir: str | os.PathLike) -> int:
                     count *= int(d)
                 total += count
     return total
+
+
+def eos_token_ids(model_dir: str | os.PathLike, tokenizer) -> set[int]:
+    """Every token that ends a completion: generation_config.json's eos ids plus the tokenizer's eos."""
+    ids: set[int] = set()
+    gen_cfg = Path(model_dir) / "generation_config.json"
+    for src in ([json.loads(gen_cfg.read_text()).get("eos_token_id")] if gen_cfg.is_file() else []) + [
+        tokenizer.eos_token_id
+    ]:
+        if isinstance(src, int):
+            ids.add(src)
+        elif isinstance(src, list):
+            ids.update(int(i) for i in src)
+    if not ids:
+        raise ValueError(f"{model_dir}: neither generation_config.json nor the tokenizer defines an eos token")
+    return ids

@@ -26,11 +26,13 @@ from compactlm.config.stages import (
     DistillConfig,
     EvalConfig,
     JsonlTask,
+    OnPolicyConfig,
     PruneConfig,
     RepairConfig,
     ScoreConfig,
 )
 
 __all__ = ["SELF_INSTRUCT_BLOCKED_WORDS", "SHAPE_FIELDS", "BudgetConfig", "DataConfig", "DataSource",
-           "DistillConfig", "EvalConfig", "ExportConfig", "FilterConfig", "GenerateConfig", "JsonlTask", "PruneConfig",
-           "Recipe", "RepairConfig", "RunSettings", "ScoreConfig", "SelfInstructConfig", "TrackingConfig", "_Strict"]
+           "DistillConfig", "EvalConfig", "ExportConfig", "FilterConfig", "GenerateConfig", "JsonlTask",
+           "OnPolicyConfig", "PruneConfig", "Recipe", "RepairConfig", "RunSettings", "ScoreConfig",
+           "SelfInstructConfig", "TrackingConfig", "_Strict"]

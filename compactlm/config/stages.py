@@ -108,6 +108,19 @@ class PruneConfig(_Strict):
         return self
 
 
+class OnPolicyConfig(_Strict):
+    """On-policy distillation (GKD, Agarwal et al. 2024): on a share of the steps the student writes the
+    continuations of the data's prompts itself, and learns the teacher's distribution on its own samples."""
+
+    fraction: float = Field(1.0, ge=0.0, le=1.0, description="Share of steps (λ) whose batch the student samples; "
+                            "each step decides from the seed, the others train on the data")
+    loss: KDLoss = Field("reverse_kl", description="Divergence on the student's samples: reverse_kl (mode-seeking, "
+                         "as in GKD / MiniLLM), jsd (with distill.jsd_beta), forward_kl or tv")
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Tokens the student samples per prompt")
+    temperature: float = Field(1.0, gt=0.0, le=5.0, description="Sampling temperature of the student")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of the student (1 = off)")
+
+
 class DistillConfig(_Strict):
     """Knowledge distillation of the student from the teacher: logit KD, optionally hidden-state KD."""
 
@@ -146,6 +159,10 @@ class DistillConfig(_Strict):
     hidden_loss: HiddenLoss = Field(
         "cosine", description="Hidden-state distance: cosine = 1 - cos per token, mse = mean squared error"
     )
+    on_policy: OnPolicyConfig | None = Field(
+        None, description="Also train on the student's own samples, scored by the teacher (needs mode: online and "
+        "a student with the teacher's tokenizer); empty = off-policy only",
+    )
     peak_tflops: float | None = Field(
         None, gt=0,
         description="Peak TFLOP/s of one device in the training dtype, for the MFU metric; empty = known GPUs' "
@@ -166,6 +183,12 @@ class DistillConfig(_Strict):
         if self.mode == "offline" and self.hidden_weight > 0:
             raise ValueError("hidden_weight > 0 needs the teacher's hidden states, which offline mode does not "
                              "have: use mode: online, or hidden_weight: 0")
+        if self.on_policy is not None and self.mode == "offline":
+            raise ValueError("on_policy needs the teacher to score the student's samples, which offline mode does "
+                             "not load: use mode: online, or drop on_policy")
+        if self.on_policy is not None and self.on_policy.max_new_tokens >= self.seq_len:
+            raise ValueError(f"on_policy.max_new_tokens ({self.on_policy.max_new_tokens}) must be below seq_len "
+                             f"({self.seq_len}): a sample and some of its prompt share one training sequence")
         return self
 
 

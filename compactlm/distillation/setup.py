@@ -23,7 +23,7 @@ from compactlm.config import DistillConfig
 from compactlm.distillation.data import PackedData, pack_plain, pack_with_topk
 from compactlm.distillation.parallel import Parallel
 from compactlm.formats.generated import iter_examples, read_rows
-from compactlm.models import load_model, load_tokenizer, pick_device
+from compactlm.models import eos_token_ids, load_model, load_tokenizer, pick_device
 
 if TYPE_CHECKING:
     import torch
@@ -56,6 +56,9 @@ class Run:
     projection: torch.nn.Module | None = None
     optimizer: torch.optim.Optimizer | None = None
     pairs: list[tuple[int, int]] = field(default_factory=list)
+    prompts: list[list[int]] = field(default_factory=list)  # on-policy: the data's distinct prompts (token ids)
+    pad_id: int | None = None  # on-policy: the student tokenizer's padding and end-of-sequence ids
+    eos_ids: set[int] = field(default_factory=set)
 
     @property
     def device(self) -> str:
@@ -84,8 +87,8 @@ class Run:
 
     @property
     def needs_teacher(self) -> bool:
-        """The teacher model runs on every batch: online logit KD or hidden-state KD."""
-        return (self.use_kd and not self.offline) or self.use_hidden
+        """The teacher model runs on every batch: online logit KD, hidden-state KD or on-policy KD."""
+        return (self.use_kd and not self.offline) or self.use_hidden or self.cfg.on_policy is not None
 
     def trainable(self) -> dict[str, torch.nn.Module]:
         """What the optimizer updates and checkpoints save, by checkpoint file name."""
@@ -116,6 +119,8 @@ def setup(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data_d
               local_batch, micro)
     if run.use_hidden:
         run.pairs = _hidden_pairs(student_dir, s_conf, t_conf)
+    if cfg.on_policy is not None:
+        _on_policy_inputs(run)
     _load_models(run)
     run.optimizer = _optimizer(run)
     run.model = par.wrap(run.student)
@@ -236,6 +241,24 @@ def _hidden_pairs(student_dir: Path, s_conf: dict, t_conf: dict) -> list[tuple[i
         return state_pairs(layer_map(student_dir, int(_get(s_conf, "num_hidden_layers")), n_t), n_t)
     except ValueError as e:
         raise DistillError(str(e)) from None
+
+
+def _on_policy_inputs(run: Run) -> None:
+    """The prompts the student continues and its stop/pad ids; DistillError when on-policy KD cannot run."""
+    if not run.shared_vocab:
+        raise DistillError("distill.on_policy: the teacher scores the student's samples token by token, which needs "
+                           "the teacher's vocabulary; this student has another tokenizer: drop on_policy")
+    seen: dict[tuple[int, ...], None] = {}
+    for r in read_rows(run.data_dir, ["prompt_token_ids"]):
+        if r["prompt_token_ids"]:
+            seen.setdefault(tuple(r["prompt_token_ids"]), None)
+    if not seen:
+        raise DistillError(f"distill.on_policy: {run.data_dir} has no prompts for the student to continue (only text "
+                           "pieces); use a generated dataset, or drop on_policy")
+    run.prompts = [list(p) for p in seen]
+    tok = load_tokenizer(run.student_dir)
+    run.eos_ids = eos_token_ids(run.student_dir, tok)
+    run.pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(sorted(run.eos_ids)), None)
 
 
 def _batch_split(cfg: DistillConfig, world: int) -> tuple[int, int]:

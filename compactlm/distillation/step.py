@@ -52,6 +52,8 @@ class Batch:
     n_tokens: int  # input tokens of the whole batch
     n_loss: int  # loss tokens (predicted completion tokens) of the whole batch
     epoch: int
+    on_policy: bool = False  # the student's own samples (onpolicy.py): the loss is on_policy.loss only
+    sample_tokens: float = 0.0  # on-policy: mean sampled tokens per row (whole batch)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class MicroBatch:
     mask: torch.Tensor
     weight: float  # share of the whole batch's loss tokens
     last: bool  # the last micro-batch of this process's share (gradients are synchronised after it)
+    on_policy: bool = False
 
 
 @dataclass
@@ -94,7 +97,7 @@ def micro_batches(run: Run, batch: Batch) -> Iterator[MicroBatch]:
         mask = batch.mask[start:start + run.micro]
         weight = int(mask[:, 1:].sum()) / max(1, batch.n_loss)  # logits at t predict token t + 1
         yield MicroBatch(batch.rows[start:start + run.micro], batch.ids[start:start + run.micro], mask, weight,
-                         start + run.micro >= run.local_batch)
+                         start + run.micro >= run.local_batch, batch.on_policy)
 
 
 def teacher_targets(run: Run, mb: MicroBatch) -> Targets:
@@ -152,6 +155,8 @@ def micro_batch_loss(run: Run, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, 
     import torch
 
     c = run.cfg
+    if mb.on_policy:
+        return on_policy_loss(run, mb)
     with run.autocast():
         s_out = run.model(input_ids=mb.ids, use_cache=False, output_hidden_states=run.use_hidden)
     s_logits = s_out.logits[:, :-1]
@@ -174,6 +179,24 @@ def micro_batch_loss(run: Run, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, 
     return loss, parts
 
 
+def on_policy_loss(run: Run, mb: MicroBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The student's own samples: on_policy.loss between student and teacher on the sampled tokens (no CE, no
+    hidden term); logged with the student's and the teacher's NLL of those tokens (how likely the teacher finds
+    what the student writes)."""
+    import torch
+
+    c = run.cfg
+    with run.autocast():
+        s_logits = run.model(input_ids=mb.ids, use_cache=False).logits[:, :-1]
+    t = teacher_targets(run, mb)
+    labels, mask = mb.ids[:, 1:], mb.mask[:, 1:].bool()
+    kd = losses.kd_loss(s_logits, t.logits, mask, c.on_policy.loss, c.temperature, c.chunk_size, c.jsd_beta)
+    with torch.no_grad():
+        ce = losses.chunked_cross_entropy(s_logits.detach(), labels, mask, c.chunk_size)
+        nll = losses.chunked_cross_entropy(t.logits, labels, mask, c.chunk_size)
+    return kd, {"kd_loss": kd, "ce_loss": ce, "teacher_nll": nll}
+
+
 def accumulate(run: Run, batch: Batch, step: int) -> dict[str, float]:
     """Forward and backward every micro-batch of this process's share; returns the batch's loss and its parts
     (summed over processes). Raises FloatingPointError on a non-finite loss, before any update."""
@@ -188,7 +211,7 @@ def accumulate(run: Run, batch: Batch, step: int) -> dict[str, float]:
             (loss * (mb.weight * world)).backward()  # DDP averages over processes; weights sum to 1 globally
         totals["loss"] += mb.weight * value
         for name, part in parts.items():
-            totals[name] += mb.weight * part.item()
+            totals[name] = totals.get(name, 0.0) + mb.weight * part.item()
     if world > 1:
         totals = run.par.sum(totals)
         if run.projection is not None:

@@ -6,6 +6,8 @@ The map (each line is one named function; the loop is :func:`distill`)::
     state = resume(run)                               # checkpoint.py: newest checkpoint of this run, or fresh
     for step in steps:
         batch = draw_batch(run, rows)                 # step.py: seeded rows, this process's share
+        if is_on_policy(run, step):                   # onpolicy.py: a seeded coin with P = on_policy.fraction
+            batch = sample_batch(run, step, ...)      #   the student continues seeded prompts; KD on its tokens
         totals = accumulate(run, batch)               # step.py: per micro-batch
             loss = (1 - kd_weight) * CE(student, data) + kd_weight * KD(student, teacher; T)
                  + hidden_weight * D(proj(student_hidden), teacher_hidden)      # completion tokens only
@@ -39,6 +41,7 @@ from compactlm.config import DistillConfig
 from compactlm.distillation import checkpoint as ckpt
 from compactlm.distillation.data import row_stream
 from compactlm.distillation.flops import peak_flops, train_flops_per_token
+from compactlm.distillation.onpolicy import is_on_policy, sample_batch
 from compactlm.distillation.setup import Run, saved_dtype, setup
 from compactlm.distillation.step import Batch, accumulate, draw_batch, lr_at, optimizer_step
 from compactlm.formats.pruning import RECORD_FILE
@@ -97,7 +100,9 @@ def distill(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data
         t_session = time.perf_counter()
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
-            batch = draw_batch(run, rows)
+            batch = draw_batch(run, rows)  # drawn on on-policy steps too: the data order never depends on λ
+            if is_on_policy(run, step):
+                batch = sample_batch(run, step, batch.epoch)
             totals = accumulate(run, batch, step)
             grad_norm = optimizer_step(run, step, lr_at(step, cfg))
             metrics = {**totals, "lr": lr_at(step, cfg), "grad_norm": grad_norm}
@@ -114,7 +119,7 @@ def distill(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data
 def fresh_state() -> dict[str, Any]:
     """The loop's counters (JSON: it is saved in every checkpoint's state.json)."""
     return {"rows_drawn": 0, "tokens_seen": 0, "loss_tokens": 0, "first_loss": None, "last": {},
-            "log_lines": [], "seconds": 0.0, "epoch": 0}
+            "log_lines": [], "seconds": 0.0, "epoch": 0, "on_policy_steps": 0}
 
 
 def _fingerprint(run: Run) -> str:
@@ -155,7 +160,12 @@ def record(run: Run, state: dict[str, Any], step: int, batch: Batch, metrics: di
             "tokens_seen": float(state["tokens_seen"]), "epoch": float(state["epoch"])}
     if peak is not None:
         last["mfu"] = last["model_tflops"] * 1e12 / (peak * run.par.world)
-    if not run.use_kd:
+    if cfg.on_policy is not None:
+        state["on_policy_steps"] = state.get("on_policy_steps", 0) + int(batch.on_policy)
+        last |= {"on_policy": float(batch.on_policy), "on_policy_fraction": state["on_policy_steps"] / (step + 1)}
+        if batch.on_policy:
+            last["sample_tokens"] = batch.sample_tokens
+    if not run.use_kd and not batch.on_policy:
         last.pop("kd_loss")
     if not run.use_hidden:
         last.pop("hidden_loss")

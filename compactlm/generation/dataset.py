@@ -320,7 +320,7 @@ def generate_dataset(model_dir: str | os.PathLike, cfg: GenerateConfig, out_dir:
     With ``cfg.self_instruct`` the teacher first writes new instructions from the seed prompts (pass 1,
     ``self_instruct/``), which are filtered and then answered with the seeds (pass 2, ``data/``).
     """
-    from compactlm.generation.engines import eos_token_ids
+    from compactlm.models import eos_token_ids
 
     out_dir = Path(out_dir)
     if is_complete(out_dir):

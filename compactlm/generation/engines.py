@@ -10,7 +10,6 @@ Log-probs are *raw*: log-softmax of the model's logits before temperature / top-
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from contextlib import nullcontext
@@ -81,22 +80,6 @@ def resolve_dtype(dtype: str, engine: str, device: str) -> str:
     return "bfloat16" if cpu_has_native_bf16() else "float32"
 
 
-def eos_token_ids(model_dir: str | os.PathLike, tokenizer) -> set[int]:
-    """Every token that ends a completion: generation_config.json's eos ids plus the tokenizer's eos."""
-    ids: set[int] = set()
-    gen_cfg = Path(model_dir) / "generation_config.json"
-    for src in ([json.loads(gen_cfg.read_text()).get("eos_token_id")] if gen_cfg.is_file() else []) + [
-        tokenizer.eos_token_id
-    ]:
-        if isinstance(src, int):
-            ids.add(src)
-        elif isinstance(src, list):
-            ids.update(int(i) for i in src)
-    if not ids:
-        raise ValueError(f"{model_dir}: neither generation_config.json nor the tokenizer defines an eos token")
-    return ids
-
-
 # --------------------------------------------------------------------------------------------- HF engine
 
 
@@ -112,7 +95,7 @@ class HFEngine:
 
     def __init__(self, model_dir: str | os.PathLike, tokenizer, *, dtype: str = "auto", device: str = "auto",
                  batch_size: int = 64):
-        from compactlm.models import load_model, pick_device
+        from compactlm.models import eos_token_ids, load_model, pick_device
 
         t0 = time.perf_counter()
         self.device = pick_device(device)

@@ -1,0 +1,104 @@
+"""On-policy distillation: which steps sample and what they sample are fixed by the seed; the student trains on its own
+samples scored by the teacher; a SIGKILL mid-run resumes to the same weights; bad input fails before training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compactlm.config import DistillConfig
+from compactlm.distillation import DistillError, distill
+from compactlm.distillation.onpolicy import is_on_policy, sample_batch
+from compactlm.distillation.setup import setup
+from compactlm.models import load_model
+from tests.helpers import REPO, SCRIPTS
+from tests.helpers import kd_cfg as cfg
+
+ON = {"fraction": 0.5, "max_new_tokens": 8}
+
+
+def _run(teacher_dir, student_dir, data_dir, tmp_path, seed: int, **on):
+    return setup(teacher_dir, student_dir, data_dir, cfg(seq_len=48, on_policy={**ON, **on}), tmp_path / "x",
+                 seed=seed)
+
+
+def test_on_policy_steps_and_batches_are_reproducible_for_a_seed(teacher_dir, student_dir, data_dir, tmp_path):
+    a, b = (_run(teacher_dir, student_dir, data_dir, tmp_path, seed=3) for _ in range(2))
+    other = _run(teacher_dir, student_dir, data_dir, tmp_path, seed=4)
+    coins = [is_on_policy(a, s) for s in range(200)]
+    assert coins == [is_on_policy(b, s) for s in range(200)] != [is_on_policy(other, s) for s in range(200)]
+    assert 0.4 < sum(coins) / 200 < 0.6  # λ = 0.5
+    everything = _run(teacher_dir, student_dir, data_dir, tmp_path, seed=3, fraction=1.0)
+    assert all(is_on_policy(everything, s) for s in range(50))
+    assert not any(is_on_policy(_run(teacher_dir, student_dir, data_dir, tmp_path, seed=3, fraction=0.0), s)
+                   for s in range(50))
+
+    one, two = sample_batch(a, 7, 0), sample_batch(b, 7, 0)  # same seed and step: same prompts and samples
+    assert torch.equal(one.ids, two.ids) and torch.equal(one.mask, two.mask) and one.on_policy
+    assert not torch.equal(one.ids, sample_batch(a, 8, 0).ids)
+    for row, mask in zip(one.ids.tolist(), one.mask.tolist()):
+        first = mask.index(1)
+        sampled = [t for t, m in zip(row, mask) if m]
+        assert 1 <= len(sampled) <= 8 and mask[first:first + len(sampled)] == [1] * len(sampled)
+        assert any(row[:first] == p[-len(row[:first]):] for p in a.prompts)  # a data prompt, then the sample
+        assert not any(t in a.eos_ids for t in sampled[:-1])  # stops at the first EOS
+    assert one.n_loss == int(one.mask[:, 1:].sum()) and one.sample_tokens == one.mask.sum().item() / 2
+
+
+def test_on_policy_training_logs_samples_and_lowers_the_divergence(teacher_dir, student_dir, data_dir, tmp_path):
+    logged: list[dict] = []
+    c = cfg(steps=10, seq_len=48, lr=1e-2, on_policy={"fraction": 1.0, "max_new_tokens": 12})
+    summary = distill(teacher_dir, student_dir, data_dir, c, tmp_path / "out", seed=0,
+                      log_fn=lambda m, s: logged.append(m))
+    assert summary["steps"] == 10 and all(m["on_policy"] == 1.0 for m in logged)
+    assert logged[-1]["on_policy_fraction"] == 1.0 and all(0 < m["sample_tokens"] <= 12 for m in logged)
+    assert all(m["teacher_nll"] > 0 and m["loss"] == pytest.approx(m["kd_loss"]) for m in logged)
+    first, last = (sum(m["kd_loss"] for m in part) / 3 for part in (logged[:3], logged[-3:]))
+    assert last < 0.8 * first, [m["kd_loss"] for m in logged]  # reverse KL on its own samples went down
+    assert not torch.equal(load_model(tmp_path / "out").lm_head.weight, load_model(student_dir).lm_head.weight)
+
+
+@pytest.mark.integration  # a subprocess killed mid-run, then two short runs
+def test_sigkill_during_on_policy_training_resumes_bit_identically(teacher_dir, student_dir, data_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from compactlm.distillation.checkpoint import checkpoint_root
+
+    c = cfg(steps=8, seq_len=48, checkpoint_every=2, on_policy=ON)
+    logged: list[dict] = []
+    distill(teacher_dir, student_dir, data_dir, c, tmp_path / "ref", seed=1, log_fn=lambda m, s: logged.append(m))
+    assert 0 < sum(m["on_policy"] for m in logged) < 8  # both kinds of steps happen
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(SCRIPTS / "slow_distillation.py"), str(teacher_dir),
+                             str(student_dir), str(data_dir), str(out), c.model_dump_json()],
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.monotonic() + 240
+        while not list(checkpoint_root(out).glob("step-0000000[4-6]")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no step-4 checkpoint"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    resumed = distill(teacher_dir, student_dir, data_dir, c, out, seed=1)
+    assert resumed["resumed_from"] >= 4
+    ref, got = load_model(tmp_path / "ref").state_dict(), load_model(out).state_dict()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_on_policy_bad_input_fails_before_training(teacher_dir, other_student_dir, data_dir, tmp_path):
+    with pytest.raises(ValueError, match="on_policy.fraction"):
+        DistillConfig(on_policy={"fraction": 1.5})
+    with pytest.raises(ValueError, match="use mode: online"):
+        DistillConfig(mode="offline", on_policy={})
+    with pytest.raises(ValueError, match=r"on_policy.max_new_tokens \(64\) must be below seq_len \(32\)"):
+        DistillConfig(seq_len=32, on_policy={})
+    with pytest.raises(DistillError, match="another tokenizer: drop on_policy"):
+        distill(teacher_dir, other_student_dir, data_dir, cfg(kd_weight=0.5, seq_len=48, on_policy=ON),
+                tmp_path / "x")
+    assert not (tmp_path / "x").exists()
