@@ -13,4 +13,5 @@ from compactlm.distillation import distill
 teacher, student, data, out = sys.argv[1:5]
 cfg = DistillConfig.model_validate_json(sys.argv[5])
 summary = distill(teacher, student, data, cfg, out, seed=4)
-print("RESULT " + json.dumps({"rank": int(os.environ["RANK"]), **summary}), flush=True)
+# one write() per line: the two ranks share torchrun's stdout, and a line split over two writes could interleave
+os.write(1, ("RESULT " + json.dumps({"rank": int(os.environ["RANK"]), **summary}) + "\n").encode())
