@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 from compactlm.distillation.step import Batch
 
 if TYPE_CHECKING:
-
     from compactlm.distillation.setup import Run
 
 #: Mixed into the per-step seeds, so on-policy draws never coincide with the data order's (data.row_stream).
@@ -57,18 +56,15 @@ def sample_batch(run: Run, step: int, epoch: int) -> Batch:
     keep = cfg.seq_len - op.max_new_tokens
     prompts = [run.prompts[i][-keep:] for i in mine]
     samples = _generate(run, prompts, step)
-    pad = run.pad_id
-    ids = torch.full((len(prompts), cfg.seq_len), pad, dtype=torch.long)
+    ids = torch.full((len(prompts), cfg.seq_len), run.pad_id if run.pad_id is not None else 0, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, (p, s) in enumerate(zip(prompts, samples)):
         ids[r, :len(p) + len(s)] = torch.tensor(p + s)
         mask[r, len(p):len(p) + len(s)] = 1
-    counts = run.par.sum({"tokens": float(int((ids != pad).sum()) if pad is not None else ids.numel()),
+    counts = run.par.sum({"tokens": float(sum(len(p) + len(s) for p, s in zip(prompts, samples))),
                           "loss": float(mask[:, 1:].sum()), "sampled": float(sum(len(s) for s in samples))})
-    batch = Batch(torch.tensor(mine), ids.to(run.device), mask.to(run.device), int(counts["tokens"]),
-                  int(counts["loss"]), epoch, on_policy=True)
-    batch.sample_tokens = counts["sampled"] / cfg.batch_size
-    return batch
+    return Batch(torch.tensor(mine), ids.to(run.device), mask.to(run.device), int(counts["tokens"]),
+                 int(counts["loss"]), epoch, on_policy=True, sample_tokens=counts["sampled"] / cfg.batch_size)
 
 
 def _generate(run: Run, prompts: list[list[int]], step: int) -> list[list[int]]:
