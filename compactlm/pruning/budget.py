@@ -97,8 +97,9 @@ def _measure(model, scores: ImportanceScores, candidate: dict[str, Any], calibra
 def repair_ids(calibration: torch.Tensor | str | os.PathLike, model_dir: str | os.PathLike, cfg: PruneConfig, *,
                seed: int = 0) -> torch.Tensor | None:
     """With ``cfg.repair``, the ids a student is repaired on: the repair's ``num_samples`` x ``seq_len`` from
-    `calibration` drawn with `seed` (a tensor of ids is used as is). None without a repair. Budget candidates are
-    repaired on the draw of ``seed + 1``, so that the fit is not scored on the proxy's own rows."""
+    `calibration` drawn with `seed` (a tensor of ids is used as is). None without a repair. The published student
+    is repaired on the draw of the stage's seed; its callers pass ``seed + 1`` for budget candidates, so that their
+    fit is not scored on the proxy's own rows (drawn with the stage's seed)."""
     import torch
 
     if cfg.repair is None:
@@ -109,7 +110,7 @@ def repair_ids(calibration: torch.Tensor | str | os.PathLike, model_dir: str | o
     from compactlm.models import load_tokenizer
 
     return calibration_ids(calibration, load_tokenizer(model_dir), num_samples=cfg.repair.num_samples,
-                           seq_len=cfg.repair.seq_len, seed=seed + 1)
+                           seq_len=cfg.repair.seq_len, seed=seed)
 
 
 def _check_proxy_inputs(proxy: str, calibration: torch.Tensor) -> None:
