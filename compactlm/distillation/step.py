@@ -115,9 +115,10 @@ def teacher_targets(run: Run, mb: MicroBatch) -> Targets:
             out = run.teacher(input_ids=run.data.teacher_ids[mb.rows].to(run.device), use_cache=False)
         return Targets(logits=out.logits, align_s=run.data.align_s[mb.rows].to(run.device),
                        align_t=run.data.align_t[mb.rows].to(run.device))
+    hidden = run.use_hidden and not mb.on_policy  # on-policy batches have no hidden-state term
     with run.autocast(), torch.no_grad():
-        out = run.teacher(input_ids=mb.ids, use_cache=False, output_hidden_states=run.use_hidden)
-    return Targets(logits=out.logits[:, :-1], hidden=out.hidden_states if run.use_hidden else None)
+        out = run.teacher(input_ids=mb.ids, use_cache=False, output_hidden_states=hidden)
+    return Targets(logits=out.logits[:, :-1], hidden=out.hidden_states if hidden else None)
 
 
 def _kd(run: Run, s_logits: torch.Tensor, t: Targets, mask: torch.Tensor) -> torch.Tensor:
