@@ -27,10 +27,16 @@ if TYPE_CHECKING:
 _SALT = 0x0B5E55ED
 
 
+def _seed(run: Run, step: int, what: int) -> int:
+    """The seed of one random choice of `step`: `what` 0 = the coin, 1 = the prompts, 2 + 1009 x rank = a
+    process's samples."""
+    return (run.seed * 1_000_003 + step) * 7 + what + _SALT
+
+
 def _generator(run: Run, step: int, what: int):
     import torch
 
-    return torch.Generator().manual_seed((run.seed * 1_000_003 + step) * 7 + what + _SALT)
+    return torch.Generator().manual_seed(_seed(run, step, what))
 
 
 def is_on_policy(run: Run, step: int) -> bool:
@@ -56,7 +62,7 @@ def sample_batch(run: Run, step: int, epoch: int) -> Batch:
     keep = cfg.seq_len - op.max_new_tokens
     prompts = [run.prompts[i][-keep:] for i in mine]
     samples = _generate(run, prompts, step)
-    ids = torch.full((len(prompts), cfg.seq_len), run.pad_id if run.pad_id is not None else 0, dtype=torch.long)
+    ids = torch.full((len(prompts), cfg.seq_len), run.pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, (p, s) in enumerate(zip(prompts, samples)):
         ids[r, :len(p) + len(s)] = torch.tensor(p + s)
@@ -73,7 +79,7 @@ def _generate(run: Run, prompts: list[list[int]], step: int) -> list[list[int]]:
 
     op = run.cfg.on_policy
     width = max(len(p) for p in prompts)
-    pad = run.pad_id if run.pad_id is not None else 0
+    pad = run.pad_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=run.device)
     attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=run.device)
     devices = [torch.device(run.device)] if run.cuda else []
@@ -82,10 +88,10 @@ def _generate(run: Run, prompts: list[list[int]], step: int) -> list[list[int]]:
     student.eval()
     try:
         with torch.random.fork_rng(devices=devices), torch.no_grad(), run.autocast():
-            torch.manual_seed((run.seed * 1_000_003 + step) * 7 + 2 + _SALT + 1_009 * run.par.rank)
+            torch.manual_seed(_seed(run, step, 2 + 1_009 * run.par.rank))
             out = student.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=op.temperature,
                                    top_p=op.top_p, top_k=0, max_new_tokens=op.max_new_tokens, pad_token_id=pad,
-                                   eos_token_id=sorted(run.eos_ids) or None)
+                                   eos_token_id=sorted(run.eos_ids))
     finally:
         student.train(was_training)
     samples = []

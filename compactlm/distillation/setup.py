@@ -57,7 +57,7 @@ class Run:
     optimizer: torch.optim.Optimizer | None = None
     pairs: list[tuple[int, int]] = field(default_factory=list)
     prompts: list[list[int]] = field(default_factory=list)  # on-policy: the data's distinct prompts (token ids)
-    pad_id: int | None = None  # on-policy: the student tokenizer's padding and end-of-sequence ids
+    pad_id: int = 0  # on-policy: the student tokenizer's padding and end-of-sequence ids
     eos_ids: set[int] = field(default_factory=set)
 
     @property
@@ -258,7 +258,7 @@ def _on_policy_inputs(run: Run) -> None:
     run.prompts = [list(p) for p in seen]
     tok = load_tokenizer(run.student_dir)
     run.eos_ids = eos_token_ids(run.student_dir, tok)
-    run.pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(sorted(run.eos_ids)), None)
+    run.pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(run.eos_ids)  # eos_ids is never empty
 
 
 def _batch_split(cfg: DistillConfig, world: int) -> tuple[int, int]:
