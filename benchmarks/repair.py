@@ -41,6 +41,19 @@ DEFAULTS: dict[str, Any] = {"limit": 300, "eval_batch_size": 16, "calib_samples"
                             "kd_students": ["width-60", "width-50"], "damping": 0.01}
 
 
+def cached_scores(teacher: Path, calib: Path, root: Path, p: dict) -> Path:
+    """Importance scores of `teacher` on `calib` (``calib_samples`` x ``calib_seq_len``), computed once into
+    ``root/scores``."""
+    from compactlm.config import ScoreConfig
+    from compactlm.importance import score_model
+
+    scores = root / "scores"
+    if not (scores / "manifest.json").is_file():
+        score_model(teacher, calib, ScoreConfig(num_samples=p["calib_samples"], seq_len=p["calib_seq_len"],
+                                                layer_loss=False), scores)
+    return scores
+
+
 def _weights_digest(model_dir: Path) -> str:
     return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
 
@@ -109,10 +122,9 @@ def main() -> None:
     p = with_overrides(DEFAULTS, args.set, "a setting")
     p["device"] = "cpu"
 
-    from compactlm.config import DistillConfig, ScoreConfig
+    from compactlm.config import DistillConfig
     from compactlm.datasets import corpus_dataset
     from compactlm.distillation import distill
-    from compactlm.importance import score_model
     from compactlm.models import resolve_model
 
     t_start, load_start = time.perf_counter(), os.getloadavg()
@@ -120,10 +132,7 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     teacher = resolve_model(args.teacher)
     calib = SHARED / "gutenberg" / "gutenberg_14books_clean.txt"
-    scores = root / "scores"
-    if not (scores / "manifest.json").is_file():
-        score_model(teacher, calib, ScoreConfig(num_samples=p["calib_samples"], seq_len=p["calib_seq_len"],
-                                                layer_loss=False), scores)
+    scores = cached_scores(teacher, calib, root, p)
     classic = root / "classic"
     if not (classic / "manifest.json").is_file():
         corpus_dataset(calib, teacher, classic, max_tokens=p["kd_tokens"] + p["seq_len"], seed=1)

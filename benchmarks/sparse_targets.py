@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import SHARED, with_overrides  # noqa: E402
-from repair import SHAPES, _prune  # noqa: E402
+from repair import SHAPES, _prune, cached_scores  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -96,8 +96,6 @@ def main() -> None:
 
     import torch
 
-    from compactlm.config import ScoreConfig
-    from compactlm.importance import score_model
     from compactlm.models import load_tokenizer, resolve_model
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -105,10 +103,7 @@ def main() -> None:
     root = Path(args.out).resolve()
     teacher = resolve_model(args.teacher)
     text = SHARED / "gutenberg" / "gutenberg_14books_clean.txt"
-    scores = root / "scores"
-    if not (scores / "manifest.json").is_file():
-        score_model(teacher, text, ScoreConfig(num_samples=p["calib_samples"], seq_len=p["calib_seq_len"],
-                                               layer_loss=False), scores)
+    scores = cached_scores(teacher, text, root, p)
     student = root / "students" / "width-60-plain"
     _prune(teacher, scores, text, SHAPES["width-60"], "plain", student, p)
     n = p["sequences"] * p["seq_len"]
