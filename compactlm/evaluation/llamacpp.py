@@ -10,7 +10,9 @@ log-probabilities of every continuation token from llama.cpp's logits. Consecuti
 from __future__ import annotations
 
 import os
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,12 +26,52 @@ N_BATCH = 512
 
 
 def load_gguf(path: str | os.PathLike, *, n_ctx: int, threads: int | None = None, seed: int = 0):
-    """llama-cpp-python's ``Llama`` on `path` (quiet, `n_ctx` context, `threads` CPU threads; None = all)."""
+    """llama-cpp-python's ``Llama`` on `path` (quiet, `n_ctx` context, `threads` CPU threads; None = all).
+
+    On a llama.cpp build with AMX (Sapphire Rapids and later CPUs) the model loads without llama.cpp's extra
+    buffer types: there the AMX weight buffers crash the first decode (a segfault, ggml-org/llama.cpp#20824; seen
+    on this project's CI machines), so the weights stay in plain CPU buffers (no repacking, slower quantized
+    matmuls, correct results)."""
     from llama_cpp import Llama
 
     threads = threads or os.cpu_count() or 1
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=N_BATCH, n_ubatch=N_BATCH, n_threads=threads,
-                 n_threads_batch=threads, seed=seed, verbose=False, logits_all=False)
+    kwargs = dict(model_path=str(path), n_ctx=n_ctx, n_batch=N_BATCH, n_ubatch=N_BATCH, n_threads=threads,
+                  n_threads_batch=threads, seed=seed, verbose=False, logits_all=False)
+    if not amx_build():
+        return Llama(**kwargs)
+    with _without_extra_buffers():
+        return Llama(**kwargs)
+
+
+def amx_build() -> bool:
+    """Whether the installed llama.cpp uses AMX (its system info says ``AMX_INT8 = 1``)."""
+    import llama_cpp.llama_cpp as capi
+
+    return "AMX_INT8 = 1" in capi.llama_print_system_info().decode()
+
+
+_LOAD_LOCK = threading.Lock()
+
+
+@contextmanager
+def _without_extra_buffers():
+    """``Llama()`` takes no ``use_extra_bufts``; it starts from ``llama_model_default_params()``, so that function
+    returns it off while one model loads (under a lock: other threads' loads wait)."""
+    import llama_cpp.llama_cpp as capi
+
+    default = capi.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    with _LOAD_LOCK:
+        capi.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            capi.llama_model_default_params = default
 
 
 class GgufRunner:
