@@ -42,6 +42,8 @@ def _fields_at(loc: tuple) -> list[str]:
     """The field names of the (sub)model that holds `loc`'s last part, e.g. ("distill", "stepz") -> DistillConfig's."""
     model: type[BaseModel] = Recipe
     for part in loc[:-1]:
+        if isinstance(part, int):
+            continue  # a list's index (distill_then.1.stepz): the list's item model holds the field
         field = model.model_fields.get(str(part))
         args = getattr(field.annotation, "__args__", None) or (field.annotation,) if field else ()
         model = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)

@@ -1,10 +1,12 @@
-"""The `compress` flow: teacher -> generate -> score -> prune (or a student of your own) -> [data] -> distill ->
-evaluate -> [export].
+"""The `compress` flow: teacher -> generate -> [data] -> [correct] -> score -> prune (or a student of your own) ->
+distill [-> distill-2 ...] -> evaluate -> [export].
 
 One parent MLflow run per flow run (tagged with the Prefect flow-run id), one child run per stage that runs.
 Stages hand each other directories on disk, keyed by their inputs, so a re-run reuses finished stages. With a
 given student (``student: <model>``) score and prune are skipped; generation runs when the training data or the
-pruning needs it; the data stage runs when the training data is more than the generated set.
+pruning needs it; the data stage runs when the training data is more than the generated set. With ``correct``
+the teacher is first fine-tuned on the training data, and scoring, pruning and distillation learn from the
+corrected teacher; the evaluation shows it beside the original, which stays the table's reference.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from compactlm.preflight import preflight
 from compactlm.tracking import Tracker, default_tracking_uri
 from tasks.common import RunContext, prefect_ids
 from tasks.data import mix
-from tasks.distill import distill
+from tasks.distill import correct, distill
 from tasks.evaluate import evaluate
 from tasks.export import export_for_recipe
 from tasks.generate import generate
@@ -55,18 +57,32 @@ def _student(ctx: RunContext, recipe: Recipe, teacher: str, data: str | None) ->
     return student, None, None
 
 
+def _distill_chain(ctx: RunContext, recipe: Recipe, teacher: str, student: str, train: str) -> str:
+    """distill, then each distill_then stage from the student the one before made; the last student is the
+    result (the one uploaded to MLflow)."""
+    stages = recipe.distill_stages
+    for i, cfg in enumerate(stages, start=1):
+        label = "distill" if i == 1 else f"distill-{i}"
+        student = distill.with_options(name=label)(ctx, teacher, student, train, cfg, label=label,
+                                                   log_model=recipe.tracking.log_model and i == len(stages))
+    return student
+
+
 def _stages(ctx: RunContext, recipe: Recipe, teacher: str) -> dict[str, str | None]:
     """Run the stages; return every output (None for a stage that did not run)."""
     data = generate(ctx, teacher, recipe.generate) if _needs_generation(recipe) else None
-    start, pruned, scores = _student(ctx, recipe, teacher, data)
     train = data
     if not recipe.data.generated_only:
-        d = recipe.distill
-        train = mix(ctx, teacher, data, recipe.data, recipe.data.tokens or d.steps * d.batch_size * d.seq_len)
-    student = distill(ctx, teacher, start, train, recipe.distill, log_model=recipe.tracking.log_model)
-    models = {"teacher": teacher, **({"pruned": pruned} if pruned else {}), "student": student}
-    out = {"data": data, "train_data": train, "scores": scores, "pruned": pruned, "student": student,
-           "eval": evaluate(ctx, models, recipe.eval)}
+        trained = [recipe.correct, *recipe.distill_stages] if recipe.correct else recipe.distill_stages
+        tokens = max(d.steps * d.batch_size * d.seq_len for d in trained)
+        train = mix(ctx, teacher, data, recipe.data, recipe.data.tokens or tokens)
+    corrected = correct(ctx, teacher, train, recipe.correct) if recipe.correct else None
+    start, pruned, scores = _student(ctx, recipe, corrected or teacher, data)
+    student = _distill_chain(ctx, recipe, corrected or teacher, start, train)
+    models = {"teacher": teacher, **({"corrected": corrected} if corrected else {}),
+              **({"pruned": pruned} if pruned else {}), "student": student}
+    out = {"data": data, "train_data": train, "corrected_teacher": corrected, "scores": scores, "pruned": pruned,
+           "student": student, "eval": evaluate(ctx, models, recipe.eval)}
     out["export"] = export_for_recipe(ctx, recipe, teacher, student)  # None unless the recipe asks for exports
     return out
 

@@ -18,6 +18,7 @@ from typing import IO, Any
 from compactlm import progress
 
 UNITS = {"generate": "prompts", "score": "batches", "distill": "steps", "evaluate": "models"}
+
 #: Loggers whose warnings reach the console (ours and the Prefect run loggers our tasks and flows write to).
 OURS = ("compactlm", "flows", "tasks", "prefect.flow_runs", "prefect.task_runs")
 
@@ -114,8 +115,9 @@ class Console:
                 self.line(f"{stage:<9} started   -> {e.get('output', '')}")
         elif kind == "end":
             self._end(stage, e)
-        elif kind == "progress" and self._bar.get("stage") == stage:
-            self._progress(stage, e)
+        elif kind == "progress" and self._bar:
+            # the running stage's engine: a chain's distill-2 and the teacher correction report as distill
+            self._progress(self._bar["stage"], e)
 
     def _end(self, stage: str, e: dict[str, Any]) -> None:
         seconds = _fmt_s(e.get("seconds", 0.0))
@@ -132,7 +134,7 @@ class Console:
     def _progress(self, stage: str, e: dict[str, Any]) -> None:
         done, total = e["done"], e.get("total")
         figures = _figures(e)
-        count = f"{done:,}/{total:,} {UNITS.get(stage, '')}" if total else f"{done:,}"
+        count = f"{done:,}/{total:,} {UNITS.get(e['stage'], '')}" if total else f"{done:,}"
         if self.tty:
             frac = done / total if total else 0.0
             bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))

@@ -97,7 +97,7 @@ def stage_key_material(config: Any, seed: int, extra_key: dict[str, Any] | None 
 
 def run_stage(ctx: RunContext, stage: str, config: Any, upstream: list[str],
               produce: Callable[[Path, Callable[[dict, int], None]], dict], log: LogFn | None = None,
-              extra_key: dict[str, Any] | None = None) -> str:
+              extra_key: dict[str, Any] | None = None, label: str | None = None) -> str:
     """Run one stage under a child MLflow run and return its output directory.
 
     The output lives at ``<workdir>/<stage>/<key>``, keyed by :func:`stage_key_material` (the stage config,
@@ -110,14 +110,18 @@ def run_stage(ctx: RunContext, stage: str, config: Any, upstream: list[str],
     child run). If it goes away *during* the compute, per-step metrics stop being logged (one warning) and
     the compute finishes and publishes its output; logging the finished stage then raises
     :class:`TrackingUnavailableError` naming the tracking URI and the complete output, which a rerun reuses.
+
+    `label` names this run of the stage where one pipeline runs it more than once (``distill-2``): its child run,
+    log file and console lines; the output still lives under ``<workdir>/<stage>``.
     """
     logger = stage_logger()
     key_material = stage_key_material(config, ctx.seed, extra_key)
     key = stage_key(stage, key_material, upstream)
     out = Path(ctx.workdir) / stage / key
-    log_file = stage_log_path(ctx, stage)
+    name = label or stage
+    log_file = stage_log_path(ctx, name)
     tracker = ctx.tracker()
-    run_id = _child_run(tracker, ctx, stage, key)
+    run_id = _child_run(tracker, ctx, name, key)
     t0, cached = time.time(), False
     try:
         tracker.log_params(run_id, {**key_material, "config": config.model_dump(mode="json")}
@@ -126,14 +130,14 @@ def run_stage(ctx: RunContext, stage: str, config: Any, upstream: list[str],
             tracker.log_params(run_id, {f"input_{i}": u})
         with output_lock(out):  # another run computing the same output: wait for it, then reuse it
             cached = is_complete(out)
-            progress.announce(stage, "start", output=str(out), cached=cached)
+            progress.announce(name, "start", output=str(out), cached=cached)
             if cached:
-                logger.info("%s: cache hit, reusing %s", stage, out)
+                logger.info("%s: cache hit, reusing %s", name, out)
                 summary = {**read_manifest(out), "cache_hit": True}
             else:
-                logger.info("%s: computing into %s (log: %s)", stage, out, log_file)
+                logger.info("%s: computing into %s (log: %s)", name, out, log_file)
                 with capture_output(log_file, tee=SHOW_STAGE_OUTPUT):
-                    summary = produce(out, _step_logger(tracker, run_id, stage, logger))
+                    summary = produce(out, _step_logger(tracker, run_id, name, logger))
         try:
             tracker.set_tags(run_id, {"compactlm.cache_hit": str(cached).lower(), "compactlm.output": out})
             if log is not None:
@@ -142,15 +146,15 @@ def run_stage(ctx: RunContext, stage: str, config: Any, upstream: list[str],
             tracker.log_metrics(run_id, {"stage_seconds": time.time() - t0})
             tracker.end_run(run_id)
         except TrackingUnavailableError as e:
-            raise TrackingUnavailableError(f"{stage}: the output {out} is complete and a rerun reuses it, but "
+            raise TrackingUnavailableError(f"{name}: the output {out} is complete and a rerun reuses it, but "
                                            f"logging the stage failed: {e}") from e
     except BaseException as e:
-        progress.announce(stage, "end", ok=False, seconds=time.time() - t0, cached=cached, log=str(log_file),
+        progress.announce(name, "end", ok=False, seconds=time.time() - t0, cached=cached, log=str(log_file),
                           error=f"{type(e).__name__}: {e}")
         _log_stage_log(tracker, run_id, log_file, quiet=True)
         tracker.end_run(run_id, "FAILED")
         raise
-    progress.announce(stage, "end", ok=True, seconds=time.time() - t0, cached=cached, output=str(out),
+    progress.announce(name, "end", ok=True, seconds=time.time() - t0, cached=cached, output=str(out),
                       log=str(log_file), summary=_brief(summary))
     return str(out)
 

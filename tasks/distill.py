@@ -1,4 +1,5 @@
-"""Distillation stage: the pruned student learns from the teacher (metrics logged per step)."""
+"""Distillation stage: the pruned student learns from the teacher (metrics logged per step); and teacher correction,
+the same trainer fine-tuning the teacher itself on the training data."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 from prefect import task
 
 from compactlm.artifacts import read_manifest
-from compactlm.config import DistillConfig
+from compactlm.config import CorrectConfig, DistillConfig
 from compactlm.tracking import Tracker
 from tasks.common import RunContext, retry_transient, run_stage
 
@@ -36,11 +37,27 @@ def _make_log(log_model: bool):
 
 @task(name="distill", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def distill(ctx: RunContext, teacher_dir: str, student_dir: str, data_dir: str, cfg: DistillConfig,
-            log_model: bool = True) -> str:
+            log_model: bool = True, label: str = "distill") -> str:
+    """The student distilled from the teacher on the data (its output dir); `label` names a later stage of a
+    chain (``distill-2``: its child run, log and console lines)."""
     from compactlm.distillation import distill as run_distill
 
     def produce(out: Path, log_step) -> dict:
         return run_distill(teacher_dir, student_dir, data_dir, cfg, out, seed=ctx.seed, device=ctx.device,
                            log_fn=log_step)
 
-    return run_stage(ctx, "distill", cfg, [teacher_dir, student_dir, data_dir], produce, _make_log(log_model))
+    return run_stage(ctx, "distill", cfg, [teacher_dir, student_dir, data_dir], produce, _make_log(log_model),
+                     label=label)
+
+
+@task(name="correct", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def correct(ctx: RunContext, teacher_dir: str, data_dir: str, cfg: CorrectConfig) -> str:
+    """The teacher fine-tuned on the training data (its output dir: a model like the teacher, with its tokenizer),
+    under the child run ``correct``."""
+    from compactlm.distillation import distill as run_distill
+
+    def produce(out: Path, log_step) -> dict:
+        return run_distill(teacher_dir, teacher_dir, data_dir, cfg.training(), out, seed=ctx.seed, device=ctx.device,
+                           log_fn=log_step)
+
+    return run_stage(ctx, "correct", cfg, [teacher_dir, data_dir], produce, _make_log(log_model=False))

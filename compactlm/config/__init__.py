@@ -6,8 +6,8 @@ field. Loading YAML, ``--set`` overrides and error formatting are :mod:`compactl
 teacher's config are :mod:`compactlm.preflight`. Nothing here imports torch, transformers or prefect.
 
 Modules: ``generate`` (prompts, sampling, filters, self-instruct), ``data`` (the training mixture), ``stages``
-(score, prune, distill, eval), ``export`` (deployable files), ``pipeline`` (the recipe, run settings, tracking),
-``base`` (shared behaviour).
+(score, prune, distill, teacher correction, eval), ``export`` (deployable files), ``pipeline`` (the recipe, run
+settings, tracking), ``base`` (shared behaviour).
 """
 
 from compactlm.config.base import _Strict
@@ -23,6 +23,7 @@ from compactlm.config.pipeline import Recipe, RunSettings, TrackingConfig
 from compactlm.config.stages import (
     SHAPE_FIELDS,
     BudgetConfig,
+    CorrectConfig,
     DistillConfig,
     EvalConfig,
     JsonlTask,
@@ -32,7 +33,7 @@ from compactlm.config.stages import (
     ScoreConfig,
 )
 
-__all__ = ["SELF_INSTRUCT_BLOCKED_WORDS", "SHAPE_FIELDS", "BudgetConfig", "DataConfig", "DataSource",
-           "DistillConfig", "EvalConfig", "ExportConfig", "FilterConfig", "GenerateConfig", "JsonlTask",
+__all__ = ["SELF_INSTRUCT_BLOCKED_WORDS", "SHAPE_FIELDS", "BudgetConfig", "CorrectConfig", "DataConfig",
+           "DataSource", "DistillConfig", "EvalConfig", "ExportConfig", "FilterConfig", "GenerateConfig", "JsonlTask",
            "OnPolicyConfig", "PruneConfig", "Recipe", "RepairConfig", "RunSettings", "ScoreConfig",
            "SelfInstructConfig", "TrackingConfig", "_Strict"]

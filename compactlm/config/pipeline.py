@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from compactlm.choices import Device, Runner
 from compactlm.config.base import _Strict
 from compactlm.config.data import DataConfig
 from compactlm.config.export import ExportConfig
 from compactlm.config.generate import GenerateConfig
-from compactlm.config.stages import DistillConfig, EvalConfig, PruneConfig, ScoreConfig
+from compactlm.config.stages import CorrectConfig, DistillConfig, EvalConfig, PruneConfig, ScoreConfig
 from compactlm.models import KNOWN_ALIASES, check_model_ref
 
 
@@ -48,8 +48,8 @@ class RunSettings(_Strict):
 
 
 class Recipe(_Strict):
-    """A whole compress pipeline: teacher -> generate -> score -> prune (or a student of your own) -> [mix the
-    training data] -> distill -> evaluate -> [export]."""
+    """A whole compress pipeline: teacher -> generate -> [mix the training data] -> [correct the teacher] -> score
+    -> prune (or a student of your own) -> distill [-> distill_then ...] -> evaluate -> [export]."""
 
     name: str = Field("compress", pattern=r"^[A-Za-z0-9_.-]+$", description="Run name (letters, digits, _ . -)")
     teacher: str = Field(
@@ -68,9 +68,19 @@ class Recipe(_Strict):
     runner: RunnerSetting = "thread"
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="Synthetic data")
     data: DataConfig = Field(default_factory=DataConfig, description="Training data: sources mixed by tokens")
+    correct: CorrectConfig | None = Field(
+        None, description="Teacher correction: fine-tune the teacher lightly on the training data first; scoring, "
+        "pruning and distillation then use the corrected teacher (empty = off)",
+    )
     score: ScoreConfig = Field(default_factory=ScoreConfig, description="Importance scoring")
     prune: PruneConfig = Field(default_factory=PruneConfig, description="The student's shape")
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Distillation")
+    distill_then: list[DistillConfig] = Field(
+        default_factory=list,
+        description="More distillation stages, run in order on the same teacher and data, each from the student "
+        "the one before made (e.g. off-policy KD, then on-policy KD with on_policy set); each is keyed, cached and "
+        "resumable like distill. Empty = one stage",
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Benchmarks")
     export: ExportConfig = Field(default_factory=ExportConfig,
                                  description="Deployable exports: GGUF for llama.cpp, quantized vLLM directories")
@@ -88,6 +98,21 @@ class Recipe(_Strict):
         if v != "pruned":
             check_model_ref(v)
         return v
+
+    @model_validator(mode="after")
+    def _offline_needs_the_original_teacher(self) -> Recipe:
+        if self.correct is not None:
+            for where, d in zip(["distill", *(f"distill_then.{i}" for i in range(len(self.distill_then)))],
+                                self.distill_stages):
+                if d.mode == "offline" and d.kd_weight > 0:
+                    raise ValueError(f"{where}.mode: offline learns the targets the original teacher stored at "
+                                     "generation, not the corrected teacher's: use mode: online, or drop correct")
+        return self
+
+    @property
+    def distill_stages(self) -> list[DistillConfig]:
+        """Every distillation stage in order: distill, then distill_then's."""
+        return [self.distill, *self.distill_then]
 
     @property
     def pruned_student(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from compactlm.choices import BatchAgg, HiddenLoss, KDLoss, Proxy, SeqAgg
 from compactlm.config.base import _existing_file, _Strict
@@ -190,6 +190,38 @@ class DistillConfig(_Strict):
             raise ValueError(f"on_policy.max_new_tokens ({self.on_policy.max_new_tokens}) must be below seq_len "
                              f"({self.seq_len}): a sample and some of its prompt share one training sequence")
         return self
+
+
+class CorrectConfig(_Strict):
+    """Teacher correction (Minitron; Sreenivas et al. 2024): a short full fine-tune of the teacher on the training
+    data before it is scored, pruned and distilled from, so that it fits data it was not trained on (your
+    corpora, another domain). Every later stage uses the corrected teacher; the evaluation compares the student
+    with the original teacher and shows the corrected one beside it."""
+
+    steps: int = Field(20, ge=1, description="Optimizer steps")
+    batch_size: int = Field(4, ge=1, description="Sequences per step")
+    seq_len: int = Field(256, ge=8, description="Tokens per training sequence (examples are packed)")
+    lr: float = Field(1e-5, gt=0.0, le=1.0, description="Peak learning rate (AdamW); small, to adapt, not relearn")
+    warmup_steps: int = Field(2, ge=0, description="Steps of linear warmup before the cosine decay")
+    micro_batch_size: int | None = Field(None, ge=1, description="Sequences per forward pass; empty = batch_size")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less "
+                                         "memory, ~30% slower)")
+    checkpoint_every: int | None = Field(None, ge=1, description="Save a checkpoint every N steps; a stopped run "
+                                         "resumes from the last one (empty = off)")
+
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"checkpoint_every"})
+
+    @model_validator(mode="after")
+    def _valid_training(self) -> CorrectConfig:
+        try:  # the same checks as distill's (warmup within steps, micro-batches divide the batch)
+            self.training()
+        except ValidationError as e:
+            raise ValueError("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
+        return self
+
+    def training(self) -> DistillConfig:
+        """The fine-tune as the distill trainer runs it: the data's next token only (kd_weight 0, no teacher)."""
+        return DistillConfig(kd_weight=0.0, **self.model_dump(), log_every=max(1, self.steps // 20))
 
 
 class JsonlTask(_Strict):

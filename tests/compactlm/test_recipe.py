@@ -31,6 +31,12 @@ def test_shipped_recipes_are_valid(recipe):
     (["teacher=/no/such/model.gguf"], "teacher", "not found"),
     (["eval.tasks=[]"], "eval.tasks", "at least one task"),
     (["distill.warmup_steps=99"], "distill", "must not exceed steps"),
+    (["distill_then=[{steps: 4}, {on_policy: {fraction: 2}}]"], "distill_then.1.on_policy.fraction",
+     "less than or equal to 1"),
+    (["distill_then=[{mode: offline, on_policy: {}}]"], "distill_then.0", "on_policy needs the teacher"),
+    (["correct={steps: 2, warmup_steps: 5}"], "correct", "warmup_steps (5) must not exceed steps (2)"),
+    (["correct={lr: 0}"], "correct.lr", "greater than 0"),
+    (["correct={}", "distill_then=[{mode: offline}]"], "(top level)", "distill_then.0.mode: offline learns"),
 ])
 def test_bad_recipe_names_the_field(override, field, words):
     with pytest.raises(RecipeError) as e:
@@ -46,6 +52,7 @@ def test_bad_recipe_names_the_field(override, field, words):
     (["prune.budget.parmas=0.5", "prune.num_hidden_layers=null", "prune.intermediate_size=null"],
      "prune.budget.parmas", "did you mean 'params'?"),
     (["eval.zzz=1"], "eval.zzz", "unknown key (check the spelling"),
+    (["distill_then=[{stepz: 3}]"], "distill_then.0.stepz", "did you mean 'steps'?"),
 ])
 def test_a_misspelled_key_or_section_gets_a_suggestion(override, field, hint):
     with pytest.raises(RecipeError) as e:

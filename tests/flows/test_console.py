@@ -36,3 +36,18 @@ def test_stage_lines_progress_and_warnings(tmp_path):
     assert "an engine's line" in console.log.read_text()
     progress.report("distill", 1, 8)  # the console stopped listening
     assert out.getvalue().splitlines() == lines
+
+
+def test_a_labelled_stage_shows_its_engines_progress(tmp_path):
+    """A chain's distill-2 (and the teacher correction) run the distill trainer, which reports as distill."""
+    out = io.StringIO()
+    with Console(tmp_path, out=out):
+        progress.report("distill", 1, 4)  # no stage running: nothing to draw on
+        progress.announce("distill-2", "start", output="runs/distill/def", cached=False)
+        for step in range(1, 5):
+            progress.report("distill", step, 4, loss=1.0)
+        progress.announce("distill-2", "end", ok=True, seconds=3.0, cached=False, summary={"loss": 1.0})
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "distill-2 started   -> runs/distill/def"
+    assert lines[1].startswith("distill-2  25 %     1/4 steps") and len(lines) == 5, lines
+    assert lines[4] == "distill-2 done      in 3.0 s (loss 1.000)"
