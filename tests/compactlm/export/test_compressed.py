@@ -16,8 +16,9 @@ MAX_TOKENS = 8
 PROMPT = "The capital of France is"  # tests/scripts/vllm_greedy.py's prompt
 
 
-def _hf_first_tokens(model_dir: Path) -> list[int]:
-    """Greedy tokens of transformers on `model_dir` (a compressed-tensors directory is decompressed on load)."""
+def _hf_first_ranking(model_dir: Path) -> list[int]:
+    """Transformers' next-token ids after the prompt on `model_dir`, likeliest first (a compressed-tensors directory
+    is decompressed on load)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -25,8 +26,7 @@ def _hf_first_tokens(model_dir: Path) -> list[int]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, use_safetensors=True)
     prompt = tok(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
-        out = model.generate(prompt, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False)
-    return out[0, prompt.shape[1]:].tolist()
+        return model(prompt).logits[0, -1].float().argsort(descending=True).tolist()
 
 
 @pytest.mark.long(90)
@@ -59,9 +59,13 @@ def test_vllm_exports_hold_quantized_weights_and_decode_in_vllm_and_transformers
     assert vllm[1]["ids"][:2] == vllm[0]["ids"][:2]
     for i, d in enumerate(dirs, start=1):
         assert len(vllm[i]["ids"]) == MAX_TOKENS
-        # same weights, two engines: vLLM's int8 / int4 kernels agree with transformers' decompressed layers on
-        # the first greedy token (later ones may drift: the activations differ in bf16 rounding)
-        assert vllm[i]["ids"][0] == _hf_first_tokens(d)[0], d.name
+        # same weights, two engines: vLLM's int8 kernel agrees with transformers' decompressed layers on the first
+        # greedy token; its int4 kernel picks one of their top 3 (later tokens may drift: the activations differ in
+        # bf16 rounding). Measured on an AMX CPU: vLLM's int4 first token (p 0.42 in vLLM) was transformers'
+        # second (log-probs -0.41, -1.66, -1.91); on AVX2/AVX512 machines it was the first. A wrong kernel would
+        # land anywhere in the 49k vocabulary.
+        ranking = _hf_first_ranking(d)
+        assert vllm[i]["ids"][0] in (ranking[:1] if "w8a8" in d.name else ranking[:3]), (d.name, ranking[:3])
     # the evaluation's parameter count is the model's, not the packing's (w4a16 holds 8 int4 values per int32)
     from compactlm.models import count_params, load_model
 
