@@ -1,6 +1,6 @@
 """On-policy distillation (issue #18): off-policy KD vs the student learning on its own samples, at equal steps.
 
-    .venv/bin/python benchmarks/onpolicy.py              # 2-core CPU, ~1 h -> results/onpolicy.json
+    .venv/bin/python benchmarks/onpolicy.py              # hours on a 2-core CPU -> results/onpolicy.json
 
 Teacher SmolLM2-135M-Instruct; students: the ~60 % width and depth shapes of the headline experiment
 (benchmarks/quality.py; every arm on the width one, four on the depth one), pruned with importance scores from
