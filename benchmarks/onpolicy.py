@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import SHARED, _json_cached, evaluate, with_overrides  # noqa: E402
+from quality import SHARED, _json_cached, evaluate, synthetic_data, with_overrides  # noqa: E402
 from repair import SHAPES, _prune, cached_scores  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,17 +78,7 @@ def arms(p: dict[str, Any]) -> dict[str, list[tuple[str, dict[str, Any]]] | None
 def synthetic(teacher: Path, out: Path, targets: str, p: dict[str, Any], seed: int) -> Path:
     """The teacher's answers to the first `prompts` instructions with k stored targets per token (generation
     stage, HF engine: the same seed writes the same text for both target kinds)."""
-    import subprocess
-
-    from compactlm.artifacts import is_complete
-
-    if not is_complete(out):
-        cfg = {"prompts": str(INSTRUCTIONS), "prompt_field": "instruction", "max_prompts": p["prompts"], "n": 1,
-               "max_tokens": p["max_tokens"], "temperature": 0.8, "top_p": 0.95, "topk_logprobs": p["k"],
-               "logit_targets": targets, "engine": "hf", "shard_size": 64, "batch_size": p["gen_batch_size"]}
-        subprocess.run([sys.executable, "-m", "compactlm.generation", "--model", str(teacher), "--out", str(out),
-                        "--config", json.dumps(cfg), "--seed", str(seed), "--no-progress"], check=True, cwd=REPO)
-    return out
+    return synthetic_data(teacher, out, {**p, "topk": p["k"], "engine": "hf"}, seed, logit_targets=targets)
 
 
 def teacher_nll_on_student(teacher: Path, student: Path, p: dict[str, Any], batch: int = 16) -> float:
@@ -97,7 +87,7 @@ def teacher_nll_on_student(teacher: Path, student: Path, p: dict[str, Any], batc
     import torch
 
     from compactlm.generation.prompts import format_prompts, load_prompts
-    from compactlm.models import eos_token_ids, load_model, load_tokenizer
+    from compactlm.models import cut_at_eos, eos_token_ids, load_model, load_tokenizer
 
     tok = load_tokenizer(teacher)
     rows = load_prompts(str(INSTRUCTIONS), "instruction")[-p["heldout"]:]
@@ -115,7 +105,7 @@ def teacher_nll_on_student(teacher: Path, student: Path, p: dict[str, Any], batc
             mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk])
             out = s_model.generate(x, attention_mask=mask, do_sample=False, max_new_tokens=p["heldout_tokens"],
                                    pad_token_id=pad)[:, width:]
-            answers = [_until_eos([int(t) for t in row], eos) for row in out]
+            answers = [cut_at_eos([int(t) for t in row], eos) for row in out]
             full = torch.cat([x, out], 1)
             full_mask = torch.cat([mask, torch.tensor([[1] * len(a) + [0] * (out.shape[1] - len(a))
                                                        for a in answers])], 1)
@@ -125,11 +115,6 @@ def teacher_nll_on_student(teacher: Path, student: Path, p: dict[str, Any], batc
                 total -= logp[j, :len(a)].sum().item()
                 count += len(a)
     return total / max(count, 1)
-
-
-def _until_eos(ids: list[int], eos: set[int]) -> list[int]:
-    end = next((k for k, t in enumerate(ids) if t in eos), None)
-    return ids if end is None else ids[:end + 1]
 
 
 def train(teacher: Path, student: Path, stages: list[tuple[str, dict]], data: dict[str, Path], out: Path,
@@ -155,12 +140,12 @@ def corrected_teacher(teacher: Path, classic: Path, root: Path, p: dict[str, Any
     """The teacher after ``correct`` (the recipe's defaults, `steps` steps) on the classic text, as the compress
     flow's correct stage runs it."""
     from compactlm.config import CorrectConfig
-    from compactlm.distillation import distill
+    from compactlm.distillation import correct_teacher
 
     out = root / "teacher-corrected"
     if not (out / "manifest.json").is_file():
         cfg = CorrectConfig(steps=p["steps"], batch_size=p["batch_size"], seq_len=p["seq_len"])
-        distill(teacher, teacher, classic, cfg.training(), out, seed=seed, device="cpu")
+        correct_teacher(teacher, classic, cfg, out, seed=seed, device="cpu")
     return out
 
 

@@ -145,15 +145,16 @@ def _json_cached(path: Path, fn):
 
 # ------------------------------------------------------------------------------------------------- stages
 
-def synthetic_data(teacher: Path, out: Path, p: dict[str, Any], seed: int) -> Path:
-    """Teacher answers to AlpacaEval instructions, with top-k log-probs (the generation stage, in a child)."""
+def synthetic_data(teacher: Path, out: Path, p: dict[str, Any], seed: int, logit_targets: str = "topk") -> Path:
+    """Teacher answers to AlpacaEval instructions, with `topk` stored targets per token of the kind
+    `logit_targets` (top-k log-probs or sampled ids; the generation stage, in a child)."""
     from compactlm.artifacts import is_complete
 
     if not is_complete(out):
         cfg = {"prompts": str(SHARED / "alpaca_eval" / "alpaca_eval_instructions.jsonl"),
                "prompt_field": "instruction", "max_prompts": p["prompts"], "n": 1, "max_tokens": p["max_tokens"],
-               "temperature": 0.8, "top_p": 0.95, "topk_logprobs": p["topk"], "engine": p["engine"],
-               "shard_size": 64, "max_model_len": max(1024, 4 * p["max_tokens"]),
+               "temperature": 0.8, "top_p": 0.95, "topk_logprobs": p["topk"], "logit_targets": logit_targets,
+               "engine": p["engine"], "shard_size": 64, "max_model_len": max(1024, 4 * p["max_tokens"]),
                "batch_size": p["gen_batch_size"]}
         subprocess.run([sys.executable, "-m", "compactlm.generation", "--model", str(teacher), "--out", str(out),
                         "--config", json.dumps(cfg), "--seed", str(seed), "--no-progress"], check=True, cwd=REPO)

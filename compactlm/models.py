@@ -376,3 +376,9 @@ def eos_token_ids(model_dir: str | os.PathLike, tokenizer) -> set[int]:
     if not ids:
         raise ValueError(f"{model_dir}: neither generation_config.json nor the tokenizer defines an eos token")
     return ids
+
+
+def cut_at_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
+    """`ids` through their first end-of-sequence token (kept), or all of them when none ends the sequence."""
+    end = next((i for i, t in enumerate(ids) if t in eos_ids), None)
+    return ids if end is None else ids[:end + 1]

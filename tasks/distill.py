@@ -54,10 +54,9 @@ def distill(ctx: RunContext, teacher_dir: str, student_dir: str, data_dir: str, 
 def correct(ctx: RunContext, teacher_dir: str, data_dir: str, cfg: CorrectConfig) -> str:
     """The teacher fine-tuned on the training data (its output dir: a model like the teacher, with its tokenizer),
     under the child run ``correct``."""
-    from compactlm.distillation import distill as run_distill
+    from compactlm.distillation import correct_teacher
 
     def produce(out: Path, log_step) -> dict:
-        return run_distill(teacher_dir, teacher_dir, data_dir, cfg.training(), out, seed=ctx.seed, device=ctx.device,
-                           log_fn=log_step)
+        return correct_teacher(teacher_dir, data_dir, cfg, out, seed=ctx.seed, device=ctx.device, log_fn=log_step)
 
     return run_stage(ctx, "correct", cfg, [teacher_dir, data_dir], produce, _make_log(log_model=False))

@@ -27,6 +27,7 @@ from compactlm.config.stages import (
     DistillConfig,
     EvalConfig,
     JsonlTask,
+    LoraConfig,
     OnPolicyConfig,
     PruneConfig,
     RepairConfig,
@@ -35,5 +36,5 @@ from compactlm.config.stages import (
 
 __all__ = ["SELF_INSTRUCT_BLOCKED_WORDS", "SHAPE_FIELDS", "BudgetConfig", "CorrectConfig", "DataConfig",
            "DataSource", "DistillConfig", "EvalConfig", "ExportConfig", "FilterConfig", "GenerateConfig", "JsonlTask",
-           "OnPolicyConfig", "PruneConfig", "Recipe", "RepairConfig", "RunSettings", "ScoreConfig",
+           "LoraConfig", "OnPolicyConfig", "PruneConfig", "Recipe", "RepairConfig", "RunSettings", "ScoreConfig",
            "SelfInstructConfig", "TrackingConfig", "_Strict"]

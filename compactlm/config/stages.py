@@ -121,6 +121,20 @@ class OnPolicyConfig(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of the student (1 = off)")
 
 
+class LoraConfig(_Strict):
+    """Low-rank adapters (LoRA, Hu et al. 2021, through peft): train two small matrices beside each adapted weight
+    instead of the weight itself; they are merged into the weights when the model is published, so the output is a
+    plain HF model."""
+
+    rank: int = Field(16, ge=1, le=4096, description="Rank r of each adapter")
+    alpha: float = Field(32.0, gt=0.0, description="Scale: the update is (alpha / rank) x B @ A")
+    targets: list[str] = Field(
+        default_factory=list,
+        description="Names of the linear layers to adapt, e.g. [q_proj, v_proj]; empty = every linear layer but "
+        "the output head",
+    )
+
+
 class DistillConfig(_Strict):
     """Knowledge distillation of the student from the teacher: logit KD, optionally hidden-state KD."""
 
@@ -163,6 +177,10 @@ class DistillConfig(_Strict):
         None, description="Also train on the student's own samples, scored by the teacher (needs mode: online and "
         "a student with the teacher's tokenizer); empty = off-policy only",
     )
+    lora: LoraConfig | None = Field(
+        None, description="Train low-rank adapters instead of every weight (merged when published); empty = full "
+        "training",
+    )
     peak_tflops: float | None = Field(
         None, gt=0,
         description="Peak TFLOP/s of one device in the training dtype, for the MFU metric; empty = known GPUs' "
@@ -201,13 +219,16 @@ class CorrectConfig(_Strict):
     steps: int = Field(20, ge=1, description="Optimizer steps")
     batch_size: int = Field(4, ge=1, description="Sequences per step")
     seq_len: int = Field(256, ge=8, description="Tokens per training sequence (examples are packed)")
-    lr: float = Field(1e-5, gt=0.0, le=1.0, description="Peak learning rate (AdamW); small, to adapt, not relearn")
+    lr: float | None = Field(None, gt=0.0, le=1.0, description="Peak learning rate (AdamW); empty = 1e-5 (full: "
+                             "small, to adapt, not relearn) or 2e-4 (lora)")
     warmup_steps: int = Field(2, ge=0, description="Steps of linear warmup before the cosine decay")
     micro_batch_size: int | None = Field(None, ge=1, description="Sequences per forward pass; empty = batch_size")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less "
                                          "memory, ~30% slower)")
     checkpoint_every: int | None = Field(None, ge=1, description="Save a checkpoint every N steps; a stopped run "
                                          "resumes from the last one (empty = off)")
+    lora: LoraConfig | None = Field(None, description="Fine-tune low-rank adapters (peft), merged into the teacher's "
+                                    "weights afterwards; empty = a full fine-tune")
 
     NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"checkpoint_every"})
 
@@ -221,7 +242,10 @@ class CorrectConfig(_Strict):
 
     def training(self) -> DistillConfig:
         """The fine-tune as the distill trainer runs it: the data's next token only (kd_weight 0, no teacher)."""
-        return DistillConfig(kd_weight=0.0, **self.model_dump(), log_every=max(1, self.steps // 20))
+        fields = self.model_dump()
+        if fields["lr"] is None:
+            fields["lr"] = 2e-4 if self.lora is not None else 1e-5
+        return DistillConfig(kd_weight=0.0, **fields, log_every=max(1, self.steps // 20))
 
 
 class JsonlTask(_Strict):

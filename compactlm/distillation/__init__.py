@@ -7,6 +7,7 @@ optional hidden-state KD, resumable checkpoints, data parallel under torchrun. I
 
     from compactlm.distillation import distill
     summary = distill(teacher_dir, student_dir, data_dir, cfg, out_dir, seed=0, device="cpu")
+    summary = correct_teacher(teacher_dir, data_dir, correct_cfg, out_dir)  # the teacher fine-tuned first
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from compactlm.distillation.correct import correct_teacher  # noqa: F401
     from compactlm.distillation.losses import (  # noqa: F401
         forward_kl,
         generalized_jsd,
@@ -27,8 +29,8 @@ if TYPE_CHECKING:
     from compactlm.distillation.setup import DistillError  # noqa: F401
     from compactlm.distillation.trainer import distill  # noqa: F401
 
-__all__ = ["distill", "DistillError", "kd_loss", "topk_kd_loss", "sampled_kd_loss", "hidden_state_loss",
-           "forward_kl", "reverse_kl", "generalized_jsd", "total_variation"]
+__all__ = ["distill", "correct_teacher", "DistillError", "kd_loss", "topk_kd_loss", "sampled_kd_loss",
+           "hidden_state_loss", "forward_kl", "reverse_kl", "generalized_jsd", "total_variation"]
 
 
 def __getattr__(name: str) -> Any:
@@ -36,6 +38,10 @@ def __getattr__(name: str) -> Any:
         from compactlm.distillation.trainer import distill
 
         return distill
+    if name == "correct_teacher":
+        from compactlm.distillation.correct import correct_teacher
+
+        return correct_teacher
     if name == "DistillError":
         from compactlm.distillation.setup import DistillError
 

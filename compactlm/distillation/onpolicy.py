@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from compactlm.distillation.step import Batch
+from compactlm.models import cut_at_eos
 
 if TYPE_CHECKING:
     from compactlm.distillation.setup import Run
@@ -94,8 +95,4 @@ def _generate(run: Run, prompts: list[list[int]], step: int) -> list[list[int]]:
                                    eos_token_id=sorted(run.eos_ids))
     finally:
         student.train(was_training)
-    samples = []
-    for row in out[:, width:].tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in run.eos_ids), len(row))
-        samples.append(row[:cut])
-    return samples
+    return [cut_at_eos(row, run.eos_ids) for row in out[:, width:].tolist()]

@@ -277,8 +277,14 @@ def _batch_split(cfg: DistillConfig, world: int) -> tuple[int, int]:
 def _load_models(run: Run) -> None:
     """The student in fp32 (trained), the teacher frozen (bf16 on CUDA) when a step needs it, the projection."""
     from compactlm.distillation.hidden import kept_channels, make_projection
+    from compactlm.distillation.lora import with_lora
 
     run.student = load_model(run.student_dir, dtype="float32", device=run.device).train()
+    if run.cfg.lora is not None:
+        try:
+            run.student = with_lora(run.student, run.cfg.lora, "distill.lora")
+        except ValueError as e:
+            raise DistillError(str(e)) from None
     if run.cfg.gradient_checkpointing:
         run.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if run.needs_teacher:

@@ -41,6 +41,7 @@ from compactlm.config import DistillConfig
 from compactlm.distillation import checkpoint as ckpt
 from compactlm.distillation.data import row_stream
 from compactlm.distillation.flops import peak_flops, train_flops_per_token
+from compactlm.distillation.lora import merged
 from compactlm.distillation.onpolicy import is_on_policy, sample_batch
 from compactlm.distillation.setup import Run, saved_dtype, setup
 from compactlm.distillation.step import Batch, accumulate, draw_batch, lr_at, optimizer_step
@@ -79,12 +80,13 @@ def distill(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data
 
     Returns the summary: final ``loss``/``kd_loss``/``ce_loss``/``hidden_loss`` (None when unused),
     ``initial_loss``, ``steps``, ``tokens`` (input tokens trained on), ``loss_tokens`` (completion tokens),
-    ``seconds``, ``tokens_per_s``, ``epochs``, ``params``, ``resumed_from`` (step, 0 = fresh), ``out_dir``.
+    ``seconds``, ``tokens_per_s``, ``epochs``, ``params`` (of the published model), ``trainable_params`` (the
+    adapters' with ``cfg.lora``), ``resumed_from`` (step, 0 = fresh), ``out_dir``.
 
     Raises:
         DistillError (a ValueError): vocabulary mismatch with kd_weight > 0 or hidden_weight > 0, token ids
             outside the student's vocabulary, too little data for one sequence, offline mode on data without
-            top-k log-probs, a pruning record that does not fit the teacher.
+            top-k log-probs, a pruning record that does not fit the teacher, ``lora.targets`` naming no layer.
         FloatingPointError: the loss or gradient became NaN/inf (lower lr, check the data, raise temperature).
     """
     run = setup(teacher_dir, student_dir, data_dir, cfg, out_dir, seed=seed, device=device)
@@ -188,12 +190,15 @@ def checkpoint(run: Run, state: dict[str, Any], step: int, fingerprint: str, sec
 
 def _summary(run: Run, state: dict[str, Any], start_step: int, seconds: float) -> dict[str, Any]:
     last, tokens = state["last"], state["tokens_seen"]
+    trainable = sum(p.numel() for p in run.student.parameters() if p.requires_grad)
+    adapters = trainable if run.cfg.lora is not None else 0  # LoRA's, gone once merged into the weights
     summary = {
         "loss": last["loss"], "kd_loss": last.get("kd_loss"), "ce_loss": last["ce_loss"],
         "hidden_loss": last.get("hidden_loss"), "initial_loss": state["first_loss"], "steps": run.cfg.steps,
         "tokens": tokens, "loss_tokens": state["loss_tokens"], "seconds": round(seconds, 3),
         "tokens_per_s": tokens / seconds if seconds > 0 else 0.0, "epochs": tokens / run.data.ids.numel(),
-        "params": count_params(run.student), "resumed_from": start_step, "out_dir": str(run.out_dir),
+        "params": count_params(run.student) - adapters, "trainable_params": trainable, "resumed_from": start_step,
+        "out_dir": str(run.out_dir),
     }
     if run.par.world > 1:
         summary["world_size"] = run.par.world
@@ -215,7 +220,7 @@ def publish(run: Run, state: dict[str, Any], summary: dict[str, Any]) -> None:
         "metrics": summary,
     }
     run.teacher = run.model = None
-    student = run.student.eval()
+    student = merged(run.student).eval()  # LoRA: the adapters folded into the weights
     student.to(saved_dtype(run.s_conf))
     if run.par.is_main:
         with publish_dir(run.out_dir, manifest) as tmp:
