@@ -232,6 +232,14 @@ class CorrectConfig(_Strict):
 
     NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"checkpoint_every"})
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_lr(cls, data):
+        """An empty lr becomes the method's default, so the run logs (and keys) the rate it trains with."""
+        if isinstance(data, dict) and data.get("lr") is None:
+            data = {**data, "lr": 2e-4 if data.get("lora") is not None else 1e-5}
+        return data
+
     @model_validator(mode="after")
     def _valid_training(self) -> CorrectConfig:
         try:  # the same checks as distill's (warmup within steps, micro-batches divide the batch)
@@ -242,10 +250,7 @@ class CorrectConfig(_Strict):
 
     def training(self) -> DistillConfig:
         """The fine-tune as the distill trainer runs it: the data's next token only (kd_weight 0, no teacher)."""
-        fields = self.model_dump()
-        if fields["lr"] is None:
-            fields["lr"] = 2e-4 if self.lora is not None else 1e-5
-        return DistillConfig(kd_weight=0.0, **fields, log_every=max(1, self.steps // 20))
+        return DistillConfig(kd_weight=0.0, **self.model_dump(), log_every=max(1, self.steps // 20))
 
 
 class JsonlTask(_Strict):

@@ -122,8 +122,8 @@ def test_compress_flow_end_to_end_and_rerun_hits_cache(tmp_path):
     # Planted secrets appear nowhere: MLflow store and artifacts, Prefect database and logs, stage outputs.
     assert _assert_no_secret_in(workdir, prefect_home) > 20
 
-    # (That a distilled student loads in vLLM unchanged is test_compress_into_a_student_of_another_family...'s
-    # check below, and every family's pruned student is tests/compactlm/pruning/test_vllm_students.py's.)
+    # (That distilled and pruned students of every family load in vLLM unchanged is
+    # tests/compactlm/pruning/test_vllm_students.py's check.)
 
     # Same parameters again: every stage is a cache hit, and the flow takes under a quarter of the first one's time
     # (flow time = the parent MLflow run's duration; process start-up and imports are outside it; each run still
@@ -147,7 +147,7 @@ def test_compress_flow_end_to_end_and_rerun_hits_cache(tmp_path):
 def test_compress_into_a_student_of_another_family_and_tokenizer_on_mixed_data(tmp_path, other_student_dir):
     """`student:` set to a Qwen2 with its own BPE vocabulary, trained on the generated set mixed with a corpus:
     score and prune are skipped (the run tree and the table say so), the data stage mixes by tokens, distillation is
-    ULD + CE across tokenizers, and the student loads in transformers and in vLLM with the same greedy tokens."""
+    ULD + CE across tokenizers, and the student loads in transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     corpus = tmp_path / "corpus.txt"
@@ -177,13 +177,5 @@ def test_compress_into_a_student_of_another_family_and_tokenizer_on_mixed_data(t
     model = AutoModelForCausalLM.from_pretrained(student).eval()
     tok = AutoTokenizer.from_pretrained(student)
     assert model.config.model_type == "qwen2" and len(tok) == model.config.vocab_size == 1024
-    vllm = subprocess.run([sys.executable, str(REPO / "tests/scripts/vllm_greedy.py"), str(student)],
-                          capture_output=True, text=True, timeout=900)
-    lines = [ln for ln in vllm.stdout.splitlines() if ln.startswith("VLLM_OK")]
-    assert vllm.returncode == 0 and lines, vllm.stdout[-2000:] + vllm.stderr[-4000:]
-    import torch
-
-    prompt = tok("The capital of France is", return_tensors="pt").input_ids
-    with torch.no_grad():
-        hf = model.generate(prompt, max_new_tokens=5, do_sample=False)[0, prompt.shape[1]:].tolist()
-    assert json.loads(lines[0].split(" ", 2)[2])["ids"][:1] == hf[:1]
+    # (that such a student loads in vLLM with HF's greedy tokens: tests/compactlm/pruning/test_vllm_students.py, in
+    # its one vLLM subprocess)

@@ -25,14 +25,14 @@ def test_vllm_subprocess_topk_matches_hf_forward(tiny_model_dir, tmp_path):
     """Real vLLM through the CLI entry: format, and its raw top-k log-probs agree with an HF forward pass."""
     out = tmp_path / "vllm"
     # 64 long prompts x 2 samples in one shard: more prompt tokens than vLLM-CPU's per-step budget (4096); with
-    # chunked prefill that crashed seeded requests ("CPU Generator does not use offset", VLLMEngine). 32 new tokens
-    # each: the decode steps are most of this test's time (128 tokens took 104 s of its 174 s), and the prefill is
-    # what the regression needs.
+    # chunked prefill that crashed seeded requests ("CPU Generator does not use offset", VLLMEngine). 8 new tokens
+    # each: vLLM-CPU's decode steps with log-probs for 128 sequences are most of this test's time (128 tokens took
+    # 104 s of its 174 s, 32 took 62 s), and the prefill is what the regression needs.
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
     prompts = tmp_path / "long.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": " ".join(words[(i + j) % 10] for j in range(60 + i))}) + "\n"
                                for i in range(64)))
-    cfg = GenerateConfig(engine="vllm", dtype="float32", prompts=str(prompts), chat="off", max_tokens=32,
+    cfg = GenerateConfig(engine="vllm", dtype="float32", prompts=str(prompts), chat="off", max_tokens=8,
                          max_model_len=512, topk_logprobs=5, n=2, shard_size=64)
     res = generation_cli("--model", str(tiny_model_dir), "--out", str(out), "--config", cfg.model_dump_json(),
                "--seed", "1", "--no-progress", env={**SUB_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"})

@@ -3,8 +3,8 @@ HF's.
 
 One student per supported family, pruned by the prune stage (``prune_to_dir``) to a shape that cuts every axis at
 once (depth, query heads, hidden channels, MLP neurons) and repaired (``prune.repair``: every family's o_proj and
-down_proj refitted), all loaded by one vLLM subprocess (tests/scripts/vllm_greedy.py: one import, one in-process
-engine per model).
+down_proj refitted), plus a student of another family and vocabulary distilled across tokenizers, all loaded by
+one vLLM subprocess (tests/scripts/vllm_greedy.py: one import, one in-process engine per model).
 """
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from compactlm.arch import SUPPORTED_ARCHS
+from compactlm.artifacts import read_manifest
 from compactlm.config import PruneConfig, RepairConfig, ScoreConfig
+from compactlm.distillation import distill
 from compactlm.importance import score_model
 from compactlm.models import count_params
 from compactlm.pruning import prune_to_dir
 from compactlm.pruning.repair import PROJECTIONS
-from tests.helpers import PRUNING_TEXT, vllm_greedy
+from tests.helpers import PRUNING_TEXT, kd_cfg, vllm_greedy
 
 #: The tiny teachers (hidden 128, 2 query heads x 64 in 1 KV group, 4 layers, MLP 256, tied) cut on every axis.
 MIXED = PruneConfig(num_hidden_layers=3, hidden_size=96, intermediate_size=192, num_attention_heads=1,
@@ -43,7 +45,8 @@ def _hf_greedy(model) -> tuple[list[int], torch.Tensor]:
 
 @pytest.mark.long(80)
 @pytest.mark.integration
-def test_every_familys_pruned_student_loads_in_vllm(tiny_factory, tmp_path):
+def test_every_familys_pruned_student_loads_in_vllm(tiny_factory, teacher_dir, other_student_dir, data_dir,
+                                                     tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text(PRUNING_TEXT)
     students = {}
@@ -64,8 +67,18 @@ def test_every_familys_pruned_student_loads_in_vllm(tiny_factory, tmp_path):
         assert rec["architecture"] == arch and rec["written_as"] == written, rec
         assert json.loads((out / "config.json").read_text())["model_type"] == written
         students[arch] = (out, rec)
+    # and a student of another family and vocabulary (Qwen2, its own BPE) distilled across tokenizers (ULD + CE):
+    # what the distill stage publishes for `student: <model>` loads in vLLM too
+    other = tmp_path / "other-family"
+    distill(teacher_dir, other_student_dir, data_dir, kd_cfg(kd_weight=0.5, steps=2, seq_len=64), other, seed=0)
+    assert read_manifest(other)["cross_tokenizer_kd"] == "uld"
 
-    vllm = vllm_greedy([out for out, _ in students.values()], MAX_TOKENS)
+    vllm = vllm_greedy([*(out for out, _ in students.values()), other], MAX_TOKENS)
+    model = AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32).eval()
+    assert model.config.model_type == "qwen2" and model.config.vocab_size == 1024
+    hf, hf_logp = _hf_greedy(model)
+    assert vllm[len(students)]["ids"] == hf, (vllm[len(students)], hf)
+    torch.testing.assert_close(torch.tensor(vllm[len(students)]["logprobs"]), hf_logp, rtol=0, atol=1e-4)
     for i, (arch, (out, rec)) in enumerate(students.items()):
         # the student loads unchanged in transformers, with the parameters the record counted
         model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
