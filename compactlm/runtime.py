@@ -1,11 +1,12 @@
-"""Where the engines run: the environment vLLM needs on this machine (shared by generation and evaluation, so
-neither imports the other)."""
+"""Where the engines run: the environment vLLM needs on this machine and how a vLLM engine is started (shared by
+generation, evaluation and on-policy distillation, so no stage imports another)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 #: KV cache size (GiB) given to vLLM on CPU when VLLM_CPU_KVCACHE_SPACE is unset (vLLM's own default is large).
 DEFAULT_CPU_KVCACHE_GIB = 2
@@ -50,3 +51,48 @@ def vllm_cpu_env() -> Iterator[None]:
     finally:
         for k in added:
             os.environ.pop(k, None)
+
+
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def start_vllm(model_dir: str | os.PathLike, *, dtype: str, max_model_len: int, seed: int, max_logprobs: int = 20,
+               tensor_parallel_size: int = 1, in_process: bool = False, gpu_memory_utilization: float | None = None):
+    """A vLLM ``LLM`` on `model_dir`: eager, no remote code, compactlm's CPU environment (:func:`vllm_cpu_env`).
+
+    `in_process` keeps vLLM's engine core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` while it starts),
+    so that the caller can reload its weights from tensors in memory (``collective_rpc("reload_weights")``);
+    `gpu_memory_utilization` bounds the share of the GPU it takes when it shares the device with training.
+    """
+    import torch
+
+    cuda = torch.cuda.is_available()
+    # On CPU, vLLM 0.32 rewinds a seeded request's torch.Generator when a chunked (partial) prefill step's sample is
+    # discarded, and CPU generators have no offset: the engine dies with "CPU Generator does not use offset" once a
+    # prompt is split across steps (seen at 128 prompts x 128 tokens). Every compactlm request is seeded, so on CPU
+    # prompts are prefilled whole (each step's token budget still >= one max_model_len prompt).
+    extra = {} if cuda else {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, max_model_len)}
+    if gpu_memory_utilization is not None and cuda:
+        extra["gpu_memory_utilization"] = gpu_memory_utilization
+    threads = torch.get_num_threads()  # an in-process CPU worker sets its own; the caller keeps its setting
+    env = _environ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}) if in_process else nullcontext()
+    try:
+        with nullcontext() if cuda else vllm_cpu_env(), env:
+            from vllm import LLM
+
+            return LLM(model=str(Path(model_dir)), dtype=dtype, max_model_len=max_model_len, seed=seed,
+                       enforce_eager=True, max_logprobs=max_logprobs, tensor_parallel_size=tensor_parallel_size,
+                       trust_remote_code=False, **extra)
+    finally:
+        torch.set_num_threads(threads)

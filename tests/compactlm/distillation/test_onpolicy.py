@@ -11,7 +11,7 @@ from compactlm.distillation import DistillError, distill
 from compactlm.distillation.onpolicy import is_on_policy, sample_batch
 from compactlm.distillation.setup import setup
 from compactlm.models import load_model
-from tests.helpers import REPO, SCRIPTS
+from tests.helpers import REPO, SCRIPTS, peaked_tiny_model
 from tests.helpers import kd_cfg as cfg
 
 ON = {"fraction": 0.5, "max_new_tokens": 8}
@@ -91,6 +91,58 @@ def test_sigkill_during_on_policy_training_resumes_bit_identically(teacher_dir, 
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+VLLM_ON = {"fraction": 1.0, "max_new_tokens": 8, "engine": "vllm", "refresh_every": 2}
+
+
+@pytest.mark.integration  # one vLLM engine in this process
+def test_vllm_sampler_samples_from_the_weights_it_was_last_given(teacher_dir, data_dir, tmp_path):
+    """On a model whose greedy path is decisive (peaked_tiny_model), vLLM sampling at T=0.01 is HF's greedy
+    decoding of the live student, before and after the student's weights change and are loaded into it."""
+    from compactlm.distillation.onpolicy import _generate, refresh
+
+    student = peaked_tiny_model(tmp_path / "peaked")
+    run = setup(teacher_dir, student, data_dir, cfg(seq_len=48, on_policy={**VLLM_ON, "temperature": 0.01}),
+                tmp_path / "x", seed=0)
+    try:
+        prompts = [p[-40:] for p in run.prompts[:3]]  # what sample_batch keeps at seq_len 48
+        before = run.sampler.sample(run, prompts, seed=5)
+        assert before == _generate(run, prompts, step=0) and all(len(s) >= 1 for s in before)
+        with torch.no_grad():  # a different model of the same shape: another greedy path
+            for w in run.student.parameters():
+                w.copy_(w.flip(0))
+        assert run.sampler.sample(run, prompts, seed=5) == before  # not loaded yet: the engine's old weights
+        refresh(run, 1)  # not a multiple of refresh_every: nothing loaded
+        assert run.sampler.loads == 0
+        refresh(run, 2)
+        after = run.sampler.sample(run, prompts, seed=5)
+        assert run.sampler.loads == 1 and after == _generate(run, prompts, step=0) != before
+    finally:
+        run.sampler.close()
+
+
+@pytest.mark.integration  # three short runs, each with its vLLM engine
+def test_vllm_on_policy_run_stopped_after_a_checkpoint_resumes_bit_identically(teacher_dir, student_dir, data_dir,
+                                                                              tmp_path):
+    c = cfg(steps=4, seq_len=48, checkpoint_every=2, on_policy=VLLM_ON)
+    logged: list[dict] = []
+    ref = distill(teacher_dir, student_dir, data_dir, c, tmp_path / "ref", seed=1,
+                  log_fn=lambda m, s: logged.append(m))
+    assert all(m["on_policy"] == 1.0 and 0 < m["sample_tokens"] <= 8 for m in logged)
+    assert ref["sampler_loads"] == 2 and ref["sampler_start_s"] > 0  # steps 0 and 2
+
+    def stop_at_step_three(metrics, step):
+        if step >= 3:  # after the step-2 checkpoint
+            raise KeyboardInterrupt
+
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        distill(teacher_dir, student_dir, data_dir, c, out, seed=1, log_fn=stop_at_step_three)
+    resumed = distill(teacher_dir, student_dir, data_dir, c, out, seed=1)
+    assert resumed["resumed_from"] == 2 and resumed["sampler_loads"] == 1  # the checkpoint's weights, at step 2
+    want, got = load_model(tmp_path / "ref").state_dict(), load_model(out).state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_on_policy_bad_input_fails_before_training(teacher_dir, other_student_dir, data_dir, tmp_path):
     with pytest.raises(ValueError, match="on_policy.fraction"):
         DistillConfig(on_policy={"fraction": 1.5})
@@ -98,6 +150,10 @@ def test_on_policy_bad_input_fails_before_training(teacher_dir, other_student_di
         DistillConfig(mode="offline", on_policy={})
     with pytest.raises(ValueError, match=r"on_policy.max_new_tokens \(64\) must be below seq_len \(32\)"):
         DistillConfig(seq_len=32, on_policy={})
+    with pytest.raises(ValueError, match=r"checkpoint_every \(3\) must be a multiple of on_policy.refresh_every \(2\)"):
+        DistillConfig(checkpoint_every=3, on_policy={"engine": "vllm", "refresh_every": 2})
+    with pytest.raises(ValueError, match="use on_policy.engine: hf with lora"):
+        DistillConfig(lora={}, on_policy={"engine": "vllm"})
     with pytest.raises(DistillError, match="another tokenizer: drop on_policy"):
         distill(teacher_dir, other_student_dir, data_dir, cfg(kd_weight=0.5, seq_len=48, on_policy=ON),
                 tmp_path / "x")
