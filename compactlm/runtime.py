@@ -96,3 +96,11 @@ def start_vllm(model_dir: str | os.PathLike, *, dtype: str, max_model_len: int, 
                        trust_remote_code=False, **extra)
     finally:
         torch.set_num_threads(threads)
+
+
+def stop_vllm(llm) -> None:
+    """Shut down `llm`'s engine core (best effort: the process's exit frees it anyway)."""
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    except Exception:
+        pass

@@ -148,8 +148,7 @@ class VLLMSampler:
         return [cut_at_eos(list(o.outputs[0].token_ids), run.eos_ids) for o in outs]
 
     def close(self) -> None:
+        from compactlm.runtime import stop_vllm
+
         llm, self.llm = self.llm, None
-        try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:  # best effort: the process exit frees it anyway
-            pass
+        stop_vllm(llm)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from compactlm.runtime import start_vllm
+from compactlm.runtime import start_vllm, stop_vllm
 
 
 @dataclass(frozen=True)
@@ -277,10 +277,7 @@ class VLLMEngine:
 
     def close(self) -> None:
         llm, self.llm = self.llm, None
-        try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:  # best effort: the process exit frees it anyway
-            pass
+        stop_vllm(llm)
 
 
 def _topk_from_vllm(logprobs, k: int) -> tuple[list[list[int]], list[list[float]]]:
