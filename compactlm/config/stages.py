@@ -97,6 +97,14 @@ class PruneConfig(_Strict):
         None, description="After slicing, refit each layer's output projections to the teacher's outputs on "
         "calibration text (no training); empty = plain slicing",
     )
+    streaming: bool = Field(
+        False, description="Slice the teacher tensor by tensor from its safetensors files instead of loading it "
+        "(memory: about one tensor; for teachers larger than RAM). The same student, byte for byte; an explicit "
+        "shape without repair only",
+    )
+
+    #: Fields that change how the student is made, not what it is: left out of the stage key.
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"streaming"})
 
     @model_validator(mode="after")
     def _budget_or_shape(self) -> PruneConfig:
@@ -105,6 +113,9 @@ class PruneConfig(_Strict):
             if given:
                 raise ValueError(f"give either a budget or an explicit shape, not both: unset {', '.join(given)} "
                                  "or budget")
+        if self.streaming and (self.budget is not None or self.repair is not None):
+            raise ValueError("streaming slices the teacher's files without running it; a budget and repair run "
+                             "the teacher on calibration data: drop budget / repair, or set streaming: false")
         return self
 
 

@@ -141,6 +141,11 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
     scores = load_scores(scores_dir)
     selection, explicit, pool = _selection(config, scores, cfg, shape, calibration, ranking)
     dtype = _teacher_dtype(config)
+    if cfg.streaming:  # the config refuses a budget and repair with it; a shape= argument still applies
+        from compactlm.pruning.streaming import write_student
+
+        return _publish(lambda tmp: write_student(model_dir, config, scores, explicit, dtype, tmp), cfg, model_dir,
+                        scores_dir, out_dir, dtype, selection, None)
     if selection != "params":
         ranking = None  # a given ranking only applies to a budget
         model = (load_model(model_dir, dtype="float32", device=device) if cfg.repair is not None
@@ -154,7 +159,12 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
     # slicing is exact, so fp32 -> teacher dtype is too; repaired weights are rounded once to the teacher's dtype
     student.to(device="cpu", dtype=getattr(torch, dtype))
     del model
-    return _publish(student, record, cfg, model_dir, scores_dir, out_dir, dtype, selection, ranking)
+
+    def write(tmp: Path) -> dict[str, Any]:
+        student.save_pretrained(tmp, safe_serialization=True)
+        return record
+
+    return _publish(write, cfg, model_dir, scores_dir, out_dir, dtype, selection, ranking)
 
 
 def _repair(model, student, scores: ImportanceScores, cfg: PruneConfig, calibration, model_dir: Path,
@@ -167,26 +177,28 @@ def _repair(model, student, scores: ImportanceScores, cfg: PruneConfig, calibrat
                        max_memory_gb=cfg.repair.max_memory_gb)
 
 
-def _publish(student, record: dict[str, Any], cfg: PruneConfig, model_dir: Path, scores_dir, out_dir: Path,
-             dtype: str, selection: str, ranking: list | None) -> dict[str, Any]:
-    """Write the student, its tokenizer and the pruning record to `out_dir` (atomically); return the record."""
+def _publish(write, cfg: PruneConfig, model_dir: Path, scores_dir, out_dir: Path, dtype: str, selection: str,
+             ranking: list | None) -> dict[str, Any]:
+    """Publish the student to `out_dir` atomically: ``write(tmp)`` writes its weights and configs and returns the
+    pruning record; then its tokenizer, the full record and the manifest. Returns the record."""
     from compactlm.artifacts import publish_dir
 
-    if ranking is not None:
-        candidate = ranking[0]
-    else:
-        s = {k: record["student"][k] for k in SHAPE_FIELDS}
-        candidate = {"kind": shape_kind(s, record["teacher"]), "shape": s, "params": record["params_after"],
-                     "param_ratio": record["param_ratio"]}
-    record = {**record, "teacher_dir": str(model_dir), "scores_dir": str(scores_dir), "dtype": dtype,
-              "config": cfg.model_dump(mode="json"), "selection": selection,
-              "budget": cfg.budget.params if cfg.budget is not None else None, "candidate": candidate,
-              "ranking": ranking}
     manifest = {"stage": "prune", "model_dir": str(model_dir), "scores_dir": str(scores_dir),
-                "config": cfg.model_dump(mode="json"), "selection": selection, "student": record["student"],
-                "params_before": record["params_before"], "params_after": record["params_after"]}
+                "config": cfg.model_dump(mode="json"), "selection": selection}
     with publish_dir(out_dir, manifest) as tmp:
-        student.save_pretrained(tmp, safe_serialization=True)
+        record = write(tmp)
+        if ranking is not None:
+            candidate = ranking[0]
+        else:
+            s = {k: record["student"][k] for k in SHAPE_FIELDS}
+            candidate = {"kind": shape_kind(s, record["teacher"]), "shape": s, "params": record["params_after"],
+                         "param_ratio": record["param_ratio"]}
+        record = {**record, "teacher_dir": str(model_dir), "scores_dir": str(scores_dir), "dtype": dtype,
+                  "config": cfg.model_dump(mode="json"), "selection": selection,
+                  "budget": cfg.budget.params if cfg.budget is not None else None, "candidate": candidate,
+                  "ranking": ranking}
+        manifest.update({"student": record["student"], "params_before": record["params_before"],
+                         "params_after": record["params_after"]})
         copy_model_side_files(model_dir, tmp, extra=("generation_config.json",))
         record_format.write_record(tmp, record)
     return record

@@ -152,8 +152,9 @@ def _scales(config: Any, plan: dict[str, Any], rescale: bool) -> dict[str, float
             "final": hidden / embed if tied else hidden}
 
 
-def _slice_state_dict(sd: dict[str, torch.Tensor], plan: dict[str, Any], config: Any,
-                      scales: dict[str, float]) -> dict[str, torch.Tensor]:
+def sliced_items(items, plan: dict[str, Any], config: Any, scales: dict[str, float]):
+    """Yield (student key, tensor) for each teacher (key, tensor) of `items` that the student keeps, sliced and
+    rescaled; one tensor at a time, so `items` may read them lazily (:mod:`compactlm.pruning.streaming`)."""
     import torch
 
     ch = torch.tensor(plan["kept_channels"], dtype=torch.long)
@@ -162,9 +163,8 @@ def _slice_state_dict(sd: dict[str, torch.Tensor], plan: dict[str, Any], config:
     top.setdefault("lm_head.weight", top["model.embed_tokens.weight"])  # a tied head may be in state_dict too
     per_layer = layer_params(config)
     new_index = {t: s for s, t in enumerate(plan["kept_layers"])}
-    out: dict[str, torch.Tensor] = {}
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    for key, w in sd.items():
+    for key, w in items:
         m = _LAYER_KEY.match(key)
         name = key if m is None else m.group(2)
         param = (top if m is None else per_layer).get(name)
@@ -176,7 +176,7 @@ def _slice_state_dict(sd: dict[str, torch.Tensor], plan: dict[str, Any], config:
                 v = _rescale(v, scales["final"], offset)
             elif key == "model.embed_tokens.weight" or (key == "lm_head.weight" and tied):
                 v = _rescale(v, scales["embed"], 0.0)
-            out[key] = v.contiguous()
+            yield key, v.contiguous()
             continue
         if int(m.group(1)) not in new_index:
             continue
@@ -184,20 +184,29 @@ def _slice_state_dict(sd: dict[str, torch.Tensor], plan: dict[str, Any], config:
         v = _take(w, param.axes, _layer_index(plan, s_idx, ch))
         if param.norm:  # over the hidden size, or OLMo2's over all query heads; per-head norms keep their scale
             v = _rescale(v, scales.get(param.axes[0], 1.0), offset)
-        out[f"model.layers.{s_idx}.{name}"] = v.contiguous()
-    return out
+        yield f"model.layers.{s_idx}.{name}", v.contiguous()
 
 
-def _zero_fill(sd: dict[str, torch.Tensor], config: Any, new_cfg: Any) -> None:
-    """Add the zero parameters a student written as another model_type needs (:func:`compactlm.arch.zero_params`)."""
+def _slice_state_dict(sd: dict[str, torch.Tensor], plan: dict[str, Any], config: Any,
+                      scales: dict[str, float]) -> dict[str, torch.Tensor]:
+    return dict(sliced_items(sd.items(), plan, config, scales))
+
+
+def zero_items(config: Any, new_cfg: Any, dtype):
+    """(key, zeros) of the parameters a student written as another model_type needs
+    (:func:`compactlm.arch.zero_params`)."""
     import torch
 
-    dtype = sd["model.embed_tokens.weight"].dtype
     for name in zero_params(config.model_type, new_cfg.model_type):
         param = layer_params(config, new_cfg.model_type)[name]
         size = {"hidden": new_cfg.hidden_size}
         for i in range(new_cfg.num_hidden_layers):
-            sd[f"model.layers.{i}.{name}"] = torch.zeros([size[a] for a in param.axes], dtype=dtype)
+            yield f"model.layers.{i}.{name}", torch.zeros([size[a] for a in param.axes], dtype=dtype)
+
+
+def _zero_fill(sd: dict[str, torch.Tensor], config: Any, new_cfg: Any) -> None:
+    """Add the zero parameters a student written as another model_type needs (:func:`compactlm.arch.zero_params`)."""
+    sd.update(zero_items(config, new_cfg, sd["model.embed_tokens.weight"].dtype))
 
 
 def prune_model(model, scores: ImportanceScores, cfg: PruneConfig) -> tuple[Any, dict[str, Any]]:
@@ -214,7 +223,6 @@ def prune_model(model, scores: ImportanceScores, cfg: PruneConfig) -> tuple[Any,
     from compactlm.models import MODEL_BUILD_LOCK, count_params
 
     plan = plan_pruning(model.config, scores, cfg)
-    teacher, student = plan["teacher"], plan["student"]
     scales = _scales(model.config, plan, cfg.rescale_norms)
     sd = _slice_state_dict(model.state_dict(), plan, model.config, scales)
     new_cfg = student_config(model.config, plan)
@@ -233,9 +241,15 @@ def prune_model(model, scores: ImportanceScores, cfg: PruneConfig) -> tuple[Any,
         new.tie_weights()
     new.generation_config = copy.deepcopy(model.generation_config)
     new.to(next(model.parameters()).device).eval()
-    before, after = count_params(model), count_params(new)
-    record = {
-        "architecture": model.config.model_type,
+    return new, pruning_record(model.config, new_cfg, plan, cfg, scales, count_params(model), count_params(new))
+
+
+def pruning_record(config: Any, new_cfg: Any, plan: dict[str, Any], cfg: PruneConfig, scales: dict[str, float],
+                   before: int, after: int) -> dict[str, Any]:
+    """The pruning record of a student (see :func:`prune_model`)."""
+    teacher, student = plan["teacher"], plan["student"]
+    return {
+        "architecture": config.model_type,
         "written_as": new_cfg.model_type,
         "teacher": teacher,
         "student": student,
@@ -252,4 +266,3 @@ def prune_model(model, scores: ImportanceScores, cfg: PruneConfig) -> tuple[Any,
         "params_after": after,
         "param_ratio": after / before,
     }
-    return new, record

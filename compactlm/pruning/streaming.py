@@ -1,0 +1,159 @@
+"""Plain slicing straight from the teacher's safetensors files (``prune.streaming``), for teachers larger than RAM.
+
+The teacher is never loaded as a model: each of its tensors is read from its shard (``safe_open``), sliced and
+rescaled exactly as :func:`compactlm.pruning.slicing.prune_model` does (the same :func:`sliced_items`), and written
+into the student's ``model.safetensors`` at its place. The student's header (names, shapes, offsets) is known
+before any data is written, from a first pass over the tensors that keeps only their shapes, so peak memory is
+about one teacher tensor and its slice. The file is laid out as safetensors' own writer lays it out (``__metadata__``
+first, tensors by dtype then name, the header padded to 8 bytes), and config.json / generation_config.json are what
+``save_pretrained`` writes, so the student directory is byte-identical to the in-memory path's.
+
+Only for plain slicing of an explicit shape: a budget's candidates and ``prune.repair`` run the teacher on
+calibration data, which needs it in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from compactlm.config import PruneConfig
+from compactlm.formats.scores import ImportanceScores
+from compactlm.pruning.shapes import student_config
+from compactlm.pruning.slicing import _scales, plan_pruning, pruning_record, sliced_items, zero_items
+
+if TYPE_CHECKING:
+    import torch
+
+#: safetensors' dtype names and their order in its writer (tensors sorted by dtype, descending, then by name).
+_DTYPES = {"float16": ("F16", 11), "bfloat16": ("BF16", 12), "float32": ("F32", 15)}
+
+
+class TeacherTensors:
+    """The tensors of a model directory's ``*.safetensors`` files, each read on demand with plain file reads (no
+    memory map, whose touched pages would stay resident): memory holds one tensor at a time."""
+
+    _TORCH = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+    def __init__(self, model_dir: str | os.PathLike):
+        files = sorted(Path(model_dir).glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"{model_dir} has no .safetensors files: prune.streaming reads the teacher's weights "
+                             "from them (convert the checkpoint, or set prune.streaming: false)")
+        self.where: dict[str, tuple[Path, int, dict]] = {}
+        for f in files:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            for key, info in header.items():
+                if key != "__metadata__":
+                    self.where[key] = (f, 8 + n, info)
+
+    def keys(self) -> list[str]:
+        return sorted(self.where)
+
+    def get(self, key: str, dtype) -> torch.Tensor:
+        import torch
+
+        path, base, info = self.where[key]
+        if info["dtype"] not in self._TORCH:
+            raise ValueError(f"{path}: {key} is stored as {info['dtype']}; prune.streaming reads F32, BF16 and F16 "
+                             "tensors (set prune.streaming: false)")
+        start, end = info["data_offsets"]
+        with open(path, "rb") as fh:
+            fh.seek(base + start)
+            data = bytearray(fh.read(end - start))
+        stored = getattr(torch, self._TORCH[info["dtype"]])
+        t = torch.frombuffer(data, dtype=stored) if data else torch.empty(0, dtype=stored)
+        return t.reshape(info["shape"]).to(dtype)
+
+
+def _items(teacher: TeacherTensors, keys: list[str], plan: dict, config: Any, new_cfg: Any, scales: dict,
+           dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The student's tensors for the teacher's `keys`, one at a time (a tied output head is not stored)."""
+    for key in keys:
+        for name, t in sliced_items([(key, teacher.get(key, dtype))], plan, config, scales):
+            if not (name == "lm_head.weight" and new_cfg.tie_word_embeddings):
+                yield name, t
+
+
+def _header(shapes: dict[str, tuple[list[int], str]]) -> tuple[bytes, list[str]]:
+    """safetensors header bytes (padded to 8) for tensors {name: (shape, dtype name)}, and the data order."""
+    order = sorted(shapes, key=lambda n: (-_DTYPES[shapes[n][1]][1], n))
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in order:
+        shape, dtype = shapes[name]
+        size = {"float16": 2, "bfloat16": 2, "float32": 4}[dtype]
+        for d in shape:
+            size *= d
+        header[name] = {"dtype": _DTYPES[dtype][0], "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8), order
+
+
+def write_student(model_dir: Path, config: Any, scores: ImportanceScores, cfg: PruneConfig, dtype: str,
+                  out: Path) -> dict[str, Any]:
+    """Slice the teacher in `model_dir` to `cfg`'s shape into `out` (model.safetensors, config.json,
+    generation_config.json) tensor by tensor; return the pruning record (as :func:`prune_model`'s)."""
+    import torch
+
+    from compactlm.models import count_params_on_disk
+
+    plan = plan_pruning(config, scores, cfg)
+    scales = _scales(config, plan, cfg.rescale_norms)
+    new_cfg = student_config(config, plan)
+    torch_dtype = getattr(torch, dtype)
+    teacher = TeacherTensors(model_dir)
+    source: dict[str, str | None] = {}  # student tensor -> the teacher tensor it is sliced from (None: zeros)
+    shapes: dict[str, tuple[list[int], str]] = {}
+    for key in teacher.keys():  # pass 1: shapes only (each slice is dropped at once)
+        for name, t in _items(teacher, [key], plan, config, new_cfg, scales, torch_dtype):
+            source[name], shapes[name] = key, (list(t.shape), dtype)
+    zeros = dict(zero_items(config, new_cfg, torch_dtype))
+    for name, t in zeros.items():
+        source[name], shapes[name] = None, (list(t.shape), dtype)
+    header, order = _header(shapes)
+    with open(out / "model.safetensors", "wb") as f:  # pass 2: the data, in the file's order
+        f.write(len(header).to_bytes(8, "little") + header)
+        for name in order:
+            t = zeros[name] if source[name] is None else dict(
+                _items(teacher, [source[name]], plan, config, new_cfg, scales, torch_dtype))[name]
+            f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))  # no copy of the bytes
+    _write_configs(model_dir, new_cfg, torch_dtype, out)
+    after = sum(_numel(shape) for shape, _ in shapes.values())
+    return pruning_record(config, new_cfg, plan, cfg, scales, count_params_on_disk(model_dir), after)
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _write_configs(model_dir: Path, new_cfg: Any, dtype, out: Path) -> None:
+    """config.json and generation_config.json as ``save_pretrained`` of the student model writes them (the model
+    built on the meta device: no weights allocated)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from compactlm.models import MODEL_BUILD_LOCK
+
+    with MODEL_BUILD_LOCK, torch_device("meta"):
+        model = AutoModelForCausalLM.from_config(new_cfg, dtype=dtype)
+    if (model_dir / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(out)
+    if model.can_generate():
+        model.generation_config.save_pretrained(out)
+
+
+def torch_device(name: str):
+    import torch
+
+    return torch.device(name)
