@@ -139,11 +139,12 @@ def _numel(shape: list[int]) -> int:
 def _write_configs(model_dir: Path, new_cfg: Any, dtype, out: Path) -> None:
     """config.json and generation_config.json as ``save_pretrained`` of the student model writes them (the model
     built on the meta device: no weights allocated)."""
+    import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from compactlm.models import MODEL_BUILD_LOCK
 
-    with MODEL_BUILD_LOCK, torch_device("meta"):
+    with MODEL_BUILD_LOCK, torch.device("meta"):
         model = AutoModelForCausalLM.from_config(new_cfg, dtype=dtype)
     if (model_dir / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
@@ -151,9 +152,3 @@ def _write_configs(model_dir: Path, new_cfg: Any, dtype, out: Path) -> None:
     model.config.save_pretrained(out)
     if model.can_generate():
         model.generation_config.save_pretrained(out)
-
-
-def torch_device(name: str):
-    import torch
-
-    return torch.device(name)
