@@ -11,7 +11,7 @@ Everything random here is a function of (seed, step): which steps are on-policy,
 (drawn inside ``torch.random.fork_rng`` seeded per step and process, or by vLLM requests seeded the same way), so a
 run killed and resumed from a checkpoint takes exactly the steps an uninterrupted one does, with no sampler state to
 save. The samples come from the student being trained: HF ``generate`` in this process (``on_policy.engine: hf``;
-weights always current), or a vLLM engine started in this process (``engine: vllm``, :class:`VLLMSampler`) whose
+weights always current), or a vLLM engine started in this process (``engine: vllm``, sampler.py) whose
 weights are the student's as of the last multiple of ``refresh_every`` (copied in by :func:`refresh`; checkpoints
 fall on those multiples, so a resumed engine starts from the weights the interrupted one had). Sampling is not
 counted in the step's training FLOPs.
@@ -75,8 +75,8 @@ def sample_batch(run: Run, step: int, epoch: int) -> Batch:
     mine = picks[run.par.rank * run.local_batch:(run.par.rank + 1) * run.local_batch]
     keep = cfg.seq_len - op.max_new_tokens
     prompts = [run.prompts[i][-keep:] for i in mine]
-    samples = (run.sampler.sample(run, prompts, _seed(run, step, 2 + 1_009 * run.par.rank)) if run.sampler
-               else _generate(run, prompts, step))
+    samples = (run.sampler.sample(prompts, op, run.eos_ids, _seed(run, step, 2 + 1_009 * run.par.rank))
+               if run.sampler else _generate(run, prompts, step))
     ids = torch.full((len(prompts), cfg.seq_len), run.pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, (p, s) in enumerate(zip(prompts, samples)):
@@ -111,44 +111,3 @@ def _generate(run: Run, prompts: list[list[int]], step: int) -> list[list[int]]:
         student.train(was_training)
     return [cut_at_eos(row, run.eos_ids) for row in out[:, width:].tolist()]
 
-
-class VLLMSampler:
-    """The student's samples from a vLLM engine in this process (``on_policy.engine: vllm``): started on the
-    student's directory, its weights replaced by :meth:`load` (vLLM's in-place ``reload_weights``; checked equal to
-    HF's greedy tokens in benchmarks/onpolicy_sampler.py), each request seeded from the step's seed."""
-
-    def __init__(self, run: Run):
-        import time
-
-        from compactlm.runtime import start_vllm
-
-        t0 = time.perf_counter()
-        self.llm = start_vllm(run.student_dir, dtype="bfloat16" if run.cuda else "float32",
-                              max_model_len=run.cfg.seq_len, seed=run.seed, in_process=True,
-                              gpu_memory_utilization=0.3)  # CUDA: the rest stays for training
-        self.start_seconds = time.perf_counter() - t0
-        self.loads = 0
-
-    def load(self, student) -> None:
-        """Copy `student`'s weights (HF names) into the engine."""
-        weights = [(name, t.detach()) for name, t in student.state_dict().items()]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        self.loads += 1
-
-    def sample(self, run: Run, prompts: list[list[int]], seed: int) -> list[list[int]]:
-        """Each prompt's sampled continuation (token ids, through the first EOS); request i seeded by (seed, i)."""
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        op = run.cfg.on_policy
-        params = [SamplingParams(n=1, temperature=op.temperature, top_p=op.top_p, max_tokens=op.max_new_tokens,
-                                 seed=(seed * 1_009 + i) % 2**63, stop_token_ids=sorted(run.eos_ids),
-                                 detokenize=False) for i in range(len(prompts))]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        return [cut_at_eos(list(o.outputs[0].token_ids), run.eos_ids) for o in outs]
-
-    def close(self) -> None:
-        from compactlm.runtime import stop_vllm
-
-        llm, self.llm = self.llm, None
-        stop_vllm(llm)

