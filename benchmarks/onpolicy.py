@@ -20,6 +20,7 @@ its prompts plus the student's samples):
     classic           logit KD on Gutenberg prose (data the teacher did not write), teacher online
     corrected         the same, from a corrected teacher (``correct``: fine-tuned on that prose first with the
                       recipe defaults, then scored, pruned and distilled from, as the pipeline runs it)
+    corrected_lora    the same with ``correct.lora`` (rank-16 adapters on every linear layer, lr 2e-4)
 
 Measured per row: held-out word perplexity, the 4-task average (ARC-Easy, PIQA, HellaSwag, WinoGrande; 0-shot, first
 `limit` each), the teacher's mean NLL per token of the student's greedy answers to held-out instructions (AlpacaEval
@@ -48,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 INSTRUCTIONS = SHARED / "alpaca_eval" / "alpaca_eval_instructions.jsonl"
 ALL_ARMS = ["pruned", "off_policy", "on_policy", "mixed", "off_then_on", "offline_topk", "offline_sampled", "classic",
-            "corrected"]
+            "corrected", "corrected_lora"]
 DEFAULTS: dict[str, Any] = {
     "students": {"width-60": ALL_ARMS, "depth-60": ["pruned", "off_policy", "on_policy", "off_then_on"]},
     "steps": 32, "batch_size": 4, "seq_len": 128, "lr": 3e-4, "warmup_steps": 2, "prompts": 160, "max_tokens": 96,
@@ -72,6 +73,7 @@ def arms(p: dict[str, Any]) -> dict[str, list[tuple[str, dict[str, Any]]] | None
         "offline_sampled": [("sampled", {"mode": "offline"})],
         "classic": [("classic", {})],
         "corrected": [("classic", {})],
+        "corrected_lora": [("classic", {})],
     }
 
 
@@ -136,15 +138,17 @@ def train(teacher: Path, student: Path, stages: list[tuple[str, dict]], data: di
     return student, seconds
 
 
-def corrected_teacher(teacher: Path, classic: Path, root: Path, p: dict[str, Any], seed: int) -> Path:
-    """The teacher after ``correct`` (the recipe's defaults, `steps` steps) on the classic text, as the compress
-    flow's correct stage runs it."""
+def corrected_teacher(teacher: Path, classic: Path, root: Path, p: dict[str, Any], seed: int,
+                      lora: bool = False) -> Path:
+    """The teacher after ``correct`` (the recipe's defaults, `steps` steps; with `lora` its LoRA defaults) on the
+    classic text, as the compress flow's correct stage runs it."""
     from compactlm.config import CorrectConfig
     from compactlm.distillation import correct_teacher
 
-    out = root / "teacher-corrected"
+    out = root / ("teacher-corrected-lora" if lora else "teacher-corrected")
     if not (out / "manifest.json").is_file():
-        cfg = CorrectConfig(steps=p["steps"], batch_size=p["batch_size"], seq_len=p["seq_len"])
+        cfg = CorrectConfig(steps=p["steps"], batch_size=p["batch_size"], seq_len=p["seq_len"],
+                            lora={} if lora else None)
         correct_teacher(teacher, classic, cfg, out, seed=seed, device="cpu")
     return out
 
@@ -176,9 +180,10 @@ def main() -> None:
         corpus_dataset(text, teacher, data["classic"], max_tokens=2 * p["steps"] * p["batch_size"] * p["seq_len"],
                        seed=seed)
     teachers = {"original": (teacher, scores)}
-    if any("corrected" in a for a in p["students"].values()):
-        fixed = corrected_teacher(teacher, data["classic"], root, p, seed)
-        teachers["corrected"] = (fixed, cached_scores(fixed, text, root / "corrected", p))
+    for kind in ("corrected", "corrected_lora"):
+        if any(kind in a for a in p["students"].values()):
+            fixed = corrected_teacher(teacher, data["classic"], root, p, seed, lora=kind == "corrected_lora")
+            teachers[kind] = (fixed, cached_scores(fixed, text, root / kind, p))
     ev = {"limit": p["limit"], "eval_batch_size": p["eval_batch_size"], "device": "cpu"}
     t_row = _json_cached(root / "eval" / "teacher.json", lambda: {
         **evaluate(teacher, ev, seed), "teacher_nll_on_student": teacher_nll_on_student(teacher, teacher, p)})
@@ -207,14 +212,14 @@ def measure(teachers: dict[str, tuple[Path, Path]], name: str, arm: str, stages:
             data: dict[str, Path], root: Path, p: dict[str, Any], seed: int) -> dict[str, Any]:
     """One row: the `name` shape pruned from the arm's teacher (by its importance scores), trained by the arm's
     stages from that teacher, evaluated; the original teacher scores the student's answers."""
-    which = "corrected" if arm == "corrected" else "original"
+    which = arm if arm in ("corrected", "corrected_lora") else "original"
     source, scores = teachers[which]
     text = SHARED / "gutenberg" / "gutenberg_14books_clean.txt"
-    pruned = root / "students" / (name if which == "original" else f"{name}-corrected")
+    pruned = root / "students" / (name if which == "original" else f"{name}-{which}")
     _prune(source, scores, text, SHAPES[name], "plain", pruned, p)
     model, wall = (pruned, 0.0) if stages is None else train(source, pruned, stages, data,
                                                              root / "trained" / f"{name}-{arm}", p, seed)
-    if which == "corrected":  # the arm pays for its correction
+    if which != "original":  # the arm pays for its correction
         wall += json.loads((source / "manifest.json").read_text())["metrics"]["seconds"]
     ev = {"limit": p["limit"], "eval_batch_size": p["eval_batch_size"], "device": "cpu"}
     e = evaluate(model, ev, seed)
