@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/onpolicy.py              # hours on a 2-core CPU -> results/onpolicy.json
 
 Teacher SmolLM2-135M-Instruct; students: the ~60 % width and depth shapes of the headline experiment
-(benchmarks/quality.py; every arm on the width one, four on the depth one), pruned with importance scores from
+(benchmarks/quality.py; every arm on both), pruned with importance scores from
 Gutenberg prose (benchmarks/repair.py's cache). Training data: the teacher's answers to AlpacaEval instructions (the
 HF engine, sampled at T=0.8), stored twice with the same text: top-k log-probs and importance-sampled targets
 (``generate.logit_targets: sampled``), k ids per token each, so both take the same bytes per token. Every arm runs
@@ -51,7 +51,7 @@ INSTRUCTIONS = SHARED / "alpaca_eval" / "alpaca_eval_instructions.jsonl"
 ALL_ARMS = ["pruned", "off_policy", "on_policy", "mixed", "off_then_on", "offline_topk", "offline_sampled", "classic",
             "corrected", "corrected_lora"]
 DEFAULTS: dict[str, Any] = {
-    "students": {"width-60": ALL_ARMS, "depth-60": ["pruned", "off_policy", "on_policy", "off_then_on"]},
+    "students": {"width-60": ALL_ARMS, "depth-60": ALL_ARMS},
     "steps": 32, "batch_size": 4, "seq_len": 128, "lr": 3e-4, "warmup_steps": 2, "prompts": 160, "max_tokens": 96,
     "k": 16, "gen_batch_size": 32, "max_new_tokens": 64, "limit": 300, "eval_batch_size": 16, "heldout": 48,
     "heldout_tokens": 64, "calib_samples": 32, "calib_seq_len": 256, "damping": 0.01,
