@@ -9,6 +9,7 @@ log-probabilities of every continuation token from llama.cpp's logits. Consecuti
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -43,8 +44,9 @@ def load_gguf(path: str | os.PathLike, *, n_ctx: int, threads: int | None = None
         return Llama(**kwargs)
 
 
+@functools.cache
 def amx_build() -> bool:
-    """Whether the installed llama.cpp uses AMX (its system info says ``AMX_INT8 = 1``)."""
+    """Whether the installed llama.cpp uses AMX (its system info says ``AMX_INT8 = 1``); asked once per process."""
     import llama_cpp.llama_cpp as capi
 
     return "AMX_INT8 = 1" in capi.llama_print_system_info().decode()
