@@ -345,21 +345,21 @@ def make_tiny_model(out_dir: str | os.PathLike, *, arch: str = "llama", hidden_s
     return _atomic_save(out_dir, write)
 
 
+def safetensors_header(path: str | os.PathLike) -> tuple[int, dict]:
+    """(header length, header) of a .safetensors file: its 8-byte little-endian length, then that much JSON
+    (tensor name -> dtype, shape, data_offsets relative to the end of the header; plus ``__metadata__``)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return n, json.loads(f.read(n))
+
+
 def count_params_on_disk(model_dir: str | os.PathLike) -> int:
     """Parameters stored in a model directory's safetensors files (header shapes only; tied tensors stored once
     count once): cheap for any model size."""
-    total = 0
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        for name, t in header.items():
-            if name != "__metadata__":
-                count = 1
-                for d in t["shape"]:
-                    count *= int(d)
-                total += count
-    return total
+    import math
+
+    return sum(math.prod(int(d) for d in t["shape"]) for path in sorted(Path(model_dir).glob("*.safetensors"))
+               for name, t in safetensors_header(path)[1].items() if name != "__metadata__")
 
 
 def eos_token_ids(model_dir: str | os.PathLike, tokenizer) -> set[int]:

@@ -1,12 +1,13 @@
 """Plain slicing straight from the teacher's safetensors files (``prune.streaming``), for teachers larger than RAM.
 
-The teacher is never loaded as a model: each of its tensors is read from its shard (``safe_open``), sliced and
+The teacher is never loaded as a model: each of its tensors is read from its shard (plain file reads), sliced and
 rescaled exactly as :func:`compactlm.pruning.slicing.prune_model` does (the same :func:`sliced_items`), and written
 into the student's ``model.safetensors`` at its place. The student's header (names, shapes, offsets) is known
-before any data is written, from a first pass over the tensors that keeps only their shapes, so peak memory is
-about one teacher tensor and its slice. The file is laid out as safetensors' own writer lays it out (``__metadata__``
-first, tensors by dtype then name, the header padded to 8 bytes), and config.json / generation_config.json are what
-``save_pretrained`` writes, so the student directory is byte-identical to the in-memory path's.
+before any data is written, from a first pass that slices shape-only (meta-device) tensors and reads no data, so
+the teacher is read once and peak memory is about one teacher tensor and its slice. The file is laid out as
+safetensors' own writer lays it out (``__metadata__`` first, tensors by dtype then name, the header padded to 8
+bytes), and config.json / generation_config.json are what ``save_pretrained`` writes, so the student directory is
+byte-identical to the in-memory path's.
 
 Only for plain slicing of an explicit shape: a budget's candidates and ``prune.repair`` run the teacher on
 calibration data, which needs it in memory.
@@ -15,6 +16,7 @@ calibration data, which needs it in memory.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,26 +30,27 @@ from compactlm.pruning.slicing import _scales, plan_pruning, pruning_record, sli
 if TYPE_CHECKING:
     import torch
 
-#: safetensors' dtype names and their order in its writer (tensors sorted by dtype, descending, then by name).
-_DTYPES = {"float16": ("F16", 11), "bfloat16": ("BF16", 12), "float32": ("F32", 15)}
+#: torch dtype -> safetensors' name, its rank in safetensors' writer (tensors sorted by dtype, descending, then by
+#: name) and bytes per element.
+_DTYPES = {"float16": ("F16", 11, 2), "bfloat16": ("BF16", 12, 2), "float32": ("F32", 15, 4)}
 
 
 class TeacherTensors:
     """The tensors of a model directory's ``*.safetensors`` files, each read on demand with plain file reads (no
     memory map, whose touched pages would stay resident): memory holds one tensor at a time."""
 
-    _TORCH = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+    _TORCH = {name: dtype for dtype, (name, _, _) in _DTYPES.items()}
 
     def __init__(self, model_dir: str | os.PathLike):
+        from compactlm.models import safetensors_header
+
         files = sorted(Path(model_dir).glob("*.safetensors"))
         if not files:
             raise ValueError(f"{model_dir} has no .safetensors files: prune.streaming reads the teacher's weights "
                              "from them (convert the checkpoint, or set prune.streaming: false)")
         self.where: dict[str, tuple[Path, int, dict]] = {}
         for f in files:
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
+            n, header = safetensors_header(f)
             for key, info in header.items():
                 if key != "__metadata__":
                     self.where[key] = (f, 8 + n, info)
@@ -55,29 +58,40 @@ class TeacherTensors:
     def keys(self) -> list[str]:
         return sorted(self.where)
 
+    def _stored(self, key: str):
+        import torch
+
+        path, _, info = self.where[key]
+        if info["dtype"] not in self._TORCH:
+            raise ValueError(f"{path}: {key} is stored as {info['dtype']}; prune.streaming reads F32, BF16 and F16 "
+                             "tensors (set prune.streaming: false)")
+        return getattr(torch, self._TORCH[info["dtype"]])
+
+    def meta(self, key: str, dtype) -> torch.Tensor:
+        """A data-less (meta-device) tensor of `key`'s shape, in `dtype`: slicing it gives the student's shape."""
+        import torch
+
+        return torch.empty(self.where[key][2]["shape"], dtype=self._stored(key), device="meta").to(dtype)
+
     def get(self, key: str, dtype) -> torch.Tensor:
         import torch
 
         path, base, info = self.where[key]
-        if info["dtype"] not in self._TORCH:
-            raise ValueError(f"{path}: {key} is stored as {info['dtype']}; prune.streaming reads F32, BF16 and F16 "
-                             "tensors (set prune.streaming: false)")
+        stored = self._stored(key)
         start, end = info["data_offsets"]
         with open(path, "rb") as fh:
             fh.seek(base + start)
             data = bytearray(fh.read(end - start))
-        stored = getattr(torch, self._TORCH[info["dtype"]])
         t = torch.frombuffer(data, dtype=stored) if data else torch.empty(0, dtype=stored)
         return t.reshape(info["shape"]).to(dtype)
 
 
-def _items(teacher: TeacherTensors, keys: list[str], plan: dict, config: Any, new_cfg: Any, scales: dict,
-           dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """The student's tensors for the teacher's `keys`, one at a time (a tied output head is not stored)."""
-    for key in keys:
-        for name, t in sliced_items([(key, teacher.get(key, dtype))], plan, config, scales):
-            if not (name == "lm_head.weight" and new_cfg.tie_word_embeddings):
-                yield name, t
+def _sliced(key: str, tensor: torch.Tensor, plan: dict, config: Any, new_cfg: Any,
+            scales: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """The student's tensors from the teacher's `key` (none when its layer is dropped; a tied head is not stored)."""
+    for name, t in sliced_items([(key, tensor)], plan, config, scales):
+        if not (name == "lm_head.weight" and new_cfg.tie_word_embeddings):
+            yield name, t
 
 
 def _header(shapes: dict[str, tuple[list[int], str]]) -> tuple[bytes, list[str]]:
@@ -87,9 +101,7 @@ def _header(shapes: dict[str, tuple[list[int], str]]) -> tuple[bytes, list[str]]
     offset = 0
     for name in order:
         shape, dtype = shapes[name]
-        size = {"float16": 2, "bfloat16": 2, "float32": 4}[dtype]
-        for d in shape:
-            size *= d
+        size = _DTYPES[dtype][2] * math.prod(shape)
         header[name] = {"dtype": _DTYPES[dtype][0], "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -111,8 +123,8 @@ def write_student(model_dir: Path, config: Any, scores: ImportanceScores, cfg: P
     teacher = TeacherTensors(model_dir)
     source: dict[str, str | None] = {}  # student tensor -> the teacher tensor it is sliced from (None: zeros)
     shapes: dict[str, tuple[list[int], str]] = {}
-    for key in teacher.keys():  # pass 1: shapes only (each slice is dropped at once)
-        for name, t in _items(teacher, [key], plan, config, new_cfg, scales, torch_dtype):
+    for key in teacher.keys():  # pass 1: shapes only, from data-less tensors
+        for name, t in _sliced(key, teacher.meta(key, torch_dtype), plan, config, new_cfg, scales):
             source[name], shapes[name] = key, (list(t.shape), dtype)
     zeros = dict(zero_items(config, new_cfg, torch_dtype))
     for name, t in zeros.items():
@@ -121,19 +133,13 @@ def write_student(model_dir: Path, config: Any, scores: ImportanceScores, cfg: P
     with open(out / "model.safetensors", "wb") as f:  # pass 2: the data, in the file's order
         f.write(len(header).to_bytes(8, "little") + header)
         for name in order:
-            t = zeros[name] if source[name] is None else dict(
-                _items(teacher, [source[name]], plan, config, new_cfg, scales, torch_dtype))[name]
+            key = source[name]
+            t = zeros[name] if key is None else dict(
+                _sliced(key, teacher.get(key, torch_dtype), plan, config, new_cfg, scales))[name]
             f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))  # no copy of the bytes
     _write_configs(model_dir, new_cfg, torch_dtype, out)
-    after = sum(_numel(shape) for shape, _ in shapes.values())
+    after = sum(math.prod(shape) for shape, _ in shapes.values())
     return pruning_record(config, new_cfg, plan, cfg, scales, count_params_on_disk(model_dir), after)
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def _write_configs(model_dir: Path, new_cfg: Any, dtype, out: Path) -> None:
