@@ -9,10 +9,11 @@ tokens at T = 1, as ``distill.on_policy`` does (defaults: the on-policy benchmar
 (the training student's dtype), both engines in this process, one after the other:
 
     hf_step_s       HF generate of one step's batch (median of `steps`)
-    vllm_start_s    vLLM engine start (in-process engine core: VLLM_ENABLE_V1_MULTIPROCESSING=0)
-    vllm_step_s     vLLM generate of one step's batch (median)
-    vllm_sync_s     copying the student's weights into the running engine (the worker's in-place
-                    ``reload_weights`` through ``collective_rpc``; median)
+    vllm_start_s    the trainer's vLLM sampler starting (compactlm.distillation.sampler.VLLMSampler: an
+                    in-process engine core)
+    vllm_step_s     its seeded samples of one step's batch (median)
+    vllm_sync_s     its copy of the student's weights into the running engine (``VLLMSampler.load``: the worker's
+                    in-place ``reload_weights``; median)
     sync_matches_hf after perturbing the student's weights and syncing, vLLM's greedy tokens are HF's on the
                     perturbed model (the sync really changes what vLLM samples from)
     break_even_steps on-policy steps after which vLLM (start + steps x (step + sync / refresh)) would cost less
@@ -60,60 +61,55 @@ def _hf_sample(model, prompts: list[list[int]], max_new: int, seed: int, greedy:
     return out[:, width:].tolist()
 
 
-def _sync(engine, model) -> float:
-    """Seconds to load `model`'s weights into the running vLLM engine."""
+def _timed(fn, *args) -> float:
     t0 = time.perf_counter()
-    weights = [(k, v.detach()) for k, v in model.state_dict().items()]
-
-    # vLLM's in-place reload: the weights go through the model's loaders again (vLLM-CPU repacks its linear
-    # layers after loading, so a bare model.load_weights() on the running model fails)
-    engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    fn(*args)
     return time.perf_counter() - t0
 
 
 def measure(args) -> dict:
     import torch
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
 
-    from compactlm.generation.engines import Request, SamplingSettings, VLLMEngine
-    from compactlm.models import load_model, resolve_model
+    from compactlm.config import OnPolicyConfig
+    from compactlm.distillation.sampler import VLLMSampler
+    from compactlm.models import eos_token_ids, load_model, load_tokenizer, resolve_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     model_dir = resolve_model(args.model)
     prompts = _prompts(model_dir, args.batch * args.steps)
     steps = [prompts[i * args.batch:(i + 1) * args.batch] for i in range(args.steps)]
     model = load_model(model_dir, dtype="float32", device="cpu").eval()
-    hf = []
-    for i, batch in enumerate(steps):
-        t0 = time.perf_counter()
-        _hf_sample(model, batch, args.max_new_tokens, seed=i)
-        hf.append(time.perf_counter() - t0)
+    hf = [_timed(_hf_sample, model, batch, args.max_new_tokens, i) for i, batch in enumerate(steps)]
 
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: weights sync in memory
-    engine = VLLMEngine(model_dir, dtype="float32", max_model_len=1024, seed=0)
-    sampling = SamplingSettings(temperature=1.0, top_p=1.0, max_tokens=args.max_new_tokens)
+    # the trainer's sampler (distill.on_policy.engine: vllm): its engine, its weight copy, its seeded requests
+    sampler = VLLMSampler(model_dir, cuda=False, seq_len=1024, seed=0)
+    op = OnPolicyConfig(fraction=1.0, max_new_tokens=args.max_new_tokens, engine="vllm")
+    eos = eos_token_ids(model_dir, load_tokenizer(model_dir))
     vl, sync = [], []
     for i, batch in enumerate(steps):
-        t0 = time.perf_counter()
-        engine.generate([Request(j, 0, tuple(p), seed=1000 * i + j) for j, p in enumerate(batch)], sampling)
-        vl.append(time.perf_counter() - t0)
-        sync.append(_sync(engine, model))
+        vl.append(_timed(sampler.sample, batch, op, eos, i))
+        sync.append(_timed(sampler.load, model))
 
-    with torch.no_grad():  # a stand-in for training: move every weight, sync, then both engines decode greedily
+    with torch.no_grad():  # a stand-in for training: move every weight, copy it in, then both decode greedily
         g = torch.Generator().manual_seed(0)
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.02 * p.std())
-    _sync(engine, model)
+    sampler.load(model)
     check = steps[0][:2]
     want = _hf_sample(model, check, 16, seed=0, greedy=True)
-    got = [c.token_ids for c in engine.generate([Request(j, 0, tuple(p), seed=j) for j, p in enumerate(check)],
-                                                 SamplingSettings(temperature=0.0, top_p=1.0, max_tokens=16))]
-    engine.close()
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, detokenize=False)
+    got = [list(o.outputs[0].token_ids)
+           for o in sampler.llm.generate([TokensPrompt(prompt_token_ids=p) for p in check], greedy, use_tqdm=False)]
+    start_s = sampler.start_seconds
+    sampler.close()
     hf_s, vllm_s, sync_s = statistics.median(hf), statistics.median(vl), statistics.median(sync)
     return {"model": str(args.model), "batch": args.batch, "max_new_tokens": args.max_new_tokens,
-            "steps": args.steps, "hf_step_s": round(hf_s, 3), "vllm_start_s": round(engine.start_seconds, 2),
+            "steps": args.steps, "hf_step_s": round(hf_s, 3), "vllm_start_s": round(start_s, 2),
             "vllm_step_s": round(vllm_s, 3), "vllm_sync_s": round(sync_s, 3),
             "sync_matches_hf": [w[:len(t)] for w, t in zip(want, got)] == got and all(len(t) for t in got),
-            "break_even_steps": {str(r): _break_even(hf_s, engine.start_seconds, vllm_s, sync_s / r)
+            "break_even_steps": {str(r): _break_even(hf_s, start_s, vllm_s, sync_s / r)
                                  for r in (1, 8, 32)},
             "hf_steps_s": [round(t, 3) for t in hf], "vllm_steps_s": [round(t, 3) for t in vl]}
 
