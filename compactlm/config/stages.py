@@ -340,8 +340,8 @@ class EvalConfig(_Strict):
                         "8 prompts x 32 tokens at batch 8")
     shared_prefix: bool = Field(
         True,
-        description="hf backend: score a multiple-choice question's choices from one forward of their shared "
-        "context (KV cache), same scores as lm-eval's per-choice scoring and ~1.6x faster; false = lm-eval's "
+        description="hf backend: score a multiple-choice question's choices in one forward with their shared "
+        "context (run once), same scores as lm-eval's per-choice scoring and ~1.9x faster; false = lm-eval's "
         "plain HFLM",
     )
     min_recovery: float | None = Field(

@@ -1,4 +1,4 @@
-"""Multiple-choice scoring that runs each question's shared prefix once: lm-eval's ``HFLM`` with a KV cache.
+"""Multiple-choice scoring that runs each question's shared prefix once: lm-eval's ``HFLM`` with packed rows.
 
 lm-eval scores a multiple-choice question as one (context, continuation) request per choice, and ``HFLM`` runs
 each request as its own sequence, so the question's context is computed once per choice. :class:`SharedPrefixHFLM`
@@ -8,12 +8,15 @@ replaces only how the encoded requests are scored (``_loglikelihood_tokens``):
 1. the requests of one question (lm-eval's task name and doc id) form a group that shares the longest common
    prefix of its model inputs, up to the first scored position: the whole context when the choices continue one
    context (ARC, PIQA, HellaSwag), the sentence up to the blank for WinoGrande's partial scoring;
-2. the prefixes run in forwards of similar lengths (left-padded, explicit positions; :func:`prefix_spans`) that
-   keep the KV cache and only the last position's logits; the caches of ``4 x batch_size`` groups are merged
-   (:func:`merge_caches`);
-3. each choice's remaining tokens run on its group's cache rows, in batches of similar lengths holding at most the
-   tokens of ``batch_size`` whole sequences (:func:`split_sorted`), and only the scored positions go through the
-   log-softmax.
+2. each question becomes one packed row (:func:`pack_group`): its prefix, then every choice's remaining tokens,
+   each choice at the positions it has in its own sequence and under a 4D mask (:func:`packed_mask`) that lets it
+   see the prefix and itself only; rows of similar lengths share a forward holding at most the tokens of
+   ``batch_size`` whole sequences (:func:`split_sorted`), and only the scored positions go through the output head
+   (``logits_to_keep``) and the log-softmax;
+3. where a packed row cannot stand for the separate sequences (a sliding window shorter than the row's positions,
+   an attention kernel that takes no custom mask), the prefixes run instead in forwards that keep their KV cache
+   (left-padded, explicit positions; :func:`prefix_spans`, caches of ``4 x batch_size`` groups merged by
+   :func:`merge_caches`) and each choice's remaining tokens run on its group's cache rows.
 
 Every choice sees the same tokens at the same positions as in lm-eval's own path (including its left truncation
 to ``max_length``), so log-likelihoods agree to float rounding. Requests that share nothing (a question with one
@@ -110,6 +113,31 @@ def prefix_spans(groups: list[PrefixGroup], batch_size: int, forward_cost: float
     return split_sorted(lengths, caps, forward_cost)
 
 
+def pack_group(group: PrefixGroup) -> tuple[list[int], list[int], list[int], list[list[int]]]:
+    """One row holding a question's prefix and then every choice's suffix: its tokens, their positions (each suffix
+    continues the prefix's), segment ids (0 = prefix, k + 1 = member k's suffix) and, per member, the row indices of
+    its scored logits (the prefix's last position, then its suffix, from ``starts[k]`` on)."""
+    p = len(group.prefix)
+    tokens, positions, segments = list(group.prefix), list(range(p)), [0] * p
+    logit_rows = []
+    for k, suffix in enumerate(group.suffixes):
+        at = len(tokens)
+        tokens += suffix
+        positions += range(p, p + len(suffix))
+        segments += [k + 1] * len(suffix)
+        logit_rows.append(([p - 1] + list(range(at, at + len(suffix))))[group.starts[k]:])
+    return tokens, positions, segments, logit_rows
+
+
+def packed_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[B, 1, L, L], True where query ``i`` attends key ``j``: ``j <= i`` and ``j`` in the prefix (segment 0) or in
+    ``i``'s own suffix. Padding (segment -1) attends only padding, so no row is empty."""
+    n = segments.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    query, key = segments[:, :, None], segments[:, None, :]
+    return (causal & ((key == 0) | (key == query)))[:, None]
+
+
 def merge_caches(caches: list, masks: list[torch.Tensor]) -> tuple[object, torch.Tensor] | None:
     """One KV cache (and attention mask) holding the rows of all `caches`, each left-padded to the widest one
     (padding is masked, so it costs attention only, not a forward). None when a layer is not a plain dynamic layer
@@ -185,14 +213,61 @@ class SharedPrefixHFLM(HFLM):
         bar = tqdm(total=sum(len(g.members) for g in groups), disable=disable_tqdm or self.rank != 0,
                    desc="Running loglikelihood requests (shared prefixes)")
         pool = self.POOL * max(1, int(self.batch_size))
-        for start in range(0, len(groups), pool):
-            for i, answer in self._score_pool(groups[start:start + pool], requests):
-                results[i] = answer
-                if requests[i][0] is not None:
-                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
-                bar.update(1)
+        answers = self._score_packed(groups, requests) if self._packable(groups) else (
+            answer for start in range(0, len(groups), pool)
+            for answer in self._score_pool(groups[start:start + pool], requests))
+        for i, answer in answers:
+            results[i] = answer
+            if requests[i][0] is not None:
+                self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            bar.update(1)
         bar.close()
         return results  # type: ignore[return-value]
+
+    def _packable(self, groups: list[PrefixGroup]) -> bool:
+        """Whether the questions can run packed (:meth:`_score_packed`): the model takes a custom 4D mask (SDPA or
+        eager attention) and no sliding window is shorter than the longest packed row's positions."""
+        config = self.model.config
+        window = getattr(config, "sliding_window", None)
+        longest = max((len(g.prefix) + max(map(len, g.suffixes)) for g in groups), default=0)
+        return (getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+                and not (isinstance(window, int) and longest >= window))
+
+    def _score_packed(self, groups: list[PrefixGroup], requests: list[Request]):
+        """Yield (request index, answer) for every member of `groups`, each question as one row (:func:`pack_group`):
+        its prefix runs once, its choices follow in the same row under a mask that hides the other choices, and
+        only the scored positions go through the output head. Rows of similar lengths share a forward, each forward
+        with at most the tokens of ``batch_size`` whole sequences (prefix + longest choice)."""
+        packed = sorted(((g, pack_group(g)) for g in groups), key=lambda gp: -len(gp[1][0]))
+        lengths = [len(p[0]) for _, p in packed]
+        bs = max(1, int(self.batch_size))
+        caps = [bs * (len(g.prefix) + max(map(len, g.suffixes))) // n for (g, _), n in zip(packed, lengths,
+                                                                                          strict=True)]
+        for start, end in split_sorted(lengths, caps, self.FORWARD_COST):
+            yield from self._run_packed(packed[start:end], requests)
+
+    def _run_packed(self, packed: list, requests: list[Request]):
+        """One forward of packed rows (right-padded) and the answers of their members."""
+        width = max(len(p[0]) for _, p in packed)
+        ids = torch.full((len(packed), width), self._pad_id(), dtype=torch.long)
+        positions = torch.zeros((len(packed), width), dtype=torch.long)
+        segments = torch.full((len(packed), width), -1, dtype=torch.long)
+        for b, (_, (tokens, pos, seg, _)) in enumerate(packed):
+            ids[b, :len(tokens)], positions[b, :len(pos)], segments[b, :len(seg)] = (
+                torch.tensor(tokens), torch.tensor(pos), torch.tensor(seg))
+        mask = packed_mask(segments)
+        if self.model.config._attn_implementation == "eager":  # eager attention adds the mask to its scores
+            dtype = self.mixed_precision_dtype or self.model.dtype
+            mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+        keep = sorted({r for _, p in packed for rows in p[3] for r in rows})
+        extra = {"logits_to_keep": torch.tensor(keep, device=self.device)} if _accepts_logits_to_keep(
+            self.model) else {}
+        column = {r: c for c, r in enumerate(keep)} if extra else {r: r for r in keep}
+        logits = self._forward(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                               position_ids=positions.to(self.device), use_cache=False, **extra).logits
+        for b, (group, (*_, logit_rows)) in enumerate(packed):
+            for i, rows in zip(group.members, logit_rows, strict=True):
+                yield i, self._answer(logits[b, [column[r] for r in rows]], requests[i][2])
 
     def _score_pool(self, groups: list[PrefixGroup], requests: list[Request]):
         """Yield (request index, (log-likelihood, is_greedy)) for every member of `groups`: their prefixes in
@@ -278,5 +353,5 @@ def _accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-__all__ = ["PrefixGroup", "SharedPrefixHFLM", "merge_caches", "model_input", "plan_groups", "prefix_spans",
-           "split_sorted"]
+__all__ = ["PrefixGroup", "SharedPrefixHFLM", "merge_caches", "model_input", "pack_group", "packed_mask",
+           "plan_groups", "prefix_spans", "split_sorted"]

@@ -80,6 +80,18 @@ def test_same_loglikelihoods_as_hflm_every_family(arch, tiny_factory):
     _assert_same_as_hflm(load_model(model_dir), load_tokenizer(model_dir), batch_size=3, max_length=64)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_same_loglikelihoods_with_eager_attention(arch, tiny_factory):
+    """Eager attention adds the packed rows' mask to its scores (SDPA takes it as booleans)."""
+    from compactlm.models import load_model, load_tokenizer
+
+    model_dir = tiny_factory(arch=arch)
+    model = load_model(model_dir)
+    model.set_attn_implementation("eager")
+    assert model.config._attn_implementation == "eager"
+    _assert_same_as_hflm(model, load_tokenizer(model_dir), batch_size=3, max_length=64)
+
+
 @pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3_text"])
 def test_same_loglikelihoods_with_a_sliding_window_shorter_than_the_prompts(arch, tiny_model_dir):
     """An 8-token sliding window (every layer for Mistral, every other one for Gemma): the cache keeps only the
