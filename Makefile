@@ -55,7 +55,7 @@ demo: install
 # 25 slowest tests close the report (issue #14 tracks the suite's wall time).
 WORKERS ?= 2
 test: install
-	$(BIN)/pytest -m "" -n $(WORKERS) --dist loadfile --durations=25 tests
+	$(BIN)/pytest -m "" -n $(WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 tests
 
 test-fast: install
 	$(BIN)/pytest tests

@@ -31,16 +31,17 @@ from tests.helpers import (  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files with long tests first, longest first (the rest keep their order): with `make test`'s two workers
-    (pytest-xdist, one file per worker at a time) the minutes-long end-to-end tests start at once and the many
-    short files fill in around them, instead of one of them starting last."""
-    longest: dict[str, float] = {}
+    """Files in decreasing order of their expected seconds (the sum of their tests' `long` marks, 1 s for an unmarked
+    test), the rest keeping their order. `make test` passes --no-loadscope-reorder, so its two workers (pytest-xdist,
+    one file per worker at a time) take the files in this order, longest first: the minutes-long files start at
+    once, the many short ones fill in around them, and the workers finish together."""
+    seconds: dict[str, float] = {}
     for item in items:
         mark = item.get_closest_marker("long")
-        seconds = float(mark.args[0]) if mark and mark.args else 0.0
-        longest[str(item.path)] = max(longest.get(str(item.path), 0.0), seconds)
+        path = str(item.path)
+        seconds[path] = seconds.get(path, 0.0) + (float(mark.args[0]) if mark and mark.args else 1.0)
     first_seen = {f: i for i, f in reversed(list(enumerate(str(item.path) for item in items)))}
-    items.sort(key=lambda item: (-longest[str(item.path)], first_seen[str(item.path)]))
+    items.sort(key=lambda item: (-seconds[str(item.path)], first_seen[str(item.path)]))
 
 
 @pytest.fixture(scope="module")
@@ -189,10 +190,12 @@ def fanout_scores(tiny_gqa_model_dir, fanout_calib, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prefect_server():
-    """Prefect's temporary local server (what `compactlm run` uses without PREFECT_API_URL), one per module."""
+    """Prefect's temporary local server (what `compactlm run` uses without PREFECT_API_URL), one per test process;
+    yields its API URL, for subprocesses (PREFECT_API_URL) that need not start their own."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=300):  # a loaded 2-core box starts it slowly
-        yield
+        yield PREFECT_API_URL.value()

@@ -46,6 +46,7 @@ def test_tiny_model_has_real_tokenizer_and_vllm_head_dim(tiny_model_dir):
     assert count_params(model) == sum(p.numel() for p in model.parameters())  # tied weights counted once
 
 
+@pytest.mark.long(17)
 def test_smollm2_alias_converts_gguf_to_safetensors():
     d = resolve_model("smollm2-135m-instruct")
     assert (d / "model.safetensors").is_file() and not list(d.glob("*.gguf"))

@@ -85,7 +85,7 @@ def _session_left(proc) -> list[str]:
 
 
 @pytest.mark.integration
-@pytest.mark.long(60)
+@pytest.mark.long(26)
 @pytest.mark.parametrize("fault", ["ctrl-c", "server-dies"])
 def test_interrupted_run_ends_in_seconds_with_one_line_to_resume(fault, shared_workdir, tmp_path):
     """A terminal's Ctrl-C (SIGINT to the process group, which kills Prefect's temporary server too) used to keep the

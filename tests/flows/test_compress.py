@@ -18,10 +18,11 @@ PLANTED = {"HF_TOKEN": "hf_PLANTEDsecret0001", "AWS_SECRET_ACCESS_KEY": "PLANTED
 STAGES = {"generate", "score", "prune", "distill", "evaluate"}
 
 
-def _run_cli(workdir: Path, prefect_home: Path, *extra: str) -> subprocess.CompletedProcess:
+def _run_cli(workdir: Path, prefect_home: Path, *extra: str, api_url: str | None = None) -> subprocess.CompletedProcess:
+    """`compactlm run` of the tiny recipe; with Prefect's temporary server (a user's first run) unless `api_url`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
     env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONUNBUFFERED="1",
-               **PLANTED)
+               **PLANTED, **({"PREFECT_API_URL": api_url} if api_url else {}))
     cmd = [sys.executable, "-m", "flows.cli", "run", str(REPO / "configs/tiny-test.yaml"),
            "--set", f"workdir={workdir}", *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=1500)
@@ -52,7 +53,7 @@ def _pipeline_runs(client: MlflowClient):
     return parents, children
 
 
-@pytest.mark.long(160)
+@pytest.mark.long(103)
 @pytest.mark.integration
 def test_compress_flow_end_to_end_and_rerun_hits_cache(tmp_path):
     workdir, prefect_home = tmp_path / "work", tmp_path / "prefect"
@@ -143,11 +144,13 @@ def test_compress_flow_end_to_end_and_rerun_hits_cache(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.long(80)
-def test_compress_into_a_student_of_another_family_and_tokenizer_on_mixed_data(tmp_path, other_student_dir):
+@pytest.mark.long(38)
+def test_compress_into_a_student_of_another_family_and_tokenizer_on_mixed_data(tmp_path, other_student_dir,
+                                                                               prefect_server):
     """`student:` set to a Qwen2 with its own BPE vocabulary, trained on the generated set mixed with a corpus:
     score and prune are skipped (the run tree and the table say so), the data stage mixes by tokens, distillation is
-    ULD + CE across tokenizers, and the student loads in transformers."""
+    ULD + CE across tokenizers, and the student loads in transformers. (Against a running Prefect server, as a
+    team's runs would be; the test above covers the temporary one.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     corpus = tmp_path / "corpus.txt"
@@ -157,7 +160,7 @@ def test_compress_into_a_student_of_another_family_and_tokenizer_on_mixed_data(t
     workdir = tmp_path / "work"
     proc = _run_cli(workdir, tmp_path / "prefect", "--set", f"student={other_student_dir}", "--set",
                     "generate.engine=hf", "--set", f"data.sources={sources}", "--set", "distill.kd_weight=0.5",
-                    "--set", "eval.speed=false")
+                    "--set", "eval.speed=false", api_url=prefect_server)
     table = proc.stdout[proc.stdout.index("| model"):]
     assert "| teacher" in table and "| student" in table and "| pruned" not in table, table
     client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")

@@ -1,7 +1,8 @@
 """Two pipeline runs with different configs, at once, against the same work directory and MLflow store (HF engine:
 the orchestration is under test here; flows/test_compress.py runs the pipeline with real vLLM). The second one
 corrects the teacher first and chains two distill stages, off-policy then partly on-policy (correct and
-distill_then from the command line), so those paths run under real Prefect and MLflow too."""
+distill_then from the command line), so those paths run under real Prefect and MLflow too. Both report to one
+running Prefect server, as a team's runs would (each run's own temporary server: flows/test_compress.py)."""
 
 import json
 import os
@@ -14,16 +15,17 @@ from mlflow.tracking import MlflowClient
 from tests.helpers import REPO
 
 
-@pytest.mark.long(45)
+@pytest.mark.long(30)
 @pytest.mark.integration
-def test_two_concurrent_runs_share_workdir_and_store(tmp_path):
+def test_two_concurrent_runs_share_workdir_and_store(prefect_server, tmp_path):
     workdir = tmp_path / "work"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
     procs = []
     # seed 0: steps 1 and 3 sample, step 2 is off-policy
     then = "[{steps: 3, batch_size: 2, seq_len: 64, warmup_steps: 1, on_policy: {fraction: 0.5, max_new_tokens: 16}}]"
     for i, steps in enumerate((2, 3)):
-        env_i = dict(env, PREFECT_HOME=str(tmp_path / f"prefect{i}"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+        env_i = dict(env, PREFECT_HOME=str(tmp_path / f"prefect{i}"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                     PREFECT_API_URL=prefect_server)
         extra = ["--set", f"distill_then={then}", "--set", "correct={steps: 2, batch_size: 2, seq_len: 64}"] \
             if steps == 3 else []
         procs.append(subprocess.Popen(

@@ -78,7 +78,7 @@ def services(tmp_path_factory):
     assert not (state_dir / "services.json").exists()
 
 
-@pytest.mark.long(65)
+@pytest.mark.long(57)
 def test_deployment_run_through_api_logs_to_mlflow_server(services, tmp_path):
     state_dir = services["state_dir"]
     for line in (state_dir / "prefect-server.log").read_text().splitlines():
@@ -164,7 +164,7 @@ def _wait_for_state(browser, services, flow_run_id: str) -> str:
 
 
 @needs_browser
-@pytest.mark.long(180)  # measured 131-204 s (setup + call) on 2 cores shared with other jobs (load 5-9)
+@pytest.mark.long(42)
 def test_prefect_custom_run_form_changes_a_nested_field(services, browser, tmp_path):
     import httpx
     from mlflow.tracking import MlflowClient
@@ -247,7 +247,7 @@ def _markdown_rows(note: str) -> list[list[str]]:
 
 
 @needs_browser
-@pytest.mark.long(25)  # after the form test (its run reused): 19-24 s; alone it starts a run itself, ~220 s
+@pytest.mark.long(20)
 def test_mlflow_run_page_shows_comparison_and_student(services, browser, tmp_path):
     from mlflow.tracking import MlflowClient
     from selenium.common.exceptions import TimeoutException

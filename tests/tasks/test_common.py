@@ -36,6 +36,7 @@ def _demo_stage(attempts: list[int], error: type[Exception] | None):
 
 
 @pytest.mark.parametrize("error, attempts", [(RuntimeError, 2), (ValueError, 1), (None, 1)])
+@pytest.mark.long(6)
 def test_only_transient_failures_are_retried_and_a_retry_keeps_one_child_run(prefect_server, tmp_path, error,
                                                                              attempts):
     """An engine crash (RuntimeError) is retried and the retry continues the first attempt's child run; bad input
@@ -78,8 +79,8 @@ def test_observation_settings_are_not_in_the_stage_key():
     assert "log_every" not in base["config"] and "steps" in base["config"]
 
 
-@pytest.mark.long(70)
-@pytest.mark.integration  # an MLflow server twice, two pipeline subprocesses: ~60 s idle
+@pytest.mark.long(34)
+@pytest.mark.integration  # an MLflow server twice, two pipeline subprocesses
 def test_mlflow_server_down_mid_run_fails_clearly_then_rerun_reuses_stages(tiny_model_dir, student_dir, gen_dir,
                                                                           tmp_path):
     from mlflow.tracking import MlflowClient
@@ -90,6 +91,10 @@ def test_mlflow_server_down_mid_run_fails_clearly_then_rerun_reuses_stages(tiny_
     uri = f"http://127.0.0.1:{port}"
     cfg = DistillConfig(**{**DISTILL.model_dump(), "steps": 12, "checkpoint_every": 3})
     env = {k: v for k, v in SUB_ENV.items() if not k.startswith("MLFLOW_")}
+    # fewer HTTP retries than compactlm's bounds (3 retries with backoff 1 wait 0 + 2 + 4 s per call to a dead server;
+    # the bounds are tests/compactlm/test_tracking.py's): the behaviour under test is the same, each failing call
+    # ends sooner
+    env.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="2")
     args = [uri, workdir, tiny_model_dir, student_dir, gen_dir, SCORE.model_dump_json(), cfg.model_dump_json()]
     server = mlflow_server(state, port)
     try:

@@ -14,10 +14,10 @@ from tests.helpers import EVAL, fake_result, sigkill, start_script, wait_for_lin
 
 
 @pytest.mark.integration
-def test_evaluate_task_gate_logs_then_fails_without_retry(tmp_path, monkeypatch):
+@pytest.mark.long(10)
+def test_evaluate_task_gate_logs_then_fails_without_retry(prefect_server, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
     from prefect import flow
-    from prefect.testing.utilities import prefect_test_harness
 
     import tasks.evaluate as te
     from compactlm.tracking import Tracker
@@ -42,10 +42,9 @@ def test_evaluate_task_gate_logs_then_fails_without_retry(tmp_path, monkeypatch)
     def run_eval(cfg: EvalConfig) -> str:
         return te.evaluate(ctx, dirs, cfg)
 
-    with prefect_test_harness(server_startup_timeout=300):  # a loaded 2-core CI box starts it slowly
-        with pytest.raises(RecoveryError) as err:
-            run_eval(EvalConfig(min_recovery=0.7))
-        out = run_eval(EvalConfig(min_recovery=0.6))  # passes; same per-model results
+    with pytest.raises(RecoveryError) as err:
+        run_eval(EvalConfig(min_recovery=0.7))
+    out = run_eval(EvalConfig(min_recovery=0.6))  # passes; same per-model results
 
     expected = compare_table({label: fake[d] for label, d in dirs.items()})
     assert expected in str(err.value)

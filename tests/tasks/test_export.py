@@ -17,12 +17,11 @@ CFG = ExportConfig(gguf=["f16", "q4_k_m"], threads=1, prompt_tokens=32, decode_t
 RECIPE = {"name": "tiny", "teacher": "tiny-random-llama", "export": CFG.model_dump(mode="json")}
 
 
-@pytest.mark.long(120)
+@pytest.mark.long(36)
 @pytest.mark.integration
-def test_export_task_measures_registers_and_reruns_as_a_cache_hit(tiny_model_dir, tmp_path):
+def test_export_task_measures_registers_and_reruns_as_a_cache_hit(prefect_server, tiny_model_dir, tmp_path):
     from mlflow.tracking import MlflowClient
     from prefect import flow
-    from prefect.testing.utilities import prefect_test_harness
 
     from compactlm.tracking import Tracker
     from tasks.common import RunContext
@@ -39,12 +38,11 @@ def test_export_task_measures_registers_and_reruns_as_a_cache_hit(tiny_model_dir
                          experiment="export-test", parent_run_id=tracker.start_run("pipeline"))
         return export(ctx, {"student": str(student)}, CFG, EVAL, recipe=RECIPE, registered_model="tiny-student")
 
-    with prefect_test_harness(server_startup_timeout=300):
-        out = Path(run())
-        (model_dir,) = [p for p in (tmp_path / "work" / "export-model").iterdir() if not p.name.startswith(".")]
-        q4 = model_dir / "gguf" / "model-q4_k_m.gguf"
-        mtime = q4.stat().st_mtime_ns
-        assert Path(run()) == out  # same key
+    out = Path(run())
+    (model_dir,) = [p for p in (tmp_path / "work" / "export-model").iterdir() if not p.name.startswith(".")]
+    q4 = model_dir / "gguf" / "model-q4_k_m.gguf"
+    mtime = q4.stat().st_mtime_ns
+    assert Path(run()) == out  # same key
     assert q4.stat().st_mtime_ns == mtime  # nothing recomputed
 
     rows = json.loads((out / "rows.json").read_text())

@@ -37,7 +37,7 @@ def _fan_out_flow(runner: str, teacher: str, scores: str, data: str, cfg: PruneC
     return run()
 
 
-@pytest.mark.long(190)  # the ray case starts a local Ray instance and its workers: 512 s with 3 jobs on 2 cores
+@pytest.mark.long(26)
 @pytest.mark.integration
 @pytest.mark.parametrize("runner", ["process", "ray"])
 def test_other_runners_pick_what_threads_pick(prefect_server, runner, tiny_gqa_model_dir, fanout_scores, tmp_path,

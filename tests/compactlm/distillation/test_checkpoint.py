@@ -143,6 +143,7 @@ def _ckpt_bytes(student_dir: Path) -> int:
 @pytest.mark.integration  # three short distillations: ~40 s idle per mode
 @pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize("mode", DISK_MODES)
+@pytest.mark.long(8)
 def test_disk_full_while_writing_a_checkpoint_then_resume(mode, tiny_model_dir, student_dir, gen_dir, distilled,
                                                          tmp_path):
     from compactlm.distillation import distill

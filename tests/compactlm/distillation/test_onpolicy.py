@@ -59,6 +59,7 @@ def test_on_policy_training_logs_samples_and_lowers_the_divergence(teacher_dir, 
 
 
 @pytest.mark.integration  # a subprocess killed mid-run, then two short runs
+@pytest.mark.long(13)
 def test_sigkill_during_on_policy_training_resumes_bit_identically(teacher_dir, student_dir, data_dir, tmp_path):
     import os
     import signal
@@ -95,6 +96,7 @@ VLLM_ON = {"fraction": 1.0, "max_new_tokens": 8, "engine": "vllm", "refresh_ever
 
 
 @pytest.mark.integration  # one vLLM engine in this process
+@pytest.mark.long(12)
 def test_vllm_sampler_samples_from_the_weights_it_was_last_given(teacher_dir, data_dir, tmp_path):
     """On a model whose greedy path is decisive (peaked_tiny_model), vLLM sampling at T=0.01 is HF's greedy
     decoding of the live student, before and after the student's weights change and are loaded into it."""
@@ -124,6 +126,7 @@ def test_vllm_sampler_samples_from_the_weights_it_was_last_given(teacher_dir, da
 
 
 @pytest.mark.integration  # three short runs, each with its vLLM engine
+@pytest.mark.long(21)
 def test_vllm_on_policy_run_stopped_after_a_checkpoint_resumes_bit_identically(teacher_dir, student_dir, data_dir,
                                                                               tmp_path):
     c = cfg(steps=4, seq_len=48, checkpoint_every=2, on_policy=VLLM_ON)

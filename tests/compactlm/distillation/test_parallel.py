@@ -15,6 +15,7 @@ from tests.helpers import kd_cfg as cfg
 
 
 @pytest.mark.integration  # two torchrun processes (gloo) + a reference run
+@pytest.mark.long(16)
 def test_torchrun_two_cpu_processes_match_single_process(teacher_dir, student_dir, data_dir, tmp_path):
     import os
     import subprocess

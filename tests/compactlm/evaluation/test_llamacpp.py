@@ -20,7 +20,7 @@ def f16_file(tiny_model_dir, tmp_path_factory):
     return dest / "gguf" / "model-f16.gguf"
 
 
-@pytest.mark.long(45)
+@pytest.mark.long(17)
 @pytest.mark.integration
 def test_an_f16_gguf_scores_the_same_as_its_hf_model(tiny_model_dir, f16_file):
     from compactlm.evaluation import evaluate_model

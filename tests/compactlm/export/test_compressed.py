@@ -29,7 +29,7 @@ def _hf_first_ranking(model_dir: Path) -> list[int]:
         return model(prompt).logits[0, -1].float().argsort(descending=True).tolist()
 
 
-@pytest.mark.long(90)
+@pytest.mark.long(27)
 @pytest.mark.integration
 def test_vllm_exports_hold_quantized_weights_and_decode_in_vllm_and_transformers(tmp_path):
     from safetensors import safe_open

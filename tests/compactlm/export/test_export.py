@@ -21,6 +21,7 @@ def _sha(path: Path) -> str:
 
 
 @pytest.mark.integration  # one conversion before the failure: ~15 s
+@pytest.mark.long(13)
 def test_a_failure_after_the_gguf_files_publishes_nothing(tiny_model_dir, tmp_path):
     out = tmp_path / "export"
     # GGUF first (written into the temp directory), then w4a16's shape check fails for real
@@ -29,7 +30,7 @@ def test_a_failure_after_the_gguf_files_publishes_nothing(tiny_model_dir, tmp_pa
     assert not out.exists() and not tmp_dirs(out)
 
 
-@pytest.mark.long(60)
+@pytest.mark.long(37)
 @pytest.mark.integration
 def test_sigkill_while_exporting_publishes_nothing_and_rerun_matches(tiny_model_dir, tmp_path):
     out = tmp_path / "export"

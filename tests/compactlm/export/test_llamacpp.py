@@ -43,6 +43,7 @@ def _hf_greedy(model_dir: Path):
 
 
 @pytest.mark.integration  # two conversions and two quantizations of the tiny model: ~25 s
+@pytest.mark.long(29)
 def test_gguf_files_load_in_llama_cpp_and_transformers_and_f16_decodes_the_hf_tokens(peaked, exported):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

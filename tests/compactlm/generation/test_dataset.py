@@ -216,6 +216,7 @@ def test_package_import_is_light():
 
 @pytest.mark.integration  # generation subprocess + a resume: ~15 s idle per mode
 @pytest.mark.parametrize("mode", DISK_MODES)
+@pytest.mark.long(8)
 def test_disk_full_while_writing_a_shard_then_resume(mode, tiny_model_dir, gen_dir, tmp_path):
     import pyarrow.parquet as pq
 

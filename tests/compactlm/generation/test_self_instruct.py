@@ -109,6 +109,7 @@ def test_self_instruct_bad_input_writes_nothing(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.integration  # three small self-instruct runs (one in a subprocess): ~30 s idle
+@pytest.mark.long(10)
 def test_file_size_limit_while_writing_self_instruct_instructions_then_rerun(tiny_model_dir, tmp_path):
     from compactlm.generation import generate_dataset
 

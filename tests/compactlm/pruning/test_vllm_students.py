@@ -43,7 +43,7 @@ def _hf_greedy(model) -> tuple[list[int], torch.Tensor]:
     return new.tolist(), logp.gather(-1, new[:, None])[:, 0]
 
 
-@pytest.mark.long(80)
+@pytest.mark.long(67)
 @pytest.mark.integration
 def test_every_familys_pruned_student_loads_in_vllm(tiny_factory, teacher_dir, other_student_dir, data_dir,
                                                      tmp_path):
