@@ -38,7 +38,9 @@ vLLM on CPU: ``enforce_eager=True`` already turns off vLLM's model compilation, 
 Its first calls (the warm-up dummy run, then a dynamic-shape recompile in the first real step) make inductor
 generate and gcc-compile C++ (cached under ``$TORCHINDUCTOR_CACHE_DIR``, default ``/tmp/torchinductor_$USER``),
 which a fresh machine pays once. Without log-probs nothing is compiled. While the engine starts we set
-``TORCH_COMPILE_DISABLE=1`` (unless the user set it) so the helper runs eagerly; outputs are identical.
+``TORCH_COMPILE_DISABLE=1`` (unless the user set it), and the engine core runs in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``, :func:`compactlm.runtime.vllm_cpu_env`) with dynamo turned off, so the
+helper runs eagerly; outputs are identical.
 Measured (2 shared, loaded cores; 64 prompts x 64 tokens, top-5 log-probs; start s + generate s): tiny model
 cold inductor cache 101.7 + 61.1, warm cache 55.1 + 34.1, compile disabled 41.9 + 31.1; SmolLM2-135M cold
 62.5 + 169.1, compile disabled 39.5 + 128.4.

@@ -6,13 +6,25 @@ import os
 
 
 def test_vllm_cpu_env_is_scoped_and_respects_the_user(monkeypatch):
+    import torch._dynamo
+
     from compactlm.runtime import vllm_cpu_env
 
-    monkeypatch.delenv("TORCH_COMPILE_DISABLE", raising=False)
+    monkeypatch.setattr(torch._dynamo.config, "disable", False)  # restored after the test
+    for k in ("TORCH_COMPILE_DISABLE", "VLLM_ENABLE_V1_MULTIPROCESSING"):
+        monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
     with vllm_cpu_env():
         assert os.environ["TORCH_COMPILE_DISABLE"] == "1" and os.environ["VLLM_CPU_KVCACHE_SPACE"] == "7"
+        assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # the engine core runs in this process...
+    assert torch._dynamo.config.disable  # ...so its compiled helper runs eagerly here
     assert "TORCH_COMPILE_DISABLE" not in os.environ and os.environ["VLLM_CPU_KVCACHE_SPACE"] == "7"
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+    torch._dynamo.config.disable = False
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # the user's choice: an engine process of its own
+    with vllm_cpu_env():
+        assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+    assert not torch._dynamo.config.disable
 
 
 def test_vllm_binds_every_core_unless_the_user_chose(monkeypatch):

@@ -53,7 +53,7 @@ def _pipeline_runs(client: MlflowClient):
     return parents, children
 
 
-@pytest.mark.long(103)
+@pytest.mark.long(88)
 @pytest.mark.integration
 def test_compress_flow_end_to_end_and_rerun_hits_cache(tmp_path):
     workdir, prefect_home = tmp_path / "work", tmp_path / "prefect"

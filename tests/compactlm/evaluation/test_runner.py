@@ -223,7 +223,7 @@ def test_vllm_backend_validates_before_spawning(tmp_path):
     assert time.perf_counter() - t0 < 2.0
 
 
-@pytest.mark.long(37)
+@pytest.mark.long(20)
 @pytest.mark.integration
 def test_vllm_backend_matches_hf_on_facts(tiny_model_dir, tiny_result):
     cfg = EvalConfig(limit=20, batch_size=8, backend="vllm", dtype="float32")

@@ -19,7 +19,7 @@ def _one_thread(one_thread):
     yield
 
 
-@pytest.mark.long(40)
+@pytest.mark.long(21)
 @pytest.mark.integration
 def test_vllm_subprocess_topk_matches_hf_forward(tiny_model_dir, tmp_path):
     """Real vLLM through the CLI entry: format, and its raw top-k log-probs agree with an HF forward pass."""
