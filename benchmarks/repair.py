@@ -1,5 +1,7 @@
 """Repair after pruning (issue #17): plain Minitron slicing vs `prune.repair` (least-squares refit of every kept
-layer's o_proj and down_proj on the teacher's activations), right after pruning and after the same short KD.
+layer's o_proj and down_proj on the teacher's activations) vs the same refit with `prune.repair.hidden: pca` (the
+hidden size cut along the residual stream's principal components), right after pruning and after the same short
+KD.
 
     .venv/bin/python benchmarks/repair.py                 # 2-core CPU, ~30 min -> results/repair.{json,png}
 
@@ -36,6 +38,9 @@ SHAPES = {"width-60": {"hidden_size": 456, "num_attention_heads": 6, "intermedia
           "depth-60": {"num_hidden_layers": 14},
           "width-50": {"hidden_size": 360, "intermediate_size": 960},
           "depth-50": {"num_hidden_layers": 11}}
+#: plain = Minitron slicing; least_squares = prune.repair (refit o_proj / down_proj); pca = the same refit with
+#: prune.repair.hidden: pca (the residual stream rotated onto its principal components before the hidden cut).
+METHODS = ("plain", "least_squares", "pca")
 DEFAULTS: dict[str, Any] = {"limit": 300, "eval_batch_size": 16, "calib_samples": 32, "calib_seq_len": 256,
                             "kd_tokens": 32768, "batch_size": 4, "seq_len": 128, "lr": 3e-4, "warmup_steps": 2,
                             "kd_students": ["width-60", "width-50"], "damping": 0.01}
@@ -64,7 +69,8 @@ def _prune(teacher: Path, scores: Path, calib: Path, shape: dict, method: str, o
 
     if not (out / "manifest.json").is_file():
         repair = None if method == "plain" else RepairConfig(num_samples=p["calib_samples"],
-                                                             seq_len=p["calib_seq_len"], damping=p["damping"])
+                                                             seq_len=p["calib_seq_len"], damping=p["damping"],
+                                                             hidden="pca" if method == "pca" else "slice")
         t0 = time.perf_counter()
         record = prune_to_dir(teacher, scores, PruneConfig(**shape, repair=repair), out, calibration=calib)
         (out / "bench.json").write_text(json.dumps({"prune_s": round(time.perf_counter() - t0, 1)}))
@@ -73,7 +79,8 @@ def _prune(teacher: Path, scores: Path, calib: Path, shape: dict, method: str, o
     return {"params": record["params_after"], "param_ratio": round(record["param_ratio"], 3),
             "prune_s": json.loads((out / "bench.json").read_text())["prune_s"],
             "repair_error_before": rep.get("mean_error_before"), "repair_error_after": rep.get("mean_error_after"),
-            "refitted_projections": len(rep.get("projections", []))}
+            "refitted_projections": len(rep.get("projections", [])),
+            "hidden_basis": record.get("hidden_basis")}
 
 
 def _row(student: str, method: str, tokens: int, ev: dict, teacher_ev: dict, extra: dict) -> dict:
@@ -93,22 +100,22 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, label in ((axes[0], "word_ppl", "held-out word perplexity (log)"),
                            (axes[1], "above_chance_kept", "% of the teacher's above-chance margin kept")):
-        width, xs = 0.2, range(len(students))
-        bars = [("plain", 0), ("least_squares", 0), ("plain", 1), ("least_squares", 1)]
+        width, xs = 0.13, range(len(students))
+        bars = [(m, t) for t in (0, 1) for m in METHODS]
         for i, (method, trained) in enumerate(bars):
             vals = []
             for s in students:
                 r = next((r for r in rows if r["student"] == s and r["method"] == method
                           and (r["tokens"] > 0) == bool(trained)), None)
                 vals.append(float("nan") if r is None or r[key] is None else r[key])
-            ax.bar([x + (i - 1.5) * width for x in xs], vals, width,
+            ax.bar([x + (i - (len(bars) - 1) / 2) * width for x in xs], vals, width,
                    label=f"{method}{' + KD' if trained else ', 0 tokens'}")
         ax.set_xticks(list(xs), students)
         ax.set_title(label)
         if key == "word_ppl":
             ax.set_yscale("log")
     axes[1].legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M-Instruct pruned: plain slicing vs least-squares repair")
+    fig.suptitle("SmolLM2-135M-Instruct pruned: plain slicing vs least-squares repair vs + PCA hidden cut")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -141,7 +148,7 @@ def main() -> None:
     steps = max(1, p["kd_tokens"] // (p["batch_size"] * p["seq_len"]))
     for sname, shape in SHAPES.items():
         dirs = {}
-        for method in ("plain", "least_squares"):
+        for method in ("plain", "least_squares") + (("pca",) if "hidden_size" in shape else ()):
             dirs[method] = root / "students" / f"{sname}-{method}"
             info = _prune(teacher, scores, calib, shape, method, dirs[method], p)
             same = method != "plain" and _weights_digest(dirs[method]) == _weights_digest(dirs["plain"])

@@ -20,9 +20,13 @@ def check_prune_target(teacher_dir: str | os.PathLike, cfg: PruneConfig) -> dict
     teacher, heads not in KV groups, an unreachable budget, an architecture compactlm cannot prune)."""
     from transformers import AutoConfig
 
+    from compactlm.pruning.rotation import check_rotatable
     from compactlm.pruning.shapes import target_shape
 
-    return target_shape(AutoConfig.from_pretrained(teacher_dir, trust_remote_code=False), cfg)
+    config = AutoConfig.from_pretrained(teacher_dir, trust_remote_code=False)
+    if cfg.repair is not None and cfg.repair.hidden == "pca":
+        check_rotatable(config)
+    return target_shape(config, cfg)
 
 
 def preflight(recipe: Recipe, teacher_dir: str | os.PathLike | None = None) -> None:

@@ -52,6 +52,13 @@ class RepairConfig(_Strict):
     method: Literal["least_squares"] = Field(
         "least_squares", description="least_squares = refit o_proj and down_proj on the teacher's activations"
     )
+    hidden: Literal["slice", "pca"] = Field(
+        "slice",
+        description="How a smaller hidden size is cut: slice = keep the most important channels; pca = rotate "
+        "the residual stream onto its principal components first (norm weights folded into the next "
+        "projections; the student stays a plain model of its family), then keep the leading ones. pca: llama, "
+        "mistral, qwen2, qwen3, phi3 teachers",
+    )
     num_samples: int = Field(32, ge=1, description="Calibration sequences (from the prune stage's data)")
     seq_len: int = Field(256, ge=8, description="Tokens per calibration sequence")
     damping: float = Field(

@@ -65,6 +65,10 @@ def _selection(config: Any, scores: ImportanceScores, cfg: PruneConfig, shape: d
         raise ValueError(f"prune.repair refits the pruned projections on calibration data, got calibration="
                          f"{None if calibration is None else str(calibration)!r}: pass token ids, an existing "
                          "generated dataset dir or text file, or leave prune.repair empty for plain slicing")
+    if cfg.repair is not None and cfg.repair.hidden == "pca":
+        from compactlm.pruning.rotation import check_rotatable
+
+        check_rotatable(config)
     if shape is not None:
         selection, explicit = "shape", _with_shape(cfg, shape)
     elif cfg.budget is not None:
@@ -153,7 +157,10 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
     else:
         model, ranking = _choose(model_dir, scores, cfg, pool, calibration, ranking, device=device, seed=seed)
         explicit = _with_shape(cfg, ranking[0]["shape"])
+    scores, rotation = _rotate(model, scores, explicit, calibration, model_dir, seed)
     student, record = prune_model(model, scores, explicit)
+    if rotation is not None:  # student channel c is principal direction c, not a teacher channel
+        record.update(kept_channels=None, hidden_basis=rotation)
     if cfg.repair is not None:
         record["repair"] = _repair(model, student, scores, explicit, calibration, model_dir, seed)
     # slicing is exact, so fp32 -> teacher dtype is too; repaired weights are rounded once to the teacher's dtype
@@ -165,6 +172,30 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
         return record
 
     return _publish(write, cfg, model_dir, scores_dir, out_dir, dtype, selection, ranking)
+
+
+def _rotate(model, scores: ImportanceScores, cfg: PruneConfig, calibration, model_dir: Path,
+            seed: int) -> tuple[ImportanceScores, dict[str, Any] | None]:
+    """With ``repair.hidden: pca`` and a smaller hidden size: rotate the fp32 teacher's residual stream onto its
+    principal components on the repair's calibration ids (:mod:`compactlm.pruning.rotation`); the channel scores
+    become the principal order, so that slicing keeps the leading components. Returns (the scores to slice with,
+    the record's ``hidden_basis`` or None when nothing was rotated)."""
+    import dataclasses
+
+    import torch
+
+    from compactlm.pruning.rotation import principal_basis, rotate_residual, stream_moment
+
+    dim = model.config.hidden_size
+    if cfg.repair is None or cfg.repair.hidden != "pca" or cfg.hidden_size in (None, dim):
+        return scores, None
+    ids = repair_ids(calibration, model_dir, cfg, seed=seed)
+    basis, share = principal_basis(stream_moment(model, ids))
+    info = rotate_residual(model, basis)
+    order = torch.arange(dim, 0, -1, dtype=scores.channels.dtype)  # the first component ranks highest
+    return dataclasses.replace(scores, channels=order), {
+        "method": "pca", "tokens": int(ids.numel()), "energy_kept": round(float(share[:cfg.hidden_size].sum()), 6),
+        **info}
 
 
 def _repair(model, student, scores: ImportanceScores, cfg: PruneConfig, calibration, model_dir: Path,
