@@ -4,10 +4,15 @@ hidden size cut along the residual stream's principal components), right after p
 KD.
 
     .venv/bin/python benchmarks/repair.py                 # 2-core CPU, ~30 min -> results/repair.{json,png}
+    .venv/bin/python benchmarks/repair.py --set untie=true --set 'shapes=["width-60"]' \
+        --set 'kd_students=["width-60"]'                   # + the pca arm -> results/repair_untied.{json,png}
 
 Teacher SmolLM2-135M-Instruct; the four shapes of the headline experiment (benchmarks/quality.py: width-60,
 depth-60, width-50, depth-50), importance scores and repair calibration from 32 x 256 tokens of Gutenberg prose
-(../shared/data), the same for both methods. Depth-only students lose no unit inside a kept layer, so the repair
+(../shared/data), the same for every method. The pca arm (``prune.repair.hidden: pca``) needs a teacher
+whose output head is not tied to its embeddings: ``untie=true`` runs every arm on an untied copy of the teacher (the
+same function; its students keep vocab x hidden more parameters, the same for every arm). Depth-only students
+lose no unit inside a kept layer, so the repair
 leaves them bit-identical (checked here, and their rows say so) and they are evaluated once. Then logit KD
 (forward KL, teacher online) on Gutenberg text at the same tokens from both starting points of each width student.
 Evaluation: ARC-Easy, PIQA, HellaSwag, WinoGrande (0-shot, first `limit` examples each) and held-out word
@@ -43,7 +48,24 @@ SHAPES = {"width-60": {"hidden_size": 456, "num_attention_heads": 6, "intermedia
 METHODS = ("plain", "least_squares", "pca")
 DEFAULTS: dict[str, Any] = {"limit": 300, "eval_batch_size": 16, "calib_samples": 32, "calib_seq_len": 256,
                             "kd_tokens": 32768, "batch_size": 4, "seq_len": 128, "lr": 3e-4, "warmup_steps": 2,
-                            "kd_students": ["width-60", "width-50"], "damping": 0.01}
+                            "kd_students": ["width-60", "width-50"], "damping": 0.01, "shapes": list(SHAPES),
+                            "untie": False}
+
+
+def untied_copy(teacher: Path, out: Path) -> Path:
+    """`teacher` with its tied output head made a matrix of its own (the same function, vocab x hidden more
+    parameters), written once to `out` in the teacher's dtype."""
+    if not (out / "model.safetensors").is_file():
+        import torch
+
+        from compactlm.models import copy_model_side_files, load_model
+
+        model = load_model(teacher)
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+        model.save_pretrained(out)
+        copy_model_side_files(teacher, out)
+    return out
 
 
 def cached_scores(teacher: Path, calib: Path, root: Path, p: dict) -> Path:
@@ -138,6 +160,8 @@ def main() -> None:
     root = Path(args.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     teacher = resolve_model(args.teacher)
+    if p["untie"]:  # the pca arm needs an output head of its own: the same function, untied, for every arm
+        teacher = untied_copy(teacher, root / "teacher-untied")
     calib = SHARED / "gutenberg" / "gutenberg_14books_clean.txt"
     scores = cached_scores(teacher, calib, root, p)
     classic = root / "classic"
@@ -146,9 +170,10 @@ def main() -> None:
     t_ev = _json_cached(root / "eval" / "teacher.json", lambda: evaluate(teacher, p, 0))
     rows = [_row("teacher", "-", 0, t_ev, t_ev, {"params": t_ev["params"]})]
     steps = max(1, p["kd_tokens"] // (p["batch_size"] * p["seq_len"]))
-    for sname, shape in SHAPES.items():
+    for sname, shape in ((k, SHAPES[k]) for k in p["shapes"]):
         dirs = {}
-        for method in ("plain", "least_squares") + (("pca",) if "hidden_size" in shape else ()):
+        pca = ("pca",) if "hidden_size" in shape and p["untie"] else ()
+        for method in ("plain", "least_squares") + pca:
             dirs[method] = root / "students" / f"{sname}-{method}"
             info = _prune(teacher, scores, calib, shape, method, dirs[method], p)
             same = method != "plain" and _weights_digest(dirs[method]) == _weights_digest(dirs["plain"])
@@ -167,12 +192,13 @@ def main() -> None:
             rows.append(_row(sname, method, steps * p["batch_size"] * p["seq_len"], ev, t_ev, info))
             print(f"[repair] {sname} {method} + KD: ppl {ev['word_perplexity']:.1f} avg {ev['avg']:.3f}", flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(rows, RESULTS / "repair.png")
+    name = "repair_untied" if p["untie"] else "repair"
+    plot(rows, RESULTS / f"{name}.png")
     result = {"teacher": args.teacher, "settings": p, "shapes": SHAPES, "tasks": list(TASKS), "rows": rows,
               "wall_s": round(time.perf_counter() - t_start, 1), "load_avg": {"start": load_start,
                                                                                "end": os.getloadavg()},
               "cpu_count": os.cpu_count(), "command": "benchmarks/repair.py " + " ".join(sys.argv[1:])}
-    (RESULTS / "repair.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
 
 

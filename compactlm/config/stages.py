@@ -57,7 +57,7 @@ class RepairConfig(_Strict):
         description="How a smaller hidden size is cut: slice = keep the most important channels; pca = rotate "
         "the residual stream onto its principal components first (norm weights folded into the next "
         "projections; the student stays a plain model of its family), then keep the leading ones. pca: llama, "
-        "mistral, qwen2, qwen3, phi3 teachers",
+        "mistral, qwen2, qwen3, phi3 teachers with an output head of their own (not tied to the embeddings)",
     )
     num_samples: int = Field(32, ge=1, description="Calibration sequences (from the prune stage's data)")
     seq_len: int = Field(256, ge=8, description="Tokens per calibration sequence")

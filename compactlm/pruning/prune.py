@@ -191,11 +191,10 @@ def _rotate(model, scores: ImportanceScores, cfg: PruneConfig, calibration, mode
         return scores, None
     ids = repair_ids(calibration, model_dir, cfg, seed=seed)
     basis, share = principal_basis(stream_moment(model, ids))
-    info = rotate_residual(model, basis)
+    rotate_residual(model, basis)
     order = torch.arange(dim, 0, -1, dtype=scores.channels.dtype)  # the first component ranks highest
     return dataclasses.replace(scores, channels=order), {
-        "method": "pca", "tokens": int(ids.numel()), "energy_kept": round(float(share[:cfg.hidden_size].sum()), 6),
-        **info}
+        "method": "pca", "tokens": int(ids.numel()), "energy_kept": round(float(share[:cfg.hidden_size].sum()), 6)}
 
 
 def _repair(model, student, scores: ImportanceScores, cfg: PruneConfig, calibration, model_dir: Path,
