@@ -126,10 +126,10 @@ def test_compress_flow_end_to_end_and_rerun_hits_cache(tmp_path):
     # (That distilled and pruned students of every family load in vLLM unchanged is
     # tests/compactlm/pruning/test_vllm_students.py's check.)
 
-    # Same parameters again: every stage is a cache hit, and the flow takes under a quarter of the first one's time
+    # Same parameters again: every stage is a cache hit, and the flow takes under half of the first one's time
     # (flow time = the parent MLflow run's duration; process start-up and imports are outside it; each run still
-    # logs its parent summary and six child runs: 14.6 s of 136 s in CI under load 5-9, 22.4 s of 110 s with a
-    # benchmark running beside the suite).
+    # logs its parent summary and six child runs: ~10 s of a ~30 s first flow in CI since vLLM starts in process,
+    # 14.6 s of 136 s before that under load 5-9).
     _run_cli(workdir, prefect_home)
     parents, children = _pipeline_runs(client)
     assert len(parents) == 2
@@ -137,7 +137,7 @@ def test_compress_flow_end_to_end_and_rerun_hits_cache(tmp_path):
     assert {k.info.run_name for k in rerun} == STAGES
     assert all(k.data.tags["compactlm.cache_hit"] == "true" for k in rerun)
     first_flow, second_flow = (p.info.end_time - p.info.start_time for p in parents)
-    assert second_flow < 0.25 * first_flow, (first_flow, second_flow)
+    assert second_flow < 0.5 * first_flow, (first_flow, second_flow)
     finals = [{k for k in r.data.metrics if k.startswith("final_")}
               for r in (by_name["distill"], next(r for r in rerun if r.info.run_name == "distill"))]
     assert finals[0] and finals[0] == finals[1]  # the same metric names whether computed or reused
