@@ -40,9 +40,10 @@ def vllm_cpu_env() -> Iterator[None]:
       first step. With dynamo disabled they run eagerly.
     * ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless set: the engine core runs in the calling process (every
       compactlm caller on CPU is a process of its own: the generation stage's, the evaluation's, the trainer's).
-      A separate engine-core process costs a second interpreter that imports torch and vLLM: SmolLM2-135M on 2
-      cores started in 8.5 s instead of 24 s and stopped in 1 s instead of 5 s, at the same tokens per second
-      (779-793 vs 712-779) and the same tokens (docs/benchmarks.md).
+      A separate engine-core process costs a second interpreter that imports torch and vLLM: SmolLM2-135M in bf16
+      on 2 cores started in 8.9 s instead of 23.6 s and shut down in 1.1 s instead of 5.0 s, at the same speed
+      (760 vs 752 tok/s), and its completions were identical run to run, which the separate process's
+      asynchronous scheduling did not give (benchmarks/vllm_inprocess.py, docs/benchmarks.md).
 
     They are set only while the engine starts (and restored after), so they never leak into the caller's
     environment. With the engine in this process, dynamo is turned off in this process too
