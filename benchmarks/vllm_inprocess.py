@@ -7,7 +7,8 @@ a modest KV cache), ``--prompts`` seeded sampled completions of exactly ``--max-
 one engine per mode, each in a fresh Python process (so neither finds vLLM imported or its caches warm from the
 other), alternating the order: ``subprocess`` (``VLLM_ENABLE_V1_MULTIPROCESSING=1``: vLLM spawns its engine core)
 and ``in_process`` (``=0``, what :func:`compactlm.runtime.vllm_cpu_env` sets). Per run: engine start s, generation s
-and tokens/s, shutdown s, and the generated tokens, which must be identical between the modes.
+and tokens/s, shutdown s; and how many completions are token for token the same between the two rounds of each
+mode and across the modes (``completions_identical``).
 
 Prints one JSON object as its last line and writes it to benchmarks/results/vllm_inprocess.json.
 """
@@ -83,6 +84,7 @@ def main() -> None:
             runs[mode].append(_run(mode, args.prompts, args.max_tokens))
             print(f"round {r} {mode}: start {runs[mode][-1]['start_s']:.1f} s, {runs[mode][-1]['tok_s']:.0f} tok/s",
                   file=sys.stderr, flush=True)
+
     def agree(a: dict, b: dict) -> float:  # share of completions that are token for token the same
         return sum(x == y for x, y in zip(a["tokens"], b["tokens"], strict=True)) / len(a["tokens"])
 

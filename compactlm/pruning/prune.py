@@ -157,12 +157,13 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
     else:
         model, ranking = _choose(model_dir, scores, cfg, pool, calibration, ranking, device=device, seed=seed)
         explicit = _with_shape(cfg, ranking[0]["shape"])
-    scores, rotation = _rotate(model, scores, explicit, calibration, model_dir, seed)
+    ids = repair_ids(calibration, model_dir, explicit, seed=seed)  # None without a repair; drawn once for both
+    scores, rotation = _rotate(model, scores, explicit, ids)
     student, record = prune_model(model, scores, explicit)
     if rotation is not None:  # student channel c is principal direction c, not a teacher channel
         record.update(kept_channels=None, hidden_basis=rotation)
     if cfg.repair is not None:
-        record["repair"] = _repair(model, student, scores, explicit, calibration, model_dir, seed)
+        record["repair"] = _repair(model, student, scores, explicit, ids)
     # slicing is exact, so fp32 -> teacher dtype is too; repaired weights are rounded once to the teacher's dtype
     student.to(device="cpu", dtype=getattr(torch, dtype))
     del model
@@ -174,10 +175,10 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
     return _publish(write, cfg, model_dir, scores_dir, out_dir, dtype, selection, ranking)
 
 
-def _rotate(model, scores: ImportanceScores, cfg: PruneConfig, calibration, model_dir: Path,
-            seed: int) -> tuple[ImportanceScores, dict[str, Any] | None]:
+def _rotate(model, scores: ImportanceScores, cfg: PruneConfig,
+            ids: torch.Tensor | None) -> tuple[ImportanceScores, dict[str, Any] | None]:
     """With ``repair.hidden: pca`` and a smaller hidden size: rotate the fp32 teacher's residual stream onto its
-    principal components on the repair's calibration ids (:mod:`compactlm.pruning.rotation`); the channel scores
+    principal components on the repair's calibration `ids` (:mod:`compactlm.pruning.rotation`); the channel scores
     become the principal order, so that slicing keeps the leading components. Returns (the scores to slice with,
     the record's ``hidden_basis`` or None when nothing was rotated)."""
     import dataclasses
@@ -189,7 +190,6 @@ def _rotate(model, scores: ImportanceScores, cfg: PruneConfig, calibration, mode
     dim = model.config.hidden_size
     if cfg.repair is None or cfg.repair.hidden != "pca" or cfg.hidden_size in (None, dim):
         return scores, None
-    ids = repair_ids(calibration, model_dir, cfg, seed=seed)
     basis, share = principal_basis(stream_moment(model, ids))
     rotate_residual(model, basis)
     order = torch.arange(dim, 0, -1, dtype=scores.channels.dtype)  # the first component ranks highest
@@ -197,12 +197,10 @@ def _rotate(model, scores: ImportanceScores, cfg: PruneConfig, calibration, mode
         "method": "pca", "tokens": int(ids.numel()), "energy_kept": round(float(share[:cfg.hidden_size].sum()), 6)}
 
 
-def _repair(model, student, scores: ImportanceScores, cfg: PruneConfig, calibration, model_dir: Path,
-            seed: int) -> dict[str, Any]:
-    """Refit the student's output projections on calibration ids (:mod:`compactlm.pruning.repair`)."""
+def _repair(model, student, scores: ImportanceScores, cfg: PruneConfig, ids: torch.Tensor) -> dict[str, Any]:
+    """Refit the student's output projections on calibration `ids` (:mod:`compactlm.pruning.repair`)."""
     from compactlm.pruning.repair import reconstruct
 
-    ids = repair_ids(calibration, model_dir, cfg, seed=seed)
     return reconstruct(model, student, plan_pruning(model.config, scores, cfg), ids, damping=cfg.repair.damping,
                        max_memory_gb=cfg.repair.max_memory_gb)
 
