@@ -51,9 +51,29 @@ def preflight(recipe: Recipe, teacher_dir: str | os.PathLike | None = None) -> N
         if not recipe.pruned_student:
             return  # a student of your own: score and prune do not run
         try:
-            check_prune_target(teacher_dir, recipe.prune)
+            target = check_prune_target(teacher_dir, recipe.prune)
         except ValueError as e:
             raise RecipeError(f"invalid recipe:\n  prune: {e}") from None
+        if recipe.schedule is not None and recipe.prune.budget is None:  # a budget's rounds: checked once it chose
+            _check_rounds(recipe, teacher_dir, target)
+
+
+def _check_rounds(recipe: Recipe, teacher_dir: str | os.PathLike, target: dict[str, Any]) -> None:
+    """Every intermediate shape of the schedule is a valid student of this teacher."""
+    from transformers import AutoConfig
+
+    from compactlm.config import SHAPE_FIELDS, PruneConfig
+    from compactlm.pruning.schedule import round_shapes
+    from compactlm.pruning.shapes import target_shape
+
+    config = AutoConfig.from_pretrained(teacher_dir, trust_remote_code=False)
+    for r, shape in enumerate(round_shapes(config, {k: target[k] for k in SHAPE_FIELDS}, recipe.schedule.rounds),
+                              start=1):
+        try:
+            target_shape(config, PruneConfig(**shape))
+        except ValueError as e:
+            raise RecipeError(f"invalid recipe:\n  schedule.rounds: round {r}'s shape {shape} does not fit: {e}; "
+                              "try fewer rounds") from None
 
 
 def _check_export_tools(recipe: Recipe) -> None:

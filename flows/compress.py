@@ -1,12 +1,13 @@
-"""The `compress` flow: teacher -> generate -> [data] -> [correct] -> score -> prune (or a student of your own) ->
-distill [-> distill-2 ...] -> evaluate -> [export].
+"""The `compress` flow: teacher -> generate -> [data] -> [correct] -> score -> prune [-> rounds] (or a student of
+your own) -> distill [-> distill-2 ...] -> evaluate -> [export].
 
 One parent MLflow run per flow run (tagged with the Prefect flow-run id), one child run per stage that runs.
 Stages hand each other directories on disk, keyed by their inputs, so a re-run reuses finished stages. With a
 given student (``student: <model>``) score and prune are skipped; generation runs when the training data or the
 pruning needs it; the data stage runs when the training data is more than the generated set. With ``correct``
 the teacher is first fine-tuned on the training data, and scoring, pruning and distillation learn from the
-corrected teacher; the evaluation shows it beside the original, which stays the table's reference.
+corrected teacher; the evaluation shows it beside the original, which stays the table's reference. With a
+``schedule`` the shape is reached in rounds of prune -> distill (tasks/schedule.py) from the same total steps.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from compactlm.config import Recipe
+from compactlm.config import DistillConfig, Recipe
 from compactlm.models import pick_device
 from compactlm.preflight import preflight
 from compactlm.tracking import Tracker, default_tracking_uri
@@ -28,6 +29,7 @@ from tasks.export import export_for_recipe
 from tasks.generate import generate
 from tasks.models import resolve_teacher
 from tasks.prune import check_runner, prune
+from tasks.schedule import run_schedule
 from tasks.score import score
 from tasks.summary import log_run_summary
 
@@ -38,14 +40,20 @@ def _needs_generation(recipe: Recipe) -> bool:
     return prune_uses_it or any(s.kind == "generated" for s in recipe.data.sources)
 
 
-def _student(ctx: RunContext, recipe: Recipe, teacher: str, data: str | None) -> tuple[str, str | None, str | None]:
-    """(the model to distill into, the pruned model, the scores): the teacher scored and pruned, or the given model
-    (then the last two are None)."""
+def _student(ctx: RunContext, recipe: Recipe, teacher: str, data: str | None,
+             train: str) -> tuple[str, str | None, str | None, dict]:
+    """(the model to distill into, the pruned model, the scores, what the schedule changed): the teacher scored and
+    pruned, or the given model (then the pruned model and scores are None). With a schedule the teacher is still
+    pruned in one cut (the table's pruned model, and a budget's choice of shape), then the rounds run to that shape
+    and the last round's pruned model is distilled with the steps left ({"distill": its config, "rounds": rows})."""
     logger = get_run_logger()
     if recipe.pruned_student:
         scores = score(ctx, teacher, data, recipe.score)
         pruned = prune(ctx, teacher, scores, data, recipe.prune, runner=recipe.runner)
-        return pruned, pruned, scores
+        if recipe.schedule is None:
+            return pruned, pruned, scores, {}
+        start, first, rounds = run_schedule(ctx, recipe, teacher, scores, pruned, data, train)
+        return start, pruned, scores, {"distill": first, "rounds": rounds}
     from compactlm.models import count_params_on_disk
     from compactlm.preflight import student_size_warning
 
@@ -54,13 +62,14 @@ def _student(ctx: RunContext, recipe: Recipe, teacher: str, data: str | None) ->
                 recipe.student, f"{count_params_on_disk(student):,}", f"{count_params_on_disk(teacher):,}")
     if warning := student_size_warning(student, teacher):
         logger.warning(warning)
-    return student, None, None
+    return student, None, None, {}
 
 
-def _distill_chain(ctx: RunContext, recipe: Recipe, teacher: str, student: str, train: str) -> str:
-    """distill, then each distill_then stage from the student the one before made; the last student is the
-    result (the one uploaded to MLflow)."""
-    stages = recipe.distill_stages
+def _distill_chain(ctx: RunContext, recipe: Recipe, teacher: str, student: str, train: str,
+                   first: DistillConfig | None = None) -> str:
+    """distill (`first` in its place: a schedule's steps left), then each distill_then stage from the student the
+    one before made; the last student is the result (the one uploaded to MLflow)."""
+    stages = [first or recipe.distill, *recipe.distill_then]
     for i, cfg in enumerate(stages, start=1):
         label = "distill" if i == 1 else f"distill-{i}"
         student = distill.with_options(name=label)(ctx, teacher, student, train, cfg, label=label,
@@ -77,12 +86,13 @@ def _stages(ctx: RunContext, recipe: Recipe, teacher: str) -> dict[str, str | No
         tokens = max(d.steps * d.batch_size * d.seq_len for d in trained)
         train = mix(ctx, teacher, data, recipe.data, recipe.data.tokens or tokens)
     corrected = correct(ctx, teacher, train, recipe.correct) if recipe.correct else None
-    start, pruned, scores = _student(ctx, recipe, corrected or teacher, data)
-    student = _distill_chain(ctx, recipe, corrected or teacher, start, train)
+    start, pruned, scores, scheduled = _student(ctx, recipe, corrected or teacher, data, train)
+    student = _distill_chain(ctx, recipe, corrected or teacher, start, train, scheduled.get("distill"))
     models = {"teacher": teacher, **({"corrected": corrected} if corrected else {}),
               **({"pruned": pruned} if pruned else {}), "student": student}
     out = {"data": data, "train_data": train, "corrected_teacher": corrected, "scores": scores, "pruned": pruned,
-           "student": student, "eval": evaluate(ctx, models, recipe.eval)}
+           "student": student, **({"rounds": scheduled["rounds"]} if scheduled else {}),
+           "eval": evaluate(ctx, models, recipe.eval)}
     out["export"] = export_for_recipe(ctx, recipe, teacher, student)  # None unless the recipe asks for exports
     return out
 

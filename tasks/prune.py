@@ -104,11 +104,12 @@ def _log(tracker: Tracker, run_id: str, out: Path, summary: dict) -> None:
 
 @task(name="prune", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
 def prune(ctx: RunContext, teacher_dir: str, scores_dir: str, data_dir: str, cfg: PruneConfig,
-          runner: Runner = "thread") -> str:
+          runner: Runner = "thread", label: str = "prune") -> str:
     """Prune to cfg's explicit shape, or, with a parameter budget (`cfg.budget`), to the best of the candidate
     shapes ranked on the generated data; the candidates are measured as parallel tasks on `runner` (see the module
     docstring). With `cfg.repair` the student's output projections are refitted on the generated data. Either way
-    the data becomes an input of the output's key. A cache hit measures nothing."""
+    the data becomes an input of the output's key. A cache hit measures nothing. `label` names a round of a
+    schedule (``prune-r1``: its child run, log and console lines)."""
     from compactlm.pruning import prune_to_dir
 
     check_runner(runner)
@@ -121,4 +122,4 @@ def prune(ctx: RunContext, teacher_dir: str, scores_dir: str, data_dir: str, cfg
                             device=ctx.device, seed=ctx.seed, ranking=ranking)
 
     upstream = [teacher_dir, scores_dir] + ([data_dir] if calibrated else [])
-    return run_stage(ctx, "prune", cfg, upstream, produce, _log)
+    return run_stage(ctx, "prune", cfg, upstream, produce, _log, label=label)

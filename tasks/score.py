@@ -20,7 +20,9 @@ def _log(tracker: Tracker, run_id: str, out: Path, summary: dict) -> None:
 
 
 @task(name="score", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
-def score(ctx: RunContext, teacher_dir: str, data_dir: str, cfg: ScoreConfig) -> str:
+def score(ctx: RunContext, teacher_dir: str, data_dir: str, cfg: ScoreConfig, label: str = "score") -> str:
+    """Importance scores of the model in `teacher_dir` (its output dir); `label` names a later round of a
+    schedule (``score-r2``: its child run, log and console lines)."""
     from compactlm.importance import score_model
 
     calibration = data_dir if cfg.data == "generated" else cfg.data
@@ -28,4 +30,4 @@ def score(ctx: RunContext, teacher_dir: str, data_dir: str, cfg: ScoreConfig) ->
     def produce(out: Path, log_step) -> dict:
         return score_model(teacher_dir, calibration, cfg, out, device=ctx.device, seed=ctx.seed)
 
-    return run_stage(ctx, "score", cfg, [teacher_dir, calibration], produce, _log)
+    return run_stage(ctx, "score", cfg, [teacher_dir, calibration], produce, _log, label=label)

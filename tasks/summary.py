@@ -116,6 +116,8 @@ def log_run_summary(tracker: Tracker, run_id: str, outputs: dict[str, Any], head
     tracker.log_metrics(run_id, metrics)
     tracker.set_tags(run_id, {NOTE_TAG: f"{header}\n\n{table}".strip()})
     tracker.log_artifact(run_id, eval_dir / "comparison.md")
+    if outputs.get("rounds"):  # a schedule's rounds: shape, parameters, steps and outputs of each
+        tracker.log_dict(run_id, outputs["rounds"], "schedule.json")
     if outputs.get("train_data"):
         from tasks.generate import dataset_frame
 

@@ -19,7 +19,7 @@ from compactlm.config.generate import (
     GenerateConfig,
     SelfInstructConfig,
 )
-from compactlm.config.pipeline import Recipe, RunSettings, TrackingConfig
+from compactlm.config.pipeline import Recipe, RunSettings, ScheduleConfig, TrackingConfig
 from compactlm.config.stages import (
     SHAPE_FIELDS,
     BudgetConfig,
@@ -36,5 +36,5 @@ from compactlm.config.stages import (
 
 __all__ = ["SELF_INSTRUCT_BLOCKED_WORDS", "SHAPE_FIELDS", "BudgetConfig", "CorrectConfig", "DataConfig",
            "DataSource", "DistillConfig", "EvalConfig", "ExportConfig", "FilterConfig", "GenerateConfig", "JsonlTask",
-           "LoraConfig", "OnPolicyConfig", "PruneConfig", "Recipe", "RepairConfig", "RunSettings", "ScoreConfig",
-           "SelfInstructConfig", "TrackingConfig", "_Strict"]
+           "LoraConfig", "OnPolicyConfig", "PruneConfig", "Recipe", "RepairConfig", "RunSettings", "ScheduleConfig",
+           "ScoreConfig", "SelfInstructConfig", "TrackingConfig", "_Strict"]

@@ -15,6 +15,19 @@ from compactlm.config.stages import CorrectConfig, DistillConfig, EvalConfig, Pr
 from compactlm.models import KNOWN_ALIASES, check_model_ref
 
 
+class ScheduleConfig(_Strict):
+    """Prune in rounds (Minitron, Nemotron): cut part of the way, distill, score the healed model, cut again, until
+    prune's shape; the total distillation steps stay distill.steps."""
+
+    rounds: int = Field(2, ge=2, le=8, description="Prune-then-distill rounds; the last one reaches prune's shape "
+                        "(each cut dimension shrinks by the same factor every round)")
+    share: float = Field(
+        0.5, gt=0.0, lt=1.0,
+        description="Share of distill.steps that heals the intermediate students (split equally between the rounds "
+        "before the last); the final student distills the rest",
+    )
+
+
 class TrackingConfig(_Strict):
     """Where the runs are recorded (MLflow)."""
 
@@ -74,6 +87,10 @@ class Recipe(_Strict):
     )
     score: ScoreConfig = Field(default_factory=ScoreConfig, description="Importance scoring")
     prune: PruneConfig = Field(default_factory=PruneConfig, description="The student's shape")
+    schedule: ScheduleConfig | None = Field(
+        None, description="Prune in rounds, distilling in between, instead of one cut (needs student: pruned); "
+        "empty = one cut",
+    )
     distill: DistillConfig = Field(default_factory=DistillConfig, description="Distillation")
     distill_then: list[DistillConfig] = Field(
         default_factory=list,
@@ -107,6 +124,22 @@ class Recipe(_Strict):
                 if d.mode == "offline" and d.kd_weight > 0:
                     raise ValueError(f"{where}.mode: offline learns the targets the original teacher stored at "
                                      "generation, not the corrected teacher's: use mode: online, or drop correct")
+        return self
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> Recipe:
+        if self.schedule is None:
+            return self
+        if not self.pruned_student:
+            raise ValueError("schedule prunes the teacher in rounds: it needs student: pruned (a student of your own "
+                             "is not pruned); drop schedule, or set student: pruned")
+        if self.distill.steps < self.schedule.rounds:
+            raise ValueError(f"distill.steps ({self.distill.steps}) cannot be split between schedule.rounds "
+                             f"({self.schedule.rounds}): each round distills at least one step; raise distill.steps "
+                             "or lower schedule.rounds")
+        if self.prune.streaming:
+            raise ValueError("schedule scores and prunes the distilled intermediate students, which streaming does not "
+                             "do (it slices the teacher's files once): set prune.streaming: false, or drop schedule")
         return self
 
     @property

@@ -8,6 +8,10 @@ layer), ``kept_neurons`` (count per student layer), ``kept_channels`` (teacher h
 compensations ``norm_scale`` / ``q_norm_scale`` / ``embed_scale``, ``params_before`` / ``params_after`` /
 ``param_ratio``, and how the shape was chosen: ``selection`` ("config" | "shape" | "params"), ``budget``,
 ``candidate`` and, for a parameter budget, the whole ``ranking``.
+
+A student pruned from a compactlm student (a schedule's later rounds) also has ``root``: ``teacher_dir``,
+``kept_layers`` and ``kept_channels`` composed through every parent record, i.e. relative to the original teacher,
+which is what distillation learns from; :func:`kept_layers` and :func:`kept_channels` return those.
 """
 
 from __future__ import annotations
@@ -32,13 +36,36 @@ def read_record(model_dir: str | os.PathLike) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def root_of(record: dict[str, Any]) -> dict[str, Any]:
+    """{"teacher_dir", "kept_layers", "kept_channels"} of `record` relative to the original teacher."""
+    return record.get("root") or {k: record.get(k) for k in ("teacher_dir", "kept_layers", "kept_channels")}
+
+
+def compose_root(parent: dict[str, Any] | None, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``root`` of a student pruned from a model whose record is `parent` (None: a plain model, no root):
+    its layer and channel maps taken through the parent's to the original teacher. A channel map that is not a
+    selection of channels (a rotated hidden size: None) makes the composed map None."""
+    if parent is None:
+        return None
+    up = root_of(parent)
+    layers, channels = record.get("kept_layers"), record.get("kept_channels")
+
+    def through(kept: list[int] | None, above: list[int] | None) -> list[int] | None:
+        return None if kept is None or above is None else [above[i] for i in kept]
+
+    return {"teacher_dir": up["teacher_dir"], "kept_layers": through(layers, up["kept_layers"]),
+            "kept_channels": through(channels, up["kept_channels"])}
+
+
 def kept_layers(model_dir: str | os.PathLike) -> list[int] | None:
-    """Teacher layer index of each student layer, when the student was pruned by compactlm."""
+    """Teacher layer index of each student layer, when the student was pruned by compactlm (the original
+    teacher's, through every round of a schedule)."""
     record = read_record(model_dir)
-    return None if record is None else record.get("kept_layers")
+    return None if record is None else root_of(record)["kept_layers"]
 
 
 def kept_channels(model_dir: str | os.PathLike) -> list[int] | None:
-    """Teacher hidden channel of each student channel, when the student was pruned by compactlm."""
+    """Teacher hidden channel of each student channel, when the student was pruned by compactlm (the original
+    teacher's, through every round of a schedule)."""
     record = read_record(model_dir)
-    return None if record is None else record.get("kept_channels")
+    return None if record is None else root_of(record)["kept_channels"]

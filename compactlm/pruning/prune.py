@@ -225,6 +225,9 @@ def _publish(write, cfg: PruneConfig, model_dir: Path, scores_dir, out_dir: Path
                   "config": cfg.model_dump(mode="json"), "selection": selection,
                   "budget": cfg.budget.params if cfg.budget is not None else None, "candidate": candidate,
                   "ranking": ranking}
+        root = record_format.compose_root(record_format.read_record(model_dir), record)
+        if root is not None:  # pruned from a compactlm student: its maps to the original teacher
+            record["root"] = root
         manifest.update({"student": record["student"], "params_before": record["params_before"],
                          "params_after": record["params_after"]})
         copy_model_side_files(model_dir, tmp, extra=("generation_config.json",))
