@@ -21,25 +21,27 @@ from tasks.score import score
 
 @task(name="prune-round")
 def prune_round(ctx: RunContext, r: int, teacher: str, model: str, scores: str | None, data: str | None,
-                train: str, recipe: Recipe, cfg: PruneConfig, steps: int | None) -> dict[str, str | None]:
+                train: str, recipe: Recipe, cfg: PruneConfig, steps: list[int]) -> dict[str, str | None]:
     """Round `r`: {"scores", "pruned", "student"} (student None in the last round, which does not distill here).
-    `scores` given = reuse them (round 1: the teacher's); `steps` None = the last round."""
+    `scores` given = reuse them (round 1: the teacher's); `steps`: every round's distillation steps."""
     if scores is None:
         scores = score.with_options(name=f"score-r{r}")(ctx, model, data, recipe.score, label=f"score-r{r}")
     pruned = prune.with_options(name=f"prune-r{r}")(ctx, model, scores, data, cfg, runner=recipe.runner,
                                                      label=f"prune-r{r}")
     student = None
-    if steps is not None:
-        d = round_distill(recipe.distill, steps)
+    if r < len(steps):
+        d = round_distill(recipe.distill, steps, r)
         student = distill.with_options(name=f"distill-r{r}")(ctx, teacher, pruned, train, d, log_model=False,
                                                              label=f"distill-r{r}")
     return {"scores": scores, "pruned": pruned, "student": student}
 
 
-def round_distill(cfg: DistillConfig, steps: int) -> DistillConfig:
-    """`cfg` for a round of `steps` steps (warmup capped at the round's steps), validated."""
-    return DistillConfig.model_validate({**cfg.model_dump(), "steps": steps,
-                                         "warmup_steps": min(cfg.warmup_steps, steps)})
+def round_distill(cfg: DistillConfig, steps: list[int], r: int) -> DistillConfig:
+    """`cfg` for round `r` (1-based) of a schedule whose rounds distill `steps`: its steps (warmup capped at them),
+    continuing the data order where the round before stopped (so the rounds together see what one cut would)."""
+    return DistillConfig.model_validate({**cfg.model_dump(), "steps": steps[r - 1],
+                                         "warmup_steps": min(cfg.warmup_steps, steps[r - 1]),
+                                         "skip_rows": cfg.skip_rows + sum(steps[:r - 1]) * cfg.batch_size})
 
 
 def run_schedule(ctx: RunContext, recipe: Recipe, teacher: str, scores: str, one_shot: str,
@@ -61,11 +63,9 @@ def run_schedule(ctx: RunContext, recipe: Recipe, teacher: str, scores: str, one
                                                     for row in rows]))
     model, round_scores, out = teacher, scores, {}
     for row in rows:
-        last = row["round"] == sched.rounds
         cfg = PruneConfig.model_validate({**recipe.prune.model_dump(), "budget": None, **row["shape"]})
         out = prune_round.with_options(task_run_name=f"prune-round-{row['round']}")(
-            ctx, row["round"], teacher, model, round_scores, data, train, recipe, cfg,
-            None if last else row["steps"])
+            ctx, row["round"], teacher, model, round_scores, data, train, recipe, cfg, steps)
         row.update(out)
         model, round_scores = out["student"], None
-    return out["pruned"], round_distill(recipe.distill, steps[-1]), rows
+    return out["pruned"], round_distill(recipe.distill, steps, sched.rounds), rows

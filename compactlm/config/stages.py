@@ -184,6 +184,10 @@ class DistillConfig(_Strict):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="The cosine decay ends at lr x this")
     grad_clip: float = Field(1.0, gt=0.0, description="Clip the gradient norm to this")
     log_every: int = Field(1, ge=1, description="Log metrics every N steps")
+    skip_rows: int = Field(
+        0, ge=0, description="Training rows to pass over first, in the seeded data order (a schedule's later rounds "
+        "continue where the round before stopped); 0 = from the start",
+    )
     jsd_beta: float = Field(0.5, gt=0.0, lt=1.0, description="Teacher weight in the JSD mixture; 0.5 = symmetric")
     chunk_size: int = Field(1024, ge=1, description="Tokens per chunk of the loss (bounds its memory)")
     micro_batch_size: int | None = Field(None, ge=1, description="Sequences per forward pass; empty = batch_size")

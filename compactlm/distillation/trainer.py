@@ -97,7 +97,7 @@ def distill(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data
         state = resume(run, fingerprint)
         start_step = int(state.get("step", 0))
         rows = row_stream(run.data.rows, seed)
-        for _ in range(state["rows_drawn"]):
+        for _ in range(cfg.skip_rows + state["rows_drawn"]):  # rows an earlier stage or a stopped run used
             next(rows)
         flops_per_token = train_flops_per_token(run.s_conf, cfg.seq_len, run.t_conf if run.needs_teacher else None)
         peak = peak_flops(run.device, cfg.peak_tflops)

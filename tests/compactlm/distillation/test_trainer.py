@@ -160,3 +160,18 @@ def test_flops_per_token_by_hand_and_mfu_logged_when_peak_known(teacher_dir, stu
     distill(teacher_dir, student_dir, data_dir, cfg(steps=1), tmp_path / "p", seed=0,
             log_fn=lambda m, s: logged.append(m))
     assert "mfu" not in logged[0] and logged[0]["model_tflops"] > 0  # CPU peak unknown: no MFU
+
+
+def test_skip_rows_continues_the_data_order_where_an_earlier_stage_stopped(teacher_dir, student_dir, data_dir,
+                                                                           tmp_path):
+    """A schedule's later round passes over the rows earlier rounds trained on: with a negligible learning rate
+    (the weights stay put), its per-step losses are the uninterrupted run's later steps, on the same rows."""
+    def losses(out: Path) -> list[float]:
+        return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+    c = dict(lr=1e-12, warmup_steps=0, log_every=1)
+    distill(teacher_dir, student_dir, data_dir, cfg(steps=4, **c), tmp_path / "whole", seed=5)
+    distill(teacher_dir, student_dir, data_dir, cfg(steps=2, skip_rows=2 * 2, **c), tmp_path / "later", seed=5)
+    whole, later = losses(tmp_path / "whole"), losses(tmp_path / "later")
+    assert later == pytest.approx(whole[2:], rel=1e-5)
+    assert whole[:2] != pytest.approx(later, rel=1e-3)  # not merely the same rows again
