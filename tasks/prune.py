@@ -92,6 +92,39 @@ def fan_out_candidates(ctx: RunContext, teacher_dir: str, scores_dir: str, data_
     return rank_measured(measured)
 
 
+@task(name="distill-candidate", retries=1, retry_delay_seconds=5, retry_condition_fn=retry_transient)
+def distill_candidate(ctx: RunContext, teacher_dir: str, scores_dir: str, data_dir: str, cfg: PruneConfig,
+                      candidate: dict[str, Any], cache_dir: str) -> dict[str, Any]:
+    """Prune the teacher to one of the proxy's best shapes, distill it briefly and measure the proxy again."""
+    from compactlm.pruning.short_distill import distill_candidate as run
+
+    return run(teacher_dir, scores_dir, cfg, data_dir, candidate, device=ctx.device, seed=ctx.seed,
+               cache_dir=cache_dir)
+
+
+def short_distill_ranking(ctx: RunContext, teacher_dir: str, scores_dir: str, data_dir: str, cfg: PruneConfig,
+                          ranking: list[dict[str, Any]], out: Path, runner: str = "thread") -> list[dict[str, Any]]:
+    """With ``cfg.budget.short_distill``: the proxy's best ``distill_top`` as ``distill-candidate`` tasks on a
+    `runner` task runner, then the ranking with them first by their distilled proxy (else `ranking` as is). Each
+    finished candidate is kept beside `out` until the stage publishes, so a killed stage redoes only the rest."""
+    from compactlm.pruning.prune import short_distill_dir
+    from compactlm.pruning.short_distill import rerank, to_distill
+
+    top = to_distill(ranking, cfg)
+    if not top:
+        return ranking
+    stage_logger().info("prune: distilling the proxy's best %d candidates (%d steps each) on the %s runner",
+                        len(top), cfg.budget.short_distill.steps, runner)
+    with task_runner(runner, max_workers=min(len(top), os.cpu_count() or 1)) as pool_runner:
+        futures = [pool_runner.submit(distill_candidate.with_options(
+                       task_run_name=f"distill-candidate-{c['rank']}-{c['kind']}"),
+                       {"ctx": ctx, "teacher_dir": teacher_dir, "scores_dir": scores_dir, "data_dir": data_dir,
+                        "cfg": cfg, "candidate": c, "cache_dir": str(short_distill_dir(out))})
+                   for c in top]
+        distilled = [f.result() for f in futures]
+    return rerank(ranking, distilled)
+
+
 def _log(tracker: Tracker, run_id: str, out: Path, summary: dict) -> None:
     record = json.loads((out / "pruning.json").read_text())
     tracker.log_metrics(run_id, {k: v for k, v in record.items() if k.startswith("params")})
@@ -117,7 +150,10 @@ def prune(ctx: RunContext, teacher_dir: str, scores_dir: str, data_dir: str, cfg
     calibrated = budget or cfg.repair is not None  # the generated data ranks candidates and/or refits the student
 
     def produce(out: Path, log_step) -> dict:
-        ranking = fan_out_candidates(ctx, teacher_dir, scores_dir, data_dir, cfg, runner) if budget else None
+        ranking = None
+        if budget:
+            ranking = fan_out_candidates(ctx, teacher_dir, scores_dir, data_dir, cfg, runner)
+            ranking = short_distill_ranking(ctx, teacher_dir, scores_dir, data_dir, cfg, ranking, out, runner)
         return prune_to_dir(teacher_dir, scores_dir, cfg, out, calibration=data_dir if calibrated else None,
                             device=ctx.device, seed=ctx.seed, ranking=ranking)
 

@@ -32,7 +32,8 @@ class ScoreConfig(_Strict):
 
 class BudgetConfig(_Strict):
     """A parameter budget: candidate shapes that fit it (depth only, width only, both) are pruned and ranked by a
-    quick proxy on calibration data, and the best one is kept."""
+    quick proxy on calibration data (optionally the best few again after a short distillation), and the best one
+    is kept."""
 
     params: float = Field(..., gt=0, lt=1, description="Fraction of the teacher's parameters to keep, e.g. 0.5")
     candidates: int = Field(3, ge=1, description="How many of the best-ranked shapes to report")
@@ -42,6 +43,12 @@ class BudgetConfig(_Strict):
     )
     proxy_samples: int = Field(8, ge=1, description="Calibration sequences for the proxy")
     proxy_seq_len: int = Field(256, ge=8, description="Tokens per proxy calibration sequence")
+    short_distill: DistillConfig | None = Field(
+        None, description="Rank the best candidates by a short distillation instead (ModelOpt, Minitron): each of "
+        "the top distill_top by the proxy is distilled with these settings on the generated data, then measured by "
+        "the proxy again; the others keep their proxy order after them. Empty = the proxy alone",
+    )
+    distill_top: int = Field(3, ge=1, description="How many of the proxy's best candidates get the short distillation")
 
 
 class RepairConfig(_Strict):
@@ -390,3 +397,7 @@ class EvalConfig(_Strict):
                 raise ValueError(f"jsonl_tasks.{i}.name: {name!r} is defined but not listed in tasks; add it to "
                                  "tasks to evaluate it (or remove its definition)")
         return self
+
+
+BudgetConfig.model_rebuild()  # short_distill names DistillConfig, defined below it
+PruneConfig.model_rebuild()

@@ -122,13 +122,16 @@ def _check_proxy_inputs(proxy: str, calibration: torch.Tensor) -> None:
 
 def rank_measured(measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Measured candidates (each with "proxy_value"), in pool order, as a ranking: new dicts with "rank"
-    (1 = best = lowest proxy), sorted best first; ties keep the given order. This is the one ordering both
-    :func:`score_candidates` and a fan-out over :func:`measure_candidate` use, so they pick the same shape."""
+    (1 = best = lowest proxy), sorted best first; ties keep the given order. Candidates measured again after a
+    short distillation ("distilled_value", :mod:`compactlm.pruning.short_distill`) come first, by that value.
+    This is the one ordering both :func:`score_candidates` and a fan-out over :func:`measure_candidate` use, so
+    they pick the same shape."""
     missing = [i for i, c in enumerate(measured) if "proxy_value" not in c or "shape" not in c]
     if missing:
         raise ValueError(f"candidates {missing} have no 'shape'/'proxy_value': measure them first "
                          "(measure_candidate / score_candidates)")
-    out = sorted(measured, key=lambda c: c["proxy_value"])  # stable
+    out = sorted(measured, key=lambda c: (0, c["distilled_value"]) if "distilled_value" in c
+                 else (1, c["proxy_value"]))  # stable
     return [{**c, "rank": r} for r, c in enumerate(out, start=1)]
 
 

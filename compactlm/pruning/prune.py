@@ -8,6 +8,7 @@ How the weights are sliced is :mod:`compactlm.pruning.slicing`; shapes and their
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,17 +91,33 @@ def _selection(config: Any, scores: ImportanceScores, cfg: PruneConfig, shape: d
     return selection, explicit, pool
 
 
-def _choose(model_dir: Path, scores: ImportanceScores, cfg: PruneConfig, pool: list, calibration,
-            ranking: list | None, *, device: str, seed: int):
-    """Load the teacher and rank the budget's pool (or take the given ranking): (teacher model, ranking)."""
+def _choose(model_dir: Path, scores_dir, cfg: PruneConfig, pool: list, calibration, ranking: list | None, *,
+            device: str, seed: int, work: Path):
+    """Load the teacher and rank the budget's pool (or take the given ranking): (teacher model, ranking). With
+    ``budget.short_distill`` the proxy's best are distilled briefly and ranked again (their results kept in
+    `work` until the stage publishes)."""
+    from compactlm.formats.scores import load_scores
     from compactlm.models import load_model
+    from compactlm.pruning.short_distill import distill_candidate, rerank, to_distill
+
     if ranking is not None:  # measured elsewhere (a fan-out): prune its best, exactly as below
         ranking = rank_measured([{k: v for k, v in c.items() if k != "rank"} for c in ranking])
         return load_model(model_dir, dtype="float32", device="cpu"), ranking
     ids = calibration_tensor(calibration, model_dir, cfg, seed=seed)
     model = load_model(model_dir, dtype="float32", device=device)  # fp32: bf16 matmuls are slow on CPU
-    return model, score_candidates(model, scores, pool, ids, proxy=cfg.budget.proxy, base=cfg,
-                                   repair_calibration=repair_ids(calibration, model_dir, cfg, seed=seed + 1))
+    ranking = score_candidates(model, load_scores(scores_dir), pool, ids, proxy=cfg.budget.proxy, base=cfg,
+                               repair_calibration=repair_ids(calibration, model_dir, cfg, seed=seed + 1))
+    top = to_distill(ranking, cfg)
+    if top:
+        ranking = rerank(ranking, [distill_candidate(model_dir, scores_dir, cfg, calibration, c, device=device,
+                                                     seed=seed, cache_dir=work) for c in top])
+    return model, ranking
+
+
+def short_distill_dir(out_dir: str | os.PathLike) -> Path:
+    """Where a prune stage publishing to `out_dir` keeps its finished short distillations until it publishes."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.short"
 
 
 def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cfg: PruneConfig,
@@ -120,7 +137,9 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
        the best is pruned; with `ranking` (the same pool already measured elsewhere, e.g. by a fan-out of
        :func:`compactlm.pruning.budget.measure_candidate` tasks ordered by ``rank_measured``) nothing is
        measured again and ``ranking[0]`` is pruned (`calibration` is then not needed); its shapes must be
-       exactly the pool's;
+       exactly the pool's. With ``cfg.budget.short_distill`` the proxy's best ``distill_top`` are distilled
+       briefly on `calibration` (a generated dataset dir) and ranked first by the proxy measured after that
+       (:mod:`compactlm.pruning.short_distill`);
     3. ``cfg``'s explicit shape fields.
 
     With ``cfg.repair`` the chosen student's output projections are then refitted to the teacher's outputs on
@@ -155,7 +174,8 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
         model = (load_model(model_dir, dtype="float32", device=device) if cfg.repair is not None
                  else load_model(model_dir, dtype=dtype, device="cpu"))
     else:
-        model, ranking = _choose(model_dir, scores, cfg, pool, calibration, ranking, device=device, seed=seed)
+        model, ranking = _choose(model_dir, scores_dir, cfg, pool, calibration, ranking, device=device, seed=seed,
+                                 work=short_distill_dir(out_dir))
         explicit = _with_shape(cfg, ranking[0]["shape"])
     ids = repair_ids(calibration, model_dir, explicit, seed=seed)  # None without a repair; drawn once for both
     scores, rotation = _rotate(model, scores, explicit, ids)
@@ -172,7 +192,9 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
         student.save_pretrained(tmp, safe_serialization=True)
         return record
 
-    return _publish(write, cfg, model_dir, scores_dir, out_dir, dtype, selection, ranking)
+    record = _publish(write, cfg, model_dir, scores_dir, out_dir, dtype, selection, ranking)
+    shutil.rmtree(short_distill_dir(out_dir), ignore_errors=True)  # published: the short runs' results are in it
+    return record
 
 
 def _rotate(model, scores: ImportanceScores, cfg: PruneConfig,

@@ -61,3 +61,37 @@ def test_other_runners_pick_what_threads_pick(prefect_server, runner, tiny_gqa_m
 
         assert "Creating a local Ray instance" in caplog.text  # not a cluster from the environment
         assert not ray.is_initialized()  # the runner started its own local instance and shut it down
+
+
+@pytest.mark.integration
+@pytest.mark.long(20)
+def test_short_distill_fan_out_ranks_like_the_sequential_path(prefect_server, tiny_gqa_model_dir, fanout_scores,
+                                                              data_dir, tmp_path):
+    """The proxy's best candidates distilled as parallel ``distill-candidate`` tasks (threads) rank like
+    prune_to_dir's sequential path, and the stage then prunes that ranking's first shape."""
+    from prefect import flow
+
+    from compactlm.pruning import prune_to_dir
+    from tasks.common import RunContext
+    from tasks.prune import fan_out_candidates, short_distill_ranking
+
+    cfg = PruneConfig(budget={"params": 0.95, "search": 4, "proxy": "kl", "proxy_samples": 2, "proxy_seq_len": 16,
+                              "distill_top": 2, "short_distill": {"steps": 3, "batch_size": 2, "seq_len": 32,
+                                                                  "lr": 1e-4, "warmup_steps": 0}})
+    teacher, scores, data = str(tiny_gqa_model_dir), str(fanout_scores), str(data_dir)
+
+    @flow(name="short-distill-fan-out")
+    def run() -> list:
+        ctx = RunContext(workdir=str(tmp_path), tracking_uri="unused", experiment="unused", parent_run_id="unused",
+                         seed=3)
+        ranking = fan_out_candidates(ctx, teacher, scores, data, cfg, "thread")
+        return short_distill_ranking(ctx, teacher, scores, data, cfg, ranking, tmp_path / "out", "thread")
+
+    fanned = run()
+    seq = prune_to_dir(teacher, scores, cfg, tmp_path / "seq", calibration=data, seed=3)["ranking"]
+    assert [c["shape"] for c in fanned] == [c["shape"] for c in seq]
+    assert [c.get("distilled_value", 0.0) for c in fanned] == pytest.approx(
+        [c.get("distilled_value", 0.0) for c in seq], rel=1e-4)
+    assert [c["proxy_rank"] for c in fanned] == [c["proxy_rank"] for c in seq]
+    fan = prune_to_dir(teacher, scores, cfg, tmp_path / "fan", ranking=fanned)
+    assert fan["candidate"]["shape"] == seq[0]["shape"]
