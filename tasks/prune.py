@@ -96,7 +96,7 @@ def fan_out_candidates(ctx: RunContext, teacher_dir: str, scores_dir: str, data_
 def distill_candidate(ctx: RunContext, teacher_dir: str, scores_dir: str, data_dir: str, cfg: PruneConfig,
                       candidate: dict[str, Any], cache_dir: str) -> dict[str, Any]:
     """Prune the teacher to one of the proxy's best shapes, distill it briefly and measure the proxy again."""
-    from compactlm.pruning.short_distill import distill_candidate as run
+    from compactlm.candidates import distill_candidate as run
 
     return run(teacher_dir, scores_dir, cfg, data_dir, candidate, device=ctx.device, seed=ctx.seed,
                cache_dir=cache_dir)
@@ -107,8 +107,8 @@ def short_distill_ranking(ctx: RunContext, teacher_dir: str, scores_dir: str, da
     """With ``cfg.budget.short_distill``: the proxy's best ``distill_top`` as ``distill-candidate`` tasks on a
     `runner` task runner, then the ranking with them first by their distilled proxy (else `ranking` as is). Each
     finished candidate is kept beside `out` until the stage publishes, so a killed stage redoes only the rest."""
+    from compactlm.candidates import rerank, to_distill
     from compactlm.pruning.prune import short_distill_dir
-    from compactlm.pruning.short_distill import rerank, to_distill
 
     top = to_distill(ranking, cfg)
     if not top:

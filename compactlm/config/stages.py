@@ -201,6 +201,14 @@ class DistillConfig(_Strict):
     gradient_checkpointing: bool = Field(
         False, description="Recompute the student's activations in the backward pass (less memory, ~30% slower)"
     )
+    strategy: Literal["single", "ddp", "fsdp"] = Field(
+        "single",
+        description="single = one process; ddp = nproc processes, a full student each; fsdp = nproc processes "
+        "sharing the student's weights, gradients and optimizer state (and the online teacher's weights) in "
+        "shards: for students that do not fit one device. The ranks are started for you (torchrun)",
+    )
+    nproc: int = Field(1, ge=1, le=1024, description="Processes for ddp / fsdp: one per GPU (on CPU they share the "
+                       "cores)")
     checkpoint_every: int | None = Field(
         None, ge=1,
         description="Save a checkpoint every N steps; a stopped run resumes from the last one (empty = off)",
@@ -225,7 +233,8 @@ class DistillConfig(_Strict):
 
     #: Fields that change how a run is observed, not what it computes: left out of the stage key, so changing
     #: them reuses a finished student.
-    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"log_every", "checkpoint_every", "peak_tflops"})
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"log_every", "checkpoint_every", "peak_tflops", "strategy",
+                                                      "nproc"})
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> DistillConfig:
@@ -249,6 +258,11 @@ class DistillConfig(_Strict):
             raise ValueError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of "
                              f"on_policy.refresh_every ({op.refresh_every}): a resumed run restarts vLLM from the "
                              "checkpoint's weights, which must be the ones it was sampling from")
+        if self.strategy == "single" and self.nproc > 1:
+            raise ValueError(f"nproc={self.nproc} needs strategy: ddp or fsdp (single is one process)")
+        if self.strategy == "fsdp" and (self.lora is not None or self.on_policy is not None):
+            raise ValueError("strategy: fsdp trains full weights off-policy: drop lora / on_policy, or use "
+                             "strategy: ddp")
         if self.on_policy is not None and self.on_policy.max_new_tokens >= self.seq_len:
             raise ValueError(f"on_policy.max_new_tokens ({self.on_policy.max_new_tokens}) must be below seq_len "
                              f"({self.seq_len}): a sample and some of its prompt share one training sequence")

@@ -9,6 +9,10 @@ Layout (``root = <out_dir>.ckpt``; ``out_dir`` itself is only written at the end
                                  plain containers only, read back with torch.load(weights_only=True)
         state.json               step, rows drawn from the data stream, counters, loss curve so far, fingerprint
 
+Under ``distill.strategy: fsdp`` the weights and optimizer state are DCP shards instead (``dcp/``, each process
+writes its own; :mod:`compactlm.distillation.sharded`) with one ``rng-<rank>.pt`` per process, and all processes
+build the checkpoint together (:func:`save_sharded`, :func:`load` with ``sharded=True``).
+
 A checkpoint is built in ``.tmp-step-*`` inside the root and renamed to ``step-N`` when complete, so any
 ``step-*`` directory is whole; a kill mid-write leaves only a ``.tmp-*`` directory, removed on the next start.
 After a new checkpoint is in place the older ones are deleted (the newest is always kept). The LR schedule is
@@ -79,10 +83,7 @@ def save(root: str | os.PathLike, step: int, modules: dict[str, torch.nn.Module]
     try:
         for name, module in modules.items():
             save_model(module, str(tmp / f"{name}.safetensors"))
-        blob = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            blob["cuda_rng"] = torch.cuda.get_rng_state_all()
-        torch.save(blob, tmp / OPTIM_FILE)
+        torch.save({"optimizer": optimizer.state_dict(), **_rng()}, tmp / OPTIM_FILE)
         write_json_atomic(tmp / STATE_FILE, {**state, "step": step})
         final = root / f"step-{step:08d}"
         if final.exists():
@@ -102,22 +103,79 @@ def save(root: str | os.PathLike, step: int, modules: dict[str, torch.nn.Module]
     return final
 
 
-def load(path: str | os.PathLike, modules: dict[str, torch.nn.Module],
-         optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore modules, optimizer and RNG from checkpoint `path`; returns its ``state.json``."""
+def save_sharded(root: str | os.PathLike, step: int, modules: dict[str, torch.nn.Module],
+                 optimizer: torch.optim.Optimizer, state: dict[str, Any], rank: int, barrier) -> None:
+    """Every process of an FSDP run: write checkpoint `step` together (DCP shards, one RNG file each); rank 0
+    then writes ``state.json``, renames the directory into place and drops older checkpoints."""
+    import torch
+
+    from compactlm.distillation import sharded
+
+    root = Path(root)
+    tmp, final = root / f".tmp-step-{step:08d}", root / f"step-{step:08d}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    try:
+        sharded.save(tmp, modules, optimizer)
+        torch.save(_rng(), tmp / f"rng-{rank}.pt")
+        barrier()
+        if rank == 0:
+            write_json_atomic(tmp / STATE_FILE, {**state, "step": step})
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            for old in _step_dirs(root):
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+    except Exception as e:
+        err = as_write_error(e, final, "the last good checkpoint is kept and a rerun resumes from it"
+                             if _step_dirs(root) else "")
+        if err is not None:
+            raise err from e
+        raise
+
+
+def _rng() -> dict[str, Any]:
+    import torch
+
+    blob = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        blob["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return blob
+
+
+def _set_rng(blob: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(blob["torch_rng"])
+    if "cuda_rng" in blob and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["cuda_rng"])
+
+
+def load(path: str | os.PathLike, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer, *,
+         sharded: bool = False, rank: int = 0) -> dict[str, Any]:
+    """Restore modules, optimizer and RNG from checkpoint `path` (every process of an FSDP run together, with
+    `sharded`); returns its ``state.json``."""
     import torch
     from safetensors.torch import load_model
 
     path = Path(path)
+    if sharded:
+        from compactlm.distillation import sharded as dcp_shards
+
+        dcp_shards.load(path, modules, optimizer)
+        _set_rng(torch.load(path / f"rng-{rank}.pt", weights_only=True))
+        return json.loads((path / STATE_FILE).read_text())
     for name, module in modules.items():
         missing, unexpected = load_model(module, str(path / f"{name}.safetensors"), strict=True)
         if missing or unexpected:  # pragma: no cover - strict=True raises first
             raise RuntimeError(f"checkpoint {path}/{name}: missing {missing}, unexpected {unexpected}")
     blob = torch.load(path / OPTIM_FILE, weights_only=True, map_location="cpu")
     optimizer.load_state_dict(blob["optimizer"])
-    torch.set_rng_state(blob["torch_rng"])
-    if "cuda_rng" in blob and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(blob["cuda_rng"])
+    _set_rng(blob)
     return json.loads((path / STATE_FILE).read_text())
 
 

@@ -1,14 +1,17 @@
-"""How the student is spread over processes: one process, or data parallel (DDP) under ``torchrun``.
+"""How the student is spread over processes: one process, data parallel (DDP: a full replica per process) or fully
+sharded (FSDP2: each process holds 1/N of the weights, gradients and optimizer state; :mod:`sharded`) under
+``torchrun`` (``distill.strategy``; :mod:`compactlm.distillation.launch` starts the processes).
 
 Launched with torchrun (``WORLD_SIZE > 1``) every process reads the same data and draws the same batch rows (same
 seed), takes its contiguous share of each batch, and scales its loss by its share of the batch's loss tokens times
 the world size, so DDP's gradient average equals the single-process gradient of the whole batch. Rank 0 alone
-logs, checkpoints and publishes; the others wait at barriers.
+logs and publishes; the others wait at barriers. FSDP reduces gradients with the same average, so the loss
+scaling is the same; its checkpoints are written by every process (DCP shards) and the weights are gathered to
+rank 0 for publishing.
 
 :class:`Parallel` is the one place the trainer asks "how many of us are there and how do we agree": wrapping the
-student, when gradients are synchronised, summing metrics, barriers, and the end-of-run consistency check. A
-sharded strategy (FSDP) plugs in here: it changes :meth:`Parallel.wrap`, how checkpoints are saved and how the
-full weights are gathered for publishing, and nothing in the loss or the loop.
+student (and sharding the teacher), when gradients are synchronised, summing metrics, barriers, and the end-of-run
+consistency check. Nothing in the loss or the loop depends on the strategy.
 """
 
 from __future__ import annotations
@@ -31,13 +34,16 @@ class Parallel:
     rank: int = 0
     device: str = "cpu"
     owns_group: bool = False
+    strategy: str = "single"  # single | ddp | fsdp (ddp with one process is single)
 
     @classmethod
-    def start(cls, device: str) -> Parallel:
-        """One process, or join the torchrun process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1."""
+    def start(cls, device: str, strategy: str = "ddp") -> Parallel:
+        """One process, or join the torchrun process group (NCCL on CUDA, gloo on CPU) when WORLD_SIZE > 1, or
+        with `strategy` fsdp under torchrun at any world size (FSDP needs a group even for one process)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls(1, 0, device, False)
+        fsdp = strategy == "fsdp" and "RANK" in os.environ
+        if world <= 1 and not fsdp:
+            return cls(1, 0, device, False, "single")
         import torch
         import torch.distributed as dist
 
@@ -48,22 +54,43 @@ class Parallel:
         owns = not dist.is_initialized()
         if owns:
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        return cls(dist.get_world_size(), dist.get_rank(), device, owns)
+        return cls(dist.get_world_size(), dist.get_rank(), device, owns, "fsdp" if fsdp else "ddp")
+
+    @property
+    def fsdp(self) -> bool:
+        return self.strategy == "fsdp"
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def wrap(self, student: torch.nn.Module) -> torch.nn.Module:
-        """The module the forward pass calls: the student itself, or DDP around it."""
+        """The module the forward pass calls: the student itself, DDP around it, or the student sharded in place
+        (FSDP; before the optimizer is built, which then holds the shards)."""
+        if self.fsdp:
+            from compactlm.distillation.sharded import shard
+
+            return shard(student, cuda=self.device.startswith("cuda"))
         if self.world == 1:
             return student
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(student, device_ids=[self.device] if self.device.startswith("cuda") else None)
 
+    def shard_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
+        """The frozen teacher, sharded too under FSDP (each layer gathered for its forward, then freed)."""
+        if not self.fsdp:
+            return teacher
+        from compactlm.distillation.sharded import shard
+
+        return shard(teacher, cuda=self.device.startswith("cuda"), frozen=True)
+
     def sync(self, model: torch.nn.Module, last_micro: bool) -> contextlib.AbstractContextManager:
-        """Gradient synchronisation happens once per step: on the last micro-batch (DDP's ``no_sync`` before)."""
+        """Gradient synchronisation happens once per step: on the last micro-batch (DDP's ``no_sync`` before,
+        FSDP's reduce-scatter switched off before)."""
+        if self.fsdp:
+            model.set_requires_gradient_sync(last_micro)
+            return contextlib.nullcontext()
         return contextlib.nullcontext() if self.world == 1 or last_micro else model.no_sync()
 
     def sum(self, values: dict[str, float]) -> dict[str, float]:
@@ -95,8 +122,9 @@ class Parallel:
             dist.barrier()
 
     def same_weights_everywhere(self, model: torch.nn.Module) -> bool:
-        """All processes hold bit-identical weights (compares per-tensor float64 sums and sums of squares)."""
-        if self.world == 1:
+        """All processes hold bit-identical weights (compares per-tensor float64 sums and sums of squares); FSDP
+        holds one copy, in shards."""
+        if self.world == 1 or self.fsdp:
             return True
         import torch
         import torch.distributed as dist
@@ -118,4 +146,4 @@ class Parallel:
             self.owns_group = False
 
     def describe(self) -> dict[str, Any]:
-        return {"world_size": self.world, "rank": self.rank, "device": self.device}
+        return {"world_size": self.world, "rank": self.rank, "device": self.device, "strategy": self.strategy}

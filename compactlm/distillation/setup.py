@@ -107,7 +107,7 @@ def setup(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data_d
     """Check the inputs and build the run (see the module docstring). Raises DistillError on bad input."""
     import torch
 
-    par = Parallel.start(pick_device(device))
+    par = Parallel.start(pick_device(device), cfg.strategy)
     if cfg.mode == "offline" and cfg.hidden_weight > 0:
         raise DistillError("distill.hidden_weight > 0 needs the teacher's hidden states: use mode: online")
     torch.manual_seed(seed)
@@ -125,8 +125,10 @@ def setup(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data_d
     _load_models(run)
     if cfg.on_policy is not None and cfg.on_policy.engine == "vllm":
         _start_sampler(run)
+    run.model = par.wrap(run.student)  # before the optimizer: FSDP replaces the parameters by their shards
+    if run.teacher is not None:
+        run.teacher = par.shard_teacher(run.teacher)
     run.optimizer = _optimizer(run)
-    run.model = par.wrap(run.student)
     return run
 
 

@@ -226,8 +226,13 @@ def optimizer_step(run: Run, step: int, lr: float) -> float:
     """Clip, check and apply the accumulated gradients at learning rate `lr`; returns the gradient norm."""
     import torch
 
-    params = [p for module in run.trainable().values() for p in module.parameters()]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip))
+    if run.par.fsdp:  # sharded gradients: their norm is all-reduced
+        from compactlm.distillation.sharded import clip_grad_norm
+
+        grad_norm = clip_grad_norm(list(run.trainable().values()), run.cfg.grad_clip)
+    else:
+        params = [p for module in run.trainable().values() for p in module.parameters()]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, run.cfg.grad_clip))
     if not math.isfinite(grad_norm):
         raise FloatingPointError(
             f"non-finite gradient norm at step {step + 1}; the update was not applied and nothing was "

@@ -47,7 +47,7 @@ from compactlm.distillation.onpolicy import is_on_policy, refresh, sample_batch
 from compactlm.distillation.setup import Run, saved_dtype, setup
 from compactlm.distillation.step import Batch, accumulate, draw_batch, lr_at, optimizer_step
 from compactlm.formats.pruning import RECORD_FILE
-from compactlm.models import copy_model_side_files, count_params
+from compactlm.models import copy_model_side_files, count_params, load_model
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -91,6 +91,10 @@ def distill(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data
             top-k log-probs, a pruning record that does not fit the teacher, ``lora.targets`` naming no layer.
         FloatingPointError: the loss or gradient became NaN/inf (lower lr, check the data, raise temperature).
     """
+    from compactlm.distillation.launch import needs_launch, run_ranks
+
+    if needs_launch(cfg):  # strategy ddp / fsdp: start cfg.nproc torchrun processes and wait for them
+        return run_ranks(teacher_dir, student_dir, data_dir, cfg, out_dir, seed=seed, device=device, log_fn=log_fn)
     run = setup(teacher_dir, student_dir, data_dir, cfg, out_dir, seed=seed, device=device)
     try:
         fingerprint = _fingerprint(run)
@@ -148,7 +152,7 @@ def resume(run: Run, fingerprint: str) -> dict[str, Any]:
     latest = ckpt.latest(ckpt.checkpoint_root(run.out_dir), fingerprint) if run.cfg.checkpoint_every else None
     if latest is None:
         return fresh_state()
-    return ckpt.load(latest, run.trainable(), run.optimizer)
+    return ckpt.load(latest, run.trainable(), run.optimizer, sharded=run.par.fsdp, rank=run.par.rank)
 
 
 def record(run: Run, state: dict[str, Any], step: int, batch: Batch, metrics: dict[str, float], dt: float,
@@ -186,10 +190,13 @@ def record(run: Run, state: dict[str, Any], step: int, batch: Batch, metrics: di
 
 
 def checkpoint(run: Run, state: dict[str, Any], step: int, fingerprint: str, seconds: float) -> None:
-    """Save checkpoint `step` (rank 0; the others wait)."""
-    if run.par.is_main:
-        ckpt.save(ckpt.checkpoint_root(run.out_dir), step, run.trainable(), run.optimizer,
-                  {**state, "fingerprint": fingerprint, "seconds": seconds})
+    """Save checkpoint `step` (rank 0, the others wait; under FSDP every process writes its shards)."""
+    full = {**state, "fingerprint": fingerprint, "seconds": seconds}
+    if run.par.fsdp:
+        ckpt.save_sharded(ckpt.checkpoint_root(run.out_dir), step, run.trainable(), run.optimizer, full,
+                          run.par.rank, run.par.barrier)
+    elif run.par.is_main:
+        ckpt.save(ckpt.checkpoint_root(run.out_dir), step, run.trainable(), run.optimizer, full)
     run.par.barrier()
 
 
@@ -207,8 +214,11 @@ def _summary(run: Run, state: dict[str, Any], start_step: int, seconds: float) -
     }
     if run.sampler is not None:  # on_policy.engine vllm: its start (before the steps) and its weight copies
         summary |= {"sampler_start_s": round(run.sampler.start_seconds, 3), "sampler_loads": run.sampler.loads}
-    if run.par.world > 1:
-        summary["world_size"] = run.par.world
+    from compactlm.distillation.sharded import state_bytes
+
+    summary["state_mib_per_rank"] = round(state_bytes(run.trainable(), run.optimizer) / 2**20, 3)
+    if run.par.world > 1 or run.par.fsdp:
+        summary["world_size"], summary["strategy"] = run.par.world, run.par.strategy
         summary["ranks_in_sync"] = run.par.same_weights_everywhere(run.student)
         if not summary["ranks_in_sync"]:
             raise RuntimeError("data-parallel processes ended with different student weights; nothing was "
@@ -227,9 +237,9 @@ def publish(run: Run, state: dict[str, Any], summary: dict[str, Any]) -> None:
         "metrics": summary,
     }
     run.teacher = run.model = None
-    student = merged(run.student).eval()  # LoRA: the adapters folded into the weights
-    student.to(saved_dtype(run.s_conf))
+    student = _gathered(run) if run.par.fsdp else merged(run.student).eval()  # LoRA: adapters folded in
     if run.par.is_main:
+        student.to(saved_dtype(run.s_conf))
         with publish_dir(run.out_dir, manifest) as tmp:
             student.save_pretrained(tmp, safe_serialization=True)
             copy_model_side_files(run.student_dir, tmp, extra=(RECORD_FILE,))
@@ -238,4 +248,17 @@ def publish(run: Run, state: dict[str, Any], summary: dict[str, Any]) -> None:
                     f.write(json.dumps(line) + "\n")
         ckpt.remove(ckpt.checkpoint_root(run.out_dir))
     run.par.barrier()
+
+
+def _gathered(run: Run):
+    """FSDP: the trained weights gathered into a plain copy of the student on rank 0 (every process takes part;
+    the others get None)."""
+    from compactlm.distillation.sharded import full_state_dict
+
+    weights = full_state_dict(run.student)
+    if not run.par.is_main:
+        return None
+    student = load_model(run.student_dir, dtype="float32", device="cpu")
+    student.load_state_dict(weights)
+    return student.eval()
 

@@ -123,7 +123,7 @@ def _check_proxy_inputs(proxy: str, calibration: torch.Tensor) -> None:
 def rank_measured(measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Measured candidates (each with "proxy_value"), in pool order, as a ranking: new dicts with "rank"
     (1 = best = lowest proxy), sorted best first; ties keep the given order. Candidates measured again after a
-    short distillation ("distilled_value", :mod:`compactlm.pruning.short_distill`) come first, by that value.
+    short distillation ("distilled_value", :mod:`compactlm.candidates`) come first, by that value.
     This is the one ordering both :func:`score_candidates` and a fan-out over :func:`measure_candidate` use, so
     they pick the same shape."""
     missing = [i for i, c in enumerate(measured) if "proxy_value" not in c or "shape" not in c]

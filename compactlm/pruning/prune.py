@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 RECORD_FILE = record_format.RECORD_FILE
 
 
-def _with_shape(cfg: PruneConfig, shape: dict[str, Any]) -> PruneConfig:
+def with_shape(cfg: PruneConfig, shape: dict[str, Any]) -> PruneConfig:
     """`cfg` with its shape replaced by `shape` (a dict of SHAPE_FIELDS; missing = keep) and no budget."""
     if not isinstance(shape, dict):
         raise ValueError(f"shape must be a dict of {', '.join(SHAPE_FIELDS)}, got {type(shape).__name__}")
@@ -43,7 +43,7 @@ def _with_shape(cfg: PruneConfig, shape: dict[str, Any]) -> PruneConfig:
     return PruneConfig(**shape, layer_metric=cfg.layer_metric, rescale_norms=cfg.rescale_norms, repair=cfg.repair)
 
 
-def _shape_key(candidate: dict[str, Any]) -> tuple:
+def shape_key(candidate: dict[str, Any]) -> tuple:
     shape = candidate.get("shape") if isinstance(candidate, dict) else None
     if not isinstance(shape, dict):
         raise ValueError(f"ranking items need a 'shape' dict (items of rank_measured / rank_candidates), got "
@@ -71,7 +71,7 @@ def _selection(config: Any, scores: ImportanceScores, cfg: PruneConfig, shape: d
 
         check_rotatable(config)
     if shape is not None:
-        selection, explicit = "shape", _with_shape(cfg, shape)
+        selection, explicit = "shape", with_shape(cfg, shape)
     elif cfg.budget is not None:
         params = cfg.budget.params
         if calibration is None and ranking is None:
@@ -80,7 +80,7 @@ def _selection(config: Any, scores: ImportanceScores, cfg: PruneConfig, shape: d
                              "shape= / shape fields instead of a budget")
         selection, explicit = "params", None
         pool = candidate_pool(config, scores, cfg)  # fail fast: budget reachable, scores match
-        if ranking is not None and sorted(map(_shape_key, ranking)) != sorted(map(_shape_key, pool)):
+        if ranking is not None and sorted(map(shape_key, ranking)) != sorted(map(shape_key, pool)):
             raise ValueError(f"ranking= does not measure this config's candidate pool ({len(ranking)} ranked vs "
                              f"{len(pool)} in the pool for prune.budget.params={params}); rank the pool of the "
                              "same teacher, scores and prune config (budget.plan_candidates)")
@@ -91,31 +91,26 @@ def _selection(config: Any, scores: ImportanceScores, cfg: PruneConfig, shape: d
     return selection, explicit, pool
 
 
-def _choose(model_dir: Path, scores_dir, cfg: PruneConfig, pool: list, calibration, ranking: list | None, *,
-            device: str, seed: int, work: Path):
-    """Load the teacher and rank the budget's pool (or take the given ranking): (teacher model, ranking). With
-    ``budget.short_distill`` the proxy's best are distilled briefly and ranked again (their results kept in
-    `work` until the stage publishes)."""
-    from compactlm.formats.scores import load_scores
+def _choose(model_dir: Path, scores: ImportanceScores, cfg: PruneConfig, pool: list, calibration,
+            ranking: list | None, *, device: str, seed: int):
+    """Load the teacher and rank the budget's pool (or take the given ranking): (teacher model, ranking)."""
     from compactlm.models import load_model
-    from compactlm.pruning.short_distill import distill_candidate, rerank, to_distill
-
     if ranking is not None:  # measured elsewhere (a fan-out): prune its best, exactly as below
         ranking = rank_measured([{k: v for k, v in c.items() if k != "rank"} for c in ranking])
         return load_model(model_dir, dtype="float32", device="cpu"), ranking
+    if cfg.budget.short_distill is not None:
+        raise ValueError("prune.budget.short_distill ranks the candidates with distillation, which the pruning "
+                         "library does not run: rank them with compactlm.candidates.rank_with_short_distill(...) "
+                         "and pass ranking= (the prune stage does), or drop short_distill")
     ids = calibration_tensor(calibration, model_dir, cfg, seed=seed)
     model = load_model(model_dir, dtype="float32", device=device)  # fp32: bf16 matmuls are slow on CPU
-    ranking = score_candidates(model, load_scores(scores_dir), pool, ids, proxy=cfg.budget.proxy, base=cfg,
-                               repair_calibration=repair_ids(calibration, model_dir, cfg, seed=seed + 1))
-    top = to_distill(ranking, cfg)
-    if top:
-        ranking = rerank(ranking, [distill_candidate(model_dir, scores_dir, cfg, calibration, c, device=device,
-                                                     seed=seed, cache_dir=work) for c in top])
-    return model, ranking
+    return model, score_candidates(model, scores, pool, ids, proxy=cfg.budget.proxy, base=cfg,
+                                   repair_calibration=repair_ids(calibration, model_dir, cfg, seed=seed + 1))
 
 
 def short_distill_dir(out_dir: str | os.PathLike) -> Path:
-    """Where a prune stage publishing to `out_dir` keeps its finished short distillations until it publishes."""
+    """Where a prune stage publishing to `out_dir` keeps its finished short distillations
+    (:mod:`compactlm.candidates`) until it publishes; removed by :func:`prune_to_dir` once it has."""
     out_dir = Path(out_dir)
     return out_dir.parent / f".{out_dir.name}.short"
 
@@ -137,9 +132,8 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
        the best is pruned; with `ranking` (the same pool already measured elsewhere, e.g. by a fan-out of
        :func:`compactlm.pruning.budget.measure_candidate` tasks ordered by ``rank_measured``) nothing is
        measured again and ``ranking[0]`` is pruned (`calibration` is then not needed); its shapes must be
-       exactly the pool's. With ``cfg.budget.short_distill`` the proxy's best ``distill_top`` are distilled
-       briefly on `calibration` (a generated dataset dir) and ranked first by the proxy measured after that
-       (:mod:`compactlm.pruning.short_distill`);
+       exactly the pool's. ``cfg.budget.short_distill`` needs such a ranking
+       (:func:`compactlm.candidates.rank_with_short_distill`: the pruning library runs no distillation);
     3. ``cfg``'s explicit shape fields.
 
     With ``cfg.repair`` the chosen student's output projections are then refitted to the teacher's outputs on
@@ -174,9 +168,8 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
         model = (load_model(model_dir, dtype="float32", device=device) if cfg.repair is not None
                  else load_model(model_dir, dtype=dtype, device="cpu"))
     else:
-        model, ranking = _choose(model_dir, scores_dir, cfg, pool, calibration, ranking, device=device, seed=seed,
-                                 work=short_distill_dir(out_dir))
-        explicit = _with_shape(cfg, ranking[0]["shape"])
+        model, ranking = _choose(model_dir, scores, cfg, pool, calibration, ranking, device=device, seed=seed)
+        explicit = with_shape(cfg, ranking[0]["shape"])
     ids = repair_ids(calibration, model_dir, explicit, seed=seed)  # None without a repair; drawn once for both
     scores, rotation = _rotate(model, scores, explicit, ids)
     student, record = prune_model(model, scores, explicit)

@@ -67,10 +67,11 @@ def test_other_runners_pick_what_threads_pick(prefect_server, runner, tiny_gqa_m
 @pytest.mark.long(20)
 def test_short_distill_fan_out_ranks_like_the_sequential_path(prefect_server, tiny_gqa_model_dir, fanout_scores,
                                                               data_dir, tmp_path):
-    """The proxy's best candidates distilled as parallel ``distill-candidate`` tasks (threads) rank like
-    prune_to_dir's sequential path, and the stage then prunes that ranking's first shape."""
+    """The proxy's best candidates distilled as parallel ``distill-candidate`` tasks (threads) rank like the
+    sequential path, and the stage then prunes that ranking's first shape."""
     from prefect import flow
 
+    from compactlm.candidates import rank_with_short_distill
     from compactlm.pruning import prune_to_dir
     from tasks.common import RunContext
     from tasks.prune import fan_out_candidates, short_distill_ranking
@@ -88,7 +89,7 @@ def test_short_distill_fan_out_ranks_like_the_sequential_path(prefect_server, ti
         return short_distill_ranking(ctx, teacher, scores, data, cfg, ranking, tmp_path / "out", "thread")
 
     fanned = run()
-    seq = prune_to_dir(teacher, scores, cfg, tmp_path / "seq", calibration=data, seed=3)["ranking"]
+    seq = rank_with_short_distill(teacher, scores, cfg, data, seed=3)
     assert [c["shape"] for c in fanned] == [c["shape"] for c in seq]
     assert [c.get("distilled_value", 0.0) for c in fanned] == pytest.approx(
         [c.get("distilled_value", 0.0) for c in seq], rel=1e-4)

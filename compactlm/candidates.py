@@ -11,6 +11,10 @@ order (:func:`compactlm.pruning.budget.rank_measured`, so a fan-out and the sequ
 One candidate is one unit of work (:func:`distill_candidate`, a Prefect task each in ``tasks/prune.py``). A
 result is kept in `cache_dir` as it finishes, so a prune stage killed during the short runs redoes only the
 unfinished ones. On CPU a candidate's value is a function of the seed alone (the distillation is deterministic).
+:func:`rank_with_short_distill` is the sequential path; ``prune_to_dir(..., ranking=...)`` then prunes its first.
+
+This module sits above the stage packages (it runs pruning and distillation together), beside recipe and
+preflight.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def distill_candidate(model_dir: str | os.PathLike, scores_dir: str | os.PathLik
     Intermediate models live in a temporary directory under `cache_dir` (else the system's) and are removed.
     """
     from compactlm.distillation import distill
-    from compactlm.pruning.prune import _with_shape, prune_to_dir
+    from compactlm.pruning.prune import prune_to_dir, with_shape
 
     budget = cfg.budget
     if budget is None or budget.short_distill is None:
@@ -67,7 +71,7 @@ def distill_candidate(model_dir: str | os.PathLike, scores_dir: str | os.PathLik
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".short-") as tmp:
         pruned, student = Path(tmp) / "pruned", Path(tmp) / "student"
-        prune_to_dir(model_dir, scores_dir, _with_shape(cfg, candidate["shape"]), pruned, calibration=calibration,
+        prune_to_dir(model_dir, scores_dir, with_shape(cfg, candidate["shape"]), pruned, calibration=calibration,
                      device=device, seed=seed)
         summary = distill(model_dir, pruned, calibration, budget.short_distill, student, seed=seed, device=device)
         value = measure(model_dir, student, cfg, calibration, device=device, seed=seed)
@@ -98,8 +102,20 @@ def rerank(ranking: list[dict[str, Any]], distilled: list[dict[str, Any]]) -> li
     """A proxy `ranking` (best first) with the `distilled` candidates' results in: those first by their distilled
     proxy, the rest after in proxy order; new "rank"s (:func:`compactlm.pruning.budget.rank_measured`)."""
     from compactlm.pruning.budget import rank_measured
-    from compactlm.pruning.prune import _shape_key
+    from compactlm.pruning.prune import shape_key
 
-    by_shape = {_shape_key(c): c for c in distilled}
-    return rank_measured([{**{k: v for k, v in by_shape.get(_shape_key(c), c).items() if k != "rank"},
+    by_shape = {shape_key(c): c for c in distilled}
+    return rank_measured([{**{k: v for k, v in by_shape.get(shape_key(c), c).items() if k != "rank"},
                            "proxy_rank": c.get("proxy_rank", c["rank"])} for c in ranking])
+
+
+def rank_with_short_distill(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cfg: PruneConfig,
+                            calibration: str | os.PathLike, *, device: str = "cpu", seed: int = 0,
+                            cache_dir: str | os.PathLike | None = None) -> list[dict[str, Any]]:
+    """The whole pool of ``cfg.budget`` ranked by the proxy, then its best ``distill_top`` by the short
+    distillation (one after the other, in this process): the ranking ``prune_to_dir(..., ranking=...)`` takes."""
+    from compactlm.pruning.budget import _rank_dir
+
+    ranking = _rank_dir(model_dir, scores_dir, cfg, calibration, device=device, seed=seed)
+    return rerank(ranking, [distill_candidate(model_dir, scores_dir, cfg, calibration, c, device=device, seed=seed,
+                                              cache_dir=cache_dir) for c in to_distill(ranking, cfg)])

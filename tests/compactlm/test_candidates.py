@@ -1,4 +1,5 @@
-"""Budget candidates ranked by a short distillation: the proxy's best few are distilled briefly and ranked again."""
+"""Budget candidates ranked by a short distillation (compactlm.candidates): the proxy's best few are distilled
+briefly and ranked again."""
 
 from __future__ import annotations
 
@@ -16,12 +17,19 @@ def _cfg(**budget) -> PruneConfig:
                                "distill_top": 2, "short_distill": SHORT, **budget})
 
 
-def test_short_distill_ranking_is_deterministic_for_a_seed(tiny_gqa_model_dir, fanout_scores, data_dir, tmp_path):
+def _prune(teacher, scores, cfg: PruneConfig, out, data, seed: int) -> dict:
+    """The budget's student as the prune stage makes it: ranked with the short runs, then the first pruned."""
+    from compactlm.candidates import rank_with_short_distill
     from compactlm.pruning import prune_to_dir
 
+    ranking = rank_with_short_distill(teacher, scores, cfg, data, seed=seed)
+    return prune_to_dir(teacher, scores, cfg, out, ranking=ranking, seed=seed)
+
+
+def test_short_distill_ranking_is_deterministic_for_a_seed(tiny_gqa_model_dir, fanout_scores, data_dir, tmp_path):
     cfg = _cfg()
-    a = prune_to_dir(tiny_gqa_model_dir, fanout_scores, cfg, tmp_path / "a", calibration=data_dir, seed=3)
-    b = prune_to_dir(tiny_gqa_model_dir, fanout_scores, cfg, tmp_path / "b", calibration=data_dir, seed=3)
+    a = _prune(tiny_gqa_model_dir, fanout_scores, cfg, tmp_path / "a", data_dir, seed=3)
+    b = _prune(tiny_gqa_model_dir, fanout_scores, cfg, tmp_path / "b", data_dir, seed=3)
     def values(record: dict) -> list:  # everything but the wall-clock seconds
         return [{**c, "short_distill": {k: v for k, v in c.get("short_distill", {}).items() if k != "seconds"}}
                 for c in record["ranking"]]
@@ -38,15 +46,15 @@ def test_short_distill_ranking_is_deterministic_for_a_seed(tiny_gqa_model_dir, f
         ranking[0]["shape"].get("num_hidden_layers", a["teacher"]["num_hidden_layers"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # the short runs' files are gone
 
-    c = prune_to_dir(tiny_gqa_model_dir, fanout_scores, cfg, tmp_path / "c", calibration=data_dir, seed=4)
+    c = _prune(tiny_gqa_model_dir, fanout_scores, cfg, tmp_path / "c", data_dir, seed=4)
     assert [x["distilled_value"] for x in c["ranking"][:2]] != [x["distilled_value"] for x in distilled]
 
 
 def test_a_finished_short_distillation_is_not_run_again(tiny_gqa_model_dir, fanout_scores, data_dir, tmp_path):
     """A prune stage killed during the short runs keeps the finished ones (one file per shape) and reruns the
     rest only."""
+    from compactlm.candidates import distill_candidate
     from compactlm.pruning.budget import plan_candidates
-    from compactlm.pruning.short_distill import distill_candidate
 
     cfg = _cfg()
     cand = {**plan_candidates(tiny_gqa_model_dir, fanout_scores, cfg)[0], "proxy_value": 1.0, "rank": 1}
@@ -60,8 +68,8 @@ def test_a_finished_short_distillation_is_not_run_again(tiny_gqa_model_dir, fano
 
 def test_short_distill_needs_the_generated_dataset_and_a_valid_config(tiny_gqa_model_dir, fanout_scores,
                                                                      fanout_calib):
+    from compactlm.candidates import distill_candidate
     from compactlm.pruning.budget import plan_candidates
-    from compactlm.pruning.short_distill import distill_candidate
 
     cfg = _cfg()
     cand = plan_candidates(tiny_gqa_model_dir, fanout_scores, cfg)[0]
@@ -71,3 +79,8 @@ def test_short_distill_needs_the_generated_dataset_and_a_valid_config(tiny_gqa_m
         _cfg(short_distill={**SHORT, "warmup_steps": 5})
     with pytest.raises(ValueError, match="budget.distill_top"):
         _cfg(distill_top=0)
+    from compactlm.pruning import prune_to_dir
+
+    with pytest.raises(ValueError, match="rank_with_short_distill"):  # the pruning library runs no distillation
+        prune_to_dir(tiny_gqa_model_dir, fanout_scores, cfg, fanout_calib.parent / "nope", calibration=fanout_calib)
+    assert not (fanout_calib.parent / "nope").exists()
