@@ -117,3 +117,18 @@ def stop_vllm(llm) -> None:
         llm.llm_engine.engine_core.shutdown()
     except Exception:
         pass
+
+
+def release_freed_memory() -> bool:
+    """Hand memory the process has freed back to the system (glibc's ``malloc_trim``): freeing one large tensor
+    after another (a layer at a time) otherwise leaves it in the allocator's heap, and the resident size creeps up
+    by about a layer per layer, more or less depending on which thread freed what. False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc is not None and libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

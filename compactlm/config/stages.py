@@ -23,11 +23,27 @@ class ScoreConfig(_Strict):
     seq_agg: SeqAgg = Field("mean", description="How a unit's activations are reduced over a sequence")
     batch_agg: BatchAgg = Field("l2", description="How the per-sequence values are reduced over the sequences")
     layer_loss: bool = Field(True, description="Also measure the loss rise with each layer skipped (a pass per layer)")
+    streaming: bool = Field(
+        False, description="Run the calibration through one decoder layer at a time, each read from the teacher's "
+        "safetensors files and freed after (memory: about one layer plus the calibration activations; for "
+        "teachers larger than memory). The same scores; needs layer_loss: false",
+    )
+
+    #: Fields that change how the scores are computed, not what they are: left out of the stage key.
+    NOT_IN_KEY: ClassVar[frozenset[str]] = frozenset({"streaming"})
 
     @field_validator("data")
     @classmethod
     def _data_exists(cls, v: str) -> str:
         return v if v == "generated" else _existing_file(v, "score.data")
+
+    @model_validator(mode="after")
+    def _streaming_one_pass(self) -> ScoreConfig:
+        if self.streaming and self.layer_loss:
+            raise ValueError("streaming runs the calibration through each layer once; layer_loss needs a pass per "
+                             "skipped layer: set layer_loss: false (layers are then ranked by block influence), or "
+                             "streaming: false")
+        return self
 
 
 class BudgetConfig(_Strict):

@@ -83,15 +83,7 @@ def compute_importance(model, input_ids: torch.Tensor, *, batch_size: int = 8, s
     (all hooks are removed, even on error). Runs on the model's device.
     """
     check_arch(model.config)
-    if seq_agg not in SEQ_AGGS:
-        raise ValueError(f"seq_agg must be one of {SEQ_AGGS}, got {seq_agg!r}")
-    if batch_agg not in BATCH_AGGS:
-        raise ValueError(f"batch_agg must be one of {BATCH_AGGS}, got {batch_agg!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if input_ids.ndim != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 2:
-        raise ValueError(f"input_ids must be [num_samples >= 1, seq_len >= 2], got {tuple(input_ids.shape)}")
-
+    check_inputs(input_ids, batch_size, seq_agg, batch_agg)
     cfg = model.config
     layers = layer_probes(model)
     n_heads, hd = cfg.num_attention_heads, head_dim_of(cfg)
@@ -105,13 +97,27 @@ def compute_importance(model, input_ids: torch.Tensor, *, batch_size: int = 8, s
         model.train(was_training)
 
 
-class _Collector:
-    """Forward hooks that accumulate every width score and the block influence while the model runs."""
+def check_inputs(input_ids: torch.Tensor, batch_size: int, seq_agg: str, batch_agg: str) -> None:
+    """ValueError naming the argument when the calibration ids or the aggregation settings are bad."""
+    if seq_agg not in SEQ_AGGS:
+        raise ValueError(f"seq_agg must be one of {SEQ_AGGS}, got {seq_agg!r}")
+    if batch_agg not in BATCH_AGGS:
+        raise ValueError(f"batch_agg must be one of {BATCH_AGGS}, got {batch_agg!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if input_ids.ndim != 2 or input_ids.shape[0] < 1 or input_ids.shape[1] < 2:
+        raise ValueError(f"input_ids must be [num_samples >= 1, seq_len >= 2], got {tuple(input_ids.shape)}")
 
-    def __init__(self, layers: list[Probes], n_heads: int, head_dim: int, seq_agg: str, batch_agg: str):
+
+class _Collector:
+    """Forward hooks that accumulate every width score and the block influence while the model runs (all layers
+    at once as a context manager, or layer by layer with :meth:`attach`)."""
+
+    def __init__(self, layers: list[Probes], n_heads: int, head_dim: int, seq_agg: str, batch_agg: str,
+                 n_layers: int | None = None):
         import torch
 
-        n = len(layers)
+        n = len(layers) if n_layers is None else n_layers
         self.layers, self.n_heads, self.hd, self.seq_agg = layers, n_heads, head_dim, seq_agg
         self.heads = [_BatchAgg(batch_agg) for _ in range(n)]
         self.neurons = [_BatchAgg(batch_agg) for _ in range(n)]
@@ -151,13 +157,17 @@ class _Collector:
             self.bi_count[i] += cos.numel()
         return hook
 
+    def attach(self, i: int, probes: Probes) -> list:
+        """Hook layer `i`'s probes; returns the handles (remove them when the layer is done)."""
+        handles = [probes.o_proj.register_forward_pre_hook(self._head_hook(i)),
+                   probes.down_proj.register_forward_pre_hook(self._neuron_hook(i))]
+        handles += [module.register_forward_pre_hook(self._channel_hook) for module in probes.channel_inputs]
+        handles.append(probes.layer.register_forward_hook(self._block_hook(i), with_kwargs=True))
+        return handles
+
     def __enter__(self) -> _Collector:
         for i, probes in enumerate(self.layers):
-            self.handles.append(probes.o_proj.register_forward_pre_hook(self._head_hook(i)))
-            self.handles.append(probes.down_proj.register_forward_pre_hook(self._neuron_hook(i)))
-            for module in probes.channel_inputs:
-                self.handles.append(module.register_forward_pre_hook(self._channel_hook))
-            self.handles.append(probes.layer.register_forward_hook(self._block_hook(i), with_kwargs=True))
+            self.handles += self.attach(i, probes)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -168,6 +178,24 @@ class _Collector:
         import torch
 
         return (self.bi_sum / torch.tensor(self.bi_count, dtype=torch.float64).clamp_min(1)).float()
+
+    def scores(self, *, base_loss: float, layer_loss_increase, num_key_value_heads: int,
+               settings: dict) -> ImportanceScores:
+        """The accumulated statistics as scores. ValueError when the calibration loss is not finite."""
+        import torch
+
+        if not math.isfinite(base_loss):
+            raise ValueError(f"calibration loss is {base_loss}: the model produced non-finite logits")
+        return ImportanceScores(
+            heads=torch.stack([h.result() for h in self.heads]),
+            neurons=torch.stack([n.result() for n in self.neurons]),
+            channels=self.channels.result(),
+            layer_block_influence=self.block_influence(),
+            layer_loss_increase=layer_loss_increase,
+            base_loss=float(base_loss),
+            num_key_value_heads=int(num_key_value_heads),
+            settings=settings,
+        )
 
 
 def _layer_loss_increase(model, layers: list, input_ids, batch_size: int, base_loss: float, log_fn):
@@ -205,17 +233,8 @@ def _compute(model, input_ids, layers, n_heads, hd, device, batch_size, seq_agg,
     base_loss = total / count
     loss_increase = (_layer_loss_increase(model, [p.layer for p in layers], input_ids, batch_size, base_loss,
                                           log_fn) if layer_loss else None)
-    if not math.isfinite(base_loss):
-        raise ValueError(f"calibration loss is {base_loss}: the model produced non-finite logits")
-    return ImportanceScores(
-        heads=torch.stack([h.result() for h in col.heads]),
-        neurons=torch.stack([n.result() for n in col.neurons]),
-        channels=col.channels.result(),
-        layer_block_influence=col.block_influence(),
-        layer_loss_increase=loss_increase,
-        base_loss=float(base_loss),
-        num_key_value_heads=int(model.config.num_key_value_heads),
-        settings={"seq_agg": seq_agg, "batch_agg": batch_agg, "batch_size": batch_size,
-                  "num_samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1]),
-                  "layer_loss": layer_loss},
-    )
+    return col.scores(base_loss=base_loss, layer_loss_increase=loss_increase,
+                      num_key_value_heads=model.config.num_key_value_heads,
+                      settings={"seq_agg": seq_agg, "batch_agg": batch_agg, "batch_size": batch_size,
+                                "num_samples": int(input_ids.shape[0]), "seq_len": int(input_ids.shape[1]),
+                                "layer_loss": layer_loss})

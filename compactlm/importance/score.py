@@ -78,10 +78,17 @@ def score_model(model_dir: str | os.PathLike, calibration: str | os.PathLike, cf
     ids = calibration_ids(calibration, tokenizer, num_samples=cfg.num_samples, seq_len=cfg.seq_len, seed=seed,
                           text_field=cfg.text_field)
     torch.manual_seed(seed)
-    model = load_model(model_dir, dtype="float32", device=device)
-    scores = compute_importance(model, ids, batch_size=cfg.batch_size, seq_agg=cfg.seq_agg,
-                                batch_agg=cfg.batch_agg, layer_loss=cfg.layer_loss, log_fn=log_fn)
-    c = model.config
+    if cfg.streaming:  # one decoder layer in memory at a time
+        from compactlm.importance.streaming import stream_importance
+
+        scores = stream_importance(model_dir, ids, batch_size=cfg.batch_size, seq_agg=cfg.seq_agg,
+                                   batch_agg=cfg.batch_agg, device=device, log_fn=log_fn)
+        c = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    else:
+        model = load_model(model_dir, dtype="float32", device=device)
+        scores = compute_importance(model, ids, batch_size=cfg.batch_size, seq_agg=cfg.seq_agg,
+                                    batch_agg=cfg.batch_agg, layer_loss=cfg.layer_loss, log_fn=log_fn)
+        c = model.config
     summary = {
         "settings": {**cfg.model_dump(mode="json"), "seed": seed, "device": device,
                      "num_sequences": int(ids.shape[0]), "num_tokens": int(ids.numel()),

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,65 +25,10 @@ from compactlm.config import PruneConfig
 from compactlm.formats.scores import ImportanceScores
 from compactlm.pruning.shapes import student_config
 from compactlm.pruning.slicing import _scales, plan_pruning, pruning_record, sliced_items, zero_items
+from compactlm.weights import DTYPES, TeacherTensors
 
 if TYPE_CHECKING:
     import torch
-
-#: torch dtype -> safetensors' name, its rank in safetensors' writer (tensors sorted by dtype, descending, then by
-#: name) and bytes per element.
-_DTYPES = {"float16": ("F16", 11, 2), "bfloat16": ("BF16", 12, 2), "float32": ("F32", 15, 4)}
-
-
-class TeacherTensors:
-    """The tensors of a model directory's ``*.safetensors`` files, each read on demand with plain file reads (no
-    memory map, whose touched pages would stay resident): memory holds one tensor at a time."""
-
-    _TORCH = {name: dtype for dtype, (name, _, _) in _DTYPES.items()}
-
-    def __init__(self, model_dir: str | os.PathLike):
-        from compactlm.models import safetensors_header
-
-        files = sorted(Path(model_dir).glob("*.safetensors"))
-        if not files:
-            raise ValueError(f"{model_dir} has no .safetensors files: prune.streaming reads the teacher's weights "
-                             "from them (convert the checkpoint, or set prune.streaming: false)")
-        self.where: dict[str, tuple[Path, int, dict]] = {}
-        for f in files:
-            n, header = safetensors_header(f)
-            for key, info in header.items():
-                if key != "__metadata__":
-                    self.where[key] = (f, 8 + n, info)
-
-    def keys(self) -> list[str]:
-        return sorted(self.where)
-
-    def _stored(self, key: str):
-        import torch
-
-        path, _, info = self.where[key]
-        if info["dtype"] not in self._TORCH:
-            raise ValueError(f"{path}: {key} is stored as {info['dtype']}; prune.streaming reads F32, BF16 and F16 "
-                             "tensors (set prune.streaming: false)")
-        return getattr(torch, self._TORCH[info["dtype"]])
-
-    def meta(self, key: str, dtype) -> torch.Tensor:
-        """A data-less (meta-device) tensor of `key`'s shape, in `dtype`: slicing it gives the student's shape."""
-        import torch
-
-        return torch.empty(self.where[key][2]["shape"], dtype=self._stored(key), device="meta").to(dtype)
-
-    def get(self, key: str, dtype) -> torch.Tensor:
-        import torch
-
-        path, base, info = self.where[key]
-        stored = self._stored(key)
-        start, end = info["data_offsets"]
-        with open(path, "rb") as fh:
-            fh.seek(base + start)
-            data = bytearray(fh.read(end - start))
-        t = torch.frombuffer(data, dtype=stored) if data else torch.empty(0, dtype=stored)
-        return t.reshape(info["shape"]).to(dtype)
-
 
 def _sliced(key: str, tensor: torch.Tensor, plan: dict, config: Any, new_cfg: Any,
             scales: dict) -> Iterator[tuple[str, torch.Tensor]]:
@@ -96,13 +40,13 @@ def _sliced(key: str, tensor: torch.Tensor, plan: dict, config: Any, new_cfg: An
 
 def _header(shapes: dict[str, tuple[list[int], str]]) -> tuple[bytes, list[str]]:
     """safetensors header bytes (padded to 8) for tensors {name: (shape, dtype name)}, and the data order."""
-    order = sorted(shapes, key=lambda n: (-_DTYPES[shapes[n][1]][1], n))
+    order = sorted(shapes, key=lambda n: (-DTYPES[shapes[n][1]][1], n))
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name in order:
         shape, dtype = shapes[name]
-        size = _DTYPES[dtype][2] * math.prod(shape)
-        header[name] = {"dtype": _DTYPES[dtype][0], "shape": shape, "data_offsets": [offset, offset + size]}
+        size = DTYPES[dtype][2] * math.prod(shape)
+        header[name] = {"dtype": DTYPES[dtype][0], "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     return raw + b" " * (-len(raw) % 8), order
