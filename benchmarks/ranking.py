@@ -7,7 +7,8 @@ Teacher SmolLM2-135M-Instruct, a budget of 60 % of its parameters (the headline 
 the budget search's pool of 8 candidate shapes, every candidate cut with the least-squares repair. The proxy
 (``budget.proxy: loss``, calibration loss right after pruning) ranks the pool; ``budget.short_distill`` then
 distills the proxy's best ``distill_top`` for ``short_tokens`` each (logit KD, teacher online) and ranks them by
-the same proxy measured after that: both through ``prune_to_dir``, as the prune stage runs them. The ground truth:
+the same proxy measured after that (``compactlm.candidates.rank_with_short_distill``, what the prune stage's
+tasks compute), and ``prune_to_dir`` prunes its first. The ground truth:
 each of those top candidates distilled for the full ``kd_tokens`` (from the same pruned start, the same data)
 and evaluated on ARC-Easy, PIQA, HellaSwag, WinoGrande (0-shot, first `limit` examples) and held-out word
 perplexity. Training and calibration text: Gutenberg prose (../shared/data). Every artifact is cached under --out.
@@ -48,6 +49,7 @@ def _distill_cfg(p: dict, tokens: int):
 
 def ranked(teacher: Path, scores: Path, classic: Path, p: dict, root: Path) -> dict:
     """The budget's prune record with the short-distill ranking (the proxy's rank of each in "proxy_rank")."""
+    from compactlm.candidates import rank_with_short_distill
     from compactlm.config import PruneConfig, RepairConfig
     from compactlm.pruning import prune_to_dir
 
@@ -58,7 +60,8 @@ def ranked(teacher: Path, scores: Path, classic: Path, p: dict, root: Path) -> d
             "params": p["params"], "search": p["search"], "candidates": p["search"], "proxy": p["proxy"],
             "distill_top": p["distill_top"], "short_distill": _distill_cfg(p, p["short_tokens"]).model_dump()})
         t0 = time.perf_counter()
-        prune_to_dir(teacher, scores, cfg, out, calibration=classic)
+        ranking = rank_with_short_distill(teacher, scores, cfg, classic, cache_dir=root / "short")
+        prune_to_dir(teacher, scores, cfg, out, ranking=ranking)
         (out / "bench.json").write_text(json.dumps({"rank_s": round(time.perf_counter() - t0, 1)}))
     return {**json.loads((out / "pruning.json").read_text()), **json.loads((out / "bench.json").read_text())}
 

@@ -5,6 +5,8 @@ With a parameter budget (``prune.budget``) the candidate shapes are fanned out a
 task runner the recipe names (``runner``: thread | process | ray). The results are gathered in pool order and
 ranked by :func:`compactlm.pruning.budget.rank_measured`, the same ordering the sequential library path uses,
 so the chosen shape and the output (keyed exactly as before: the runner is not part of the key) are the same.
+With ``prune.budget.short_distill`` the proxy's best ``distill_top`` then run as ``distill-candidate`` tasks on the
+same runner (prune, distill briefly, measure again; :mod:`compactlm.candidates`) and lead the ranking.
 """
 
 from __future__ import annotations

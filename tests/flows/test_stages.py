@@ -68,7 +68,7 @@ def _runs(workdir: Path):
     return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
-@pytest.mark.long(28)
+@pytest.mark.long(40)
 def test_stage_flows_and_compress_share_cache_hits(prefect_server, tiny_model_dir, tmp_path):
     """compress once (parameter budget: the candidates fan out as prune-candidate tasks and the choice equals
     the sequential library path); the prune and evaluate stage flows on its outputs are cache hits on its
@@ -124,3 +124,13 @@ def test_stage_flows_and_compress_share_cache_hits(prefect_server, tiny_model_di
     hits = {k.info.run_name: k.data.tags["compactlm.cache_hit"] for k in kids}
     assert hits == {"generate": "true", "score": "true", "prune": "true", "distill": "true",
                     "evaluate": "false"}  # evaluate's inputs changed (a new student); the rest were reused
+
+    # fsdp through the stage flow: the task starts the two ranks; rank 0's step metrics land in the stage's run
+    sharded_cfg = DistillConfig(steps=2, batch_size=2, seq_len=32, warmup_steps=0, lr=1e-4, strategy="fsdp", nproc=2)
+    sharded = stages.distill(str(tiny_model_dir), first["pruned"], first["data"], sharded_cfg, **kw)
+    (child,) = [x for x in _runs(tmp_path / "work") if x.data.tags.get("compactlm.output") == sharded]
+    assert child.info.status == "FINISHED" and child.data.metrics["final_world_size"] == 2
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(f"sqlite:///{tmp_path / 'work'}/mlflow.db").get_metric_history(child.info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2]
