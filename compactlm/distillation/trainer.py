@@ -67,6 +67,10 @@ def distill(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, data
     (its config is still read to check the vocabulary). ``cfg.hidden_weight > 0`` adds hidden-state KD
     (:mod:`compactlm.distillation.hidden`; online only).
 
+    Processes: with ``cfg.strategy`` ddp or fsdp, called outside torchrun, this starts ``cfg.nproc`` processes
+    (:mod:`compactlm.distillation.launch`) that each call it again, and returns rank 0's summary; `log_fn` gets rank
+    0's metrics. fsdp shards the student (and the online teacher) over them (:mod:`compactlm.distillation.sharded`).
+
     Checkpoints: with ``cfg.checkpoint_every = N`` a checkpoint is written every N steps into
     ``<out_dir>.ckpt/`` (:mod:`compactlm.distillation.checkpoint`). Calling ``distill`` again with the same
     arguments after a crash resumes from the newest one; on CPU the final weights and the loss curve are
