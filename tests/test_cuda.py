@@ -87,6 +87,22 @@ def test_online_kd_on_cuda_matches_cpu_and_trains(teacher_dir, student_dir, data
     assert manifest["metrics"]["steps"] == 8
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_fsdp_on_cuda_in_bf16_matches_one_process(teacher_dir, student_dir, data_dir, tmp_path, nproc):
+    """``strategy: fsdp`` on CUDA (bf16 parameters, fp32 gradient reduction; one GPU, then two when there are two):
+    step 1's losses agree with the unsharded CUDA run to bf16 tolerance, training lowers the KD loss, and the
+    gathered student is a normal fp32 directory."""
+    if torch.cuda.device_count() < nproc:
+        pytest.skip(f"needs {nproc} CUDA devices")
+    single = _train(teacher_dir, student_dir, data_dir, tmp_path / "single", "cuda")
+    sharded = _train(teacher_dir, student_dir, data_dir, tmp_path / "fsdp", "cuda", strategy="fsdp", nproc=nproc)
+    assert sharded[0]["kd_loss"] == pytest.approx(single[0]["kd_loss"], rel=3e-2)
+    assert sharded[-1]["kd_loss"] < 0.9 * sharded[0]["kd_loss"]
+    manifest = json.loads((tmp_path / "fsdp" / "manifest.json").read_text())
+    assert manifest["metrics"]["strategy"] == "fsdp" and manifest["metrics"]["world_size"] == nproc
+    assert next(load_model(tmp_path / "fsdp").parameters()).dtype == torch.float32
+
+
 def test_offline_and_hidden_kd_on_cuda(teacher_dir, student_dir, tmp_path):
     """Top-k data written on CUDA trains a student offline on CUDA; hidden-state KD runs on CUDA too."""
     gen = GenerateConfig(engine="hf", max_tokens=24, max_model_len=512, max_prompts=8, n=2, shard_size=4,
