@@ -61,7 +61,7 @@ def ranked(teacher: Path, scores: Path, classic: Path, p: dict, root: Path) -> d
             "distill_top": p["distill_top"], "short_distill": _distill_cfg(p, p["short_tokens"]).model_dump()})
         t0 = time.perf_counter()
         ranking = rank_with_short_distill(teacher, scores, cfg, classic, cache_dir=root / "short")
-        prune_to_dir(teacher, scores, cfg, out, ranking=ranking)
+        prune_to_dir(teacher, scores, cfg, out, ranking=ranking, calibration=classic)
         (out / "bench.json").write_text(json.dumps({"rank_s": round(time.perf_counter() - t0, 1)}))
     return {**json.loads((out / "pruning.json").read_text()), **json.loads((out / "bench.json").read_text())}
 
