@@ -26,6 +26,7 @@ def _prune(teacher, scores, cfg: PruneConfig, out, data, seed: int) -> dict:
     return prune_to_dir(teacher, scores, cfg, out, ranking=ranking, seed=seed)
 
 
+@pytest.mark.long(15)
 def test_short_distill_ranking_is_deterministic_for_a_seed(tiny_gqa_model_dir, fanout_scores, data_dir, tmp_path):
     cfg = _cfg()
     a = _prune(tiny_gqa_model_dir, fanout_scores, cfg, tmp_path / "a", data_dir, seed=3)

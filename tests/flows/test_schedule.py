@@ -42,7 +42,7 @@ def _outputs(workdir: Path, stage: str) -> list[Path]:
 
 
 @pytest.mark.integration
-@pytest.mark.long(45)
+@pytest.mark.long(35)
 def test_schedule_killed_between_rounds_resumes_from_the_next_round(tmp_path, prefect_server):
     workdir = tmp_path / "work"
     with open(tmp_path / "first.log", "w") as log:

@@ -68,7 +68,7 @@ def _runs(workdir: Path):
     return client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
 
 
-@pytest.mark.long(40)
+@pytest.mark.long(32)
 def test_stage_flows_and_compress_share_cache_hits(prefect_server, tiny_model_dir, tmp_path):
     """compress once (parameter budget: the candidates fan out as prune-candidate tasks and the choice equals
     the sequential library path); the prune and evaluate stage flows on its outputs are cache hits on its

@@ -51,7 +51,7 @@ def test_two_fsdp_processes_match_one_process_with_half_the_state_each(teacher_d
 
 
 @pytest.mark.integration
-@pytest.mark.long(40)
+@pytest.mark.long(60)
 def test_a_killed_rank_fails_the_run_and_the_rerun_resumes_from_the_sharded_checkpoint(teacher_dir, student_dir,
                                                                                       data_dir, tmp_path):
     import psutil
