@@ -25,38 +25,54 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.integration  # torchrun processes (gloo)
-@pytest.mark.long(25)
-def test_two_fsdp_processes_match_one_process_with_half_the_state_each(teacher_dir, student_dir, data_dir,
-                                                                       tmp_path, monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    c = dict(steps=4, batch_size=4, micro_batch_size=1, hidden_weight=0.5, log_every=1, checkpoint_every=2)
-    single = distill(teacher_dir, student_dir, data_dir, cfg(**c), tmp_path / "single", seed=4)
+#: One config for both comparisons: micro-batches (gradient sync switched off between them), hidden-state KD (the
+#: teacher sharded, the projection outside FSDP), sharded checkpoints every 4 steps.
+CONFIG = dict(steps=16, batch_size=4, micro_batch_size=1, hidden_weight=0.5, log_every=1, checkpoint_every=4)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(teacher_dir, student_dir, data_dir, tmp_path_factory):
+    """(the FSDP run's output dir, its summary, the per-step metrics its caller's log_fn got): 2 processes,
+    uninterrupted; the reference of both tests below."""
+    out = tmp_path_factory.mktemp("fsdp") / "whole"
     logged = []
-    sharded = distill(teacher_dir, student_dir, data_dir, cfg(**c, **FSDP), tmp_path / "fsdp", seed=4,
-                      log_fn=lambda metrics, step: logged.append((step, metrics["loss"])))
-    assert sharded["world_size"] == 2 and sharded["strategy"] == "fsdp" and is_complete(tmp_path / "fsdp")
-    assert _losses(tmp_path / "fsdp") == pytest.approx(_losses(tmp_path / "single"), rel=1e-4)  # every step
-    assert [s for s, _ in logged] == [1, 2, 3, 4]  # rank 0's metrics reached the caller's log_fn (MLflow)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        summary = distill(teacher_dir, student_dir, data_dir, cfg(**CONFIG, **FSDP), out, seed=4,
+                          log_fn=lambda metrics, step: logged.append((step, metrics["loss"])))
+    return out, summary, logged
+
+
+@pytest.mark.integration  # torchrun processes (gloo)
+@pytest.mark.long(30)
+def test_two_fsdp_processes_match_one_process_with_half_the_state_each(uninterrupted, teacher_dir, student_dir,
+                                                                       data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    single = distill(teacher_dir, student_dir, data_dir, cfg(**CONFIG), tmp_path / "single", seed=4)
+    fsdp, sharded, logged = uninterrupted
+    assert sharded["world_size"] == 2 and sharded["strategy"] == "fsdp" and is_complete(fsdp)
+    assert _losses(fsdp) == pytest.approx(_losses(tmp_path / "single"), rel=1e-4)  # every step
+    assert [s for s, _ in logged] == list(range(1, 17))  # rank 0's metrics reached the caller's log_fn (MLflow)
     assert sharded["state_mib_per_rank"] <= 0.6 * single["state_mib_per_rank"]
     assert sharded["tokens"] == single["tokens"] and sharded["params"] == single["params"]
-    a, b = model_weights(tmp_path / "fsdp"), model_weights(tmp_path / "single")
+    a, b = model_weights(fsdp), model_weights(tmp_path / "single")
     assert a.keys() == b.keys()  # gathered into a normal HF directory
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
-    model = load_model(tmp_path / "fsdp")  # loads in transformers unchanged
-    ids = load_tokenizer(tmp_path / "fsdp")("The cat", return_tensors="pt").input_ids
+    model = load_model(fsdp)  # loads in transformers unchanged
+    ids = load_tokenizer(fsdp)("The cat", return_tensors="pt").input_ids
     assert torch.isfinite(model(ids).logits).all()
-    assert not (tmp_path / "fsdp.ckpt").exists()  # the sharded checkpoints are dropped once published
+    assert not (fsdp.parent / "whole.ckpt").exists()  # the sharded checkpoints are dropped once published
 
 
 @pytest.mark.integration
-@pytest.mark.long(60)
-def test_a_killed_rank_fails_the_run_and_the_rerun_resumes_from_the_sharded_checkpoint(teacher_dir, student_dir,
-                                                                                      data_dir, tmp_path):
+@pytest.mark.long(30)
+def test_a_killed_rank_fails_the_run_and_the_rerun_resumes_from_the_sharded_checkpoint(uninterrupted, teacher_dir,
+                                                                                      student_dir, data_dir,
+                                                                                      tmp_path):
     import psutil
 
-    c = cfg(steps=16, batch_size=4, log_every=1, checkpoint_every=4, **FSDP)
+    c = cfg(**CONFIG, **FSDP)
     out = tmp_path / "run"
     proc = start_script("sharded_distillation.py", teacher_dir, student_dir, data_dir, out, c.model_dump_json())
     deadline = time.time() + 300
@@ -78,9 +94,7 @@ def test_a_killed_rank_fails_the_run_and_the_rerun_resumes_from_the_sharded_chec
                            env=env).communicate(timeout=600)[0]
     summary = json.loads(next(line[7:] for line in resumed.splitlines() if line.startswith("RESULT ")))
     assert summary["resumed_from"] >= 8 and summary["resumed_from"] % 4 == 0
-    whole = tmp_path / "whole"
-    start_script("sharded_distillation.py", teacher_dir, student_dir, data_dir, whole, c.model_dump_json(),
-                 env=env).communicate(timeout=600)
+    whole = uninterrupted[0]
     assert _losses(out) == _losses(whole)  # the same curve, step for step
     assert_same_tensors(out / "model.safetensors", whole / "model.safetensors")  # and the same weights, exactly
 
