@@ -205,7 +205,13 @@ def test_prefect_custom_run_form_changes_a_nested_field(services, browser, tmp_p
         ids = {a.get_attribute("href").split("/runs/flow-run/")[1].split("?")[0]: a for a in links}
         return next((i for i in ids if i not in before), False)
 
-    flow_run_id = wait.until(new_run)
+    try:  # the deployment page's run list refreshes on a timer, slowly on a loaded 2-core box
+        flow_run_id = WebDriverWait(browser, 3 * WAIT_UI, poll_frequency=2).until(new_run)
+    except Exception as e:  # say whether the run was created at all (the form) or only not listed yet (the page)
+        runs = httpx.post(f"{services['api']}/flow_runs/filter", json={}, timeout=30).json()
+        created = [(r["id"], r["state_type"]) for r in runs if r["id"] not in before]
+        raise AssertionError(f"no new run listed on the deployment page ({e!r}); runs created since the form "
+                             f"opened: {created}") from None
     services["flow_run_id"] = flow_run_id  # the MLflow test opens this run's results
     browser.get(f"{services['prefect_ui']}/runs/flow-run/{flow_run_id}")
     state = _wait_for_state(browser, services, flow_run_id)
