@@ -168,6 +168,20 @@ def tensors(path: Path) -> dict:
     return load_file(str(path))
 
 
+def nan_model(model_dir: Path, out: Path) -> Path:
+    """A copy of `model_dir` whose final norm is NaN: its first forward gives a non-finite loss."""
+    import torch
+
+    from compactlm.models import load_model, load_tokenizer
+
+    model = load_model(model_dir)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(out)
+    load_tokenizer(model_dir).save_pretrained(out)
+    return out
+
+
 def model_weights(model_dir: Path) -> dict:
     return tensors(model_dir / "model.safetensors")
 

@@ -15,7 +15,7 @@ import torch
 from compactlm.artifacts import is_complete
 from compactlm.distillation import distill
 from compactlm.models import load_model, load_tokenizer
-from tests.helpers import SUB_ENV, assert_same_tensors, model_weights, start_script
+from tests.helpers import SUB_ENV, assert_same_tensors, model_weights, nan_model, start_script
 from tests.helpers import kd_cfg as cfg
 
 FSDP = {"strategy": "fsdp", "nproc": 2}
@@ -103,12 +103,7 @@ def test_a_killed_rank_fails_the_run_and_the_rerun_resumes_from_the_sharded_chec
 @pytest.mark.long(12)
 def test_a_rank_error_is_raised_as_that_error(teacher_dir, student_dir, data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    broken = tmp_path / "broken"
-    model = load_model(student_dir)
-    with torch.no_grad():
-        model.model.norm.weight.fill_(float("nan"))
-    model.save_pretrained(broken)
-    load_tokenizer(student_dir).save_pretrained(broken)
+    broken = nan_model(student_dir, tmp_path / "broken")
     with pytest.raises(FloatingPointError, match=r"non-finite.*\(rank [01] of 2\)"):
         distill(teacher_dir, broken, data_dir, cfg(steps=2, **FSDP), tmp_path / "out")
     assert not (tmp_path / "out").exists()

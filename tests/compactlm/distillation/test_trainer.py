@@ -19,7 +19,7 @@ from compactlm.distillation.losses import (
 from compactlm.distillation.step import lr_at as _lr_at
 from compactlm.models import load_model, load_tokenizer
 from tests.helpers import kd_cfg as cfg
-from tests.helpers import texts, write_generated
+from tests.helpers import nan_model, texts, write_generated
 
 
 def test_config_validation_and_lr_schedule():
@@ -118,12 +118,7 @@ def test_vocab_mismatch_fails_early_and_points_to_sequence_level_kd(other_vocab_
 
 
 def test_non_finite_loss_stops_and_publishes_nothing(teacher_dir, student_dir, data_dir, tmp_path):
-    broken = tmp_path / "broken"
-    model = load_model(student_dir)
-    with torch.no_grad():
-        model.model.norm.weight.fill_(float("nan"))
-    model.save_pretrained(broken)
-    load_tokenizer(student_dir).save_pretrained(broken)
+    broken = nan_model(student_dir, tmp_path / "broken")
     with pytest.raises(FloatingPointError, match="non-finite"):
         distill(teacher_dir, broken, data_dir, cfg(steps=2), tmp_path / "out")
     assert not (tmp_path / "out").exists()
