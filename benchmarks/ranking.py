@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import SHARED, TASKS, _json_cached, evaluate, with_overrides  # noqa: E402
-from repair import _row, cached_scores  # noqa: E402
+from quality import TASKS, _json_cached, evaluate, with_overrides  # noqa: E402
+from repair import _row, gutenberg_inputs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -111,22 +111,15 @@ def main() -> None:
     p = with_overrides(DEFAULTS, args.set, "a setting")
     p["device"] = "cpu"
 
-    from compactlm.datasets import corpus_dataset
     from compactlm.models import resolve_model
 
     t_start, load_start = time.perf_counter(), os.getloadavg()
     root = Path(args.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     teacher = resolve_model(args.teacher)
-    calib = SHARED / "gutenberg" / "gutenberg_14books_clean.txt"
-    scores = cached_scores(teacher, calib, root, p)
-    classic = root / "classic"
-    if not (classic / "manifest.json").is_file():
-        corpus_dataset(calib, teacher, classic, max_tokens=p["kd_tokens"] + p["seq_len"], seed=1)
+    _, scores, classic, t_ev, rows = gutenberg_inputs(teacher, root, p)
     record = ranked(teacher, scores, classic, p, root)
     ranking = record["ranking"]
-    t_ev = _json_cached(root / "eval" / "teacher.json", lambda: evaluate(teacher, p, 0))
-    rows = [_row("teacher", "-", 0, t_ev, t_ev, {"params": t_ev["params"]})]
     for c in sorted((c for c in ranking if "distilled_value" in c), key=lambda c: c["proxy_rank"]):
         student = trained(teacher, scores, classic, c, p, root)
         ev = _json_cached(root / "eval" / f"{student.name}.json", lambda d=student: evaluate(d, p, 0))

@@ -81,6 +81,21 @@ def cached_scores(teacher: Path, calib: Path, root: Path, p: dict) -> Path:
     return scores
 
 
+def gutenberg_inputs(teacher: Path, root: Path, p: dict) -> tuple[Path, Path, Path, dict, list[dict]]:
+    """What the Gutenberg quality benchmarks (this one, schedule.py, ranking.py) start from, each cached under
+    `root`: (the calibration text, `teacher`'s importance scores on it, the KD corpus of ``kd_tokens`` (+ one
+    sequence) drawn from it, the teacher's evaluation, the result rows starting with the teacher's)."""
+    from compactlm.datasets import corpus_dataset
+
+    calib = SHARED / "gutenberg" / "gutenberg_14books_clean.txt"
+    scores = cached_scores(teacher, calib, root, p)
+    classic = root / "classic"
+    if not (classic / "manifest.json").is_file():
+        corpus_dataset(calib, teacher, classic, max_tokens=p["kd_tokens"] + p["seq_len"], seed=1)
+    t_ev = _json_cached(root / "eval" / "teacher.json", lambda: evaluate(teacher, p, 0))
+    return calib, scores, classic, t_ev, [_row("teacher", "-", 0, t_ev, t_ev, {"params": t_ev["params"]})]
+
+
 def _weights_digest(model_dir: Path) -> str:
     return hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
 
@@ -152,7 +167,6 @@ def main() -> None:
     p["device"] = "cpu"
 
     from compactlm.config import DistillConfig
-    from compactlm.datasets import corpus_dataset
     from compactlm.distillation import distill
     from compactlm.models import resolve_model
 
@@ -162,13 +176,7 @@ def main() -> None:
     teacher = resolve_model(args.teacher)
     if p["untie"]:  # the pca arm needs an output head of its own: the same function, untied, for every arm
         teacher = untied_copy(teacher, root / "teacher-untied")
-    calib = SHARED / "gutenberg" / "gutenberg_14books_clean.txt"
-    scores = cached_scores(teacher, calib, root, p)
-    classic = root / "classic"
-    if not (classic / "manifest.json").is_file():
-        corpus_dataset(calib, teacher, classic, max_tokens=p["kd_tokens"] + p["seq_len"], seed=1)
-    t_ev = _json_cached(root / "eval" / "teacher.json", lambda: evaluate(teacher, p, 0))
-    rows = [_row("teacher", "-", 0, t_ev, t_ev, {"params": t_ev["params"]})]
+    calib, scores, classic, t_ev, rows = gutenberg_inputs(teacher, root, p)
     steps = max(1, p["kd_tokens"] // (p["batch_size"] * p["seq_len"]))
     for sname, shape in ((k, SHAPES[k]) for k in p["shapes"]):
         dirs = {}

@@ -86,16 +86,13 @@ def distill_candidate(model_dir: str | os.PathLike, scores_dir: str | os.PathLik
 def measure(model_dir: str | os.PathLike, student_dir: str | os.PathLike, cfg: PruneConfig,
             calibration: str | os.PathLike, *, device: str = "cpu", seed: int = 0) -> float:
     """``cfg.budget.proxy`` of the student in `student_dir` on the proxy's calibration rows (drawn with `seed`)."""
-    from compactlm.calibration import calibration_loss
     from compactlm.models import load_model
-    from compactlm.pruning.budget import PROXY_BATCH_SIZE, _kl, _teacher_logprobs, calibration_tensor
+    from compactlm.pruning.budget import calibration_tensor, proxy_value
 
     ids = calibration_tensor(calibration, model_dir, cfg, seed=seed)
     student = load_model(student_dir, dtype="float32", device=device)
-    if cfg.budget.proxy == "loss":
-        return float(calibration_loss(student, ids, batch_size=PROXY_BATCH_SIZE))
-    teacher = load_model(model_dir, dtype="float32", device=device)
-    return float(_kl(student, ids, _teacher_logprobs(teacher, ids, PROXY_BATCH_SIZE), PROXY_BATCH_SIZE))
+    teacher = load_model(model_dir, dtype="float32", device=device) if cfg.budget.proxy == "kl" else None
+    return proxy_value(student, ids, cfg.budget.proxy, teacher=teacher)
 
 
 def rerank(ranking: list[dict[str, Any]], distilled: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -71,6 +71,16 @@ def _kl(student, ids: torch.Tensor, teacher_logp, batch_size: int) -> float:
     return total / count
 
 
+def proxy_value(student, ids: torch.Tensor, proxy: str, *, teacher=None, teacher_logp=None,
+                batch_size: int = PROXY_BATCH_SIZE) -> float:
+    """The budget proxy of `student` on calibration `ids`: its calibration loss ("loss"), or the mean per-token
+    KL(teacher || student) ("kl": `teacher_logp`, the teacher's cached per-batch log-probs, else `teacher` runs)."""
+    if proxy == "loss":
+        return float(calibration_loss(student, ids, batch_size=batch_size))
+    logp = teacher_logp if teacher_logp is not None else _teacher_logprobs(teacher, ids, batch_size)
+    return float(_kl(student, ids, logp, batch_size))
+
+
 def _measure(model, scores: ImportanceScores, candidate: dict[str, Any], calibration: torch.Tensor, *,
              proxy: str, opts: dict[str, Any], teacher_logp, batch_size: int,
              repair_ids: torch.Tensor | None = None) -> dict[str, Any]:
@@ -84,11 +94,8 @@ def _measure(model, scores: ImportanceScores, candidate: dict[str, Any], calibra
         reconstruct(model, student, plan_pruning(model.config, scores, cfg),
                     calibration if repair_ids is None else repair_ids, damping=cfg.repair.damping,
                     max_memory_gb=cfg.repair.max_memory_gb)
-    if proxy == "loss":
-        value = calibration_loss(student, calibration, batch_size=batch_size)
-    else:
-        logp = teacher_logp if teacher_logp is not None else _teacher_logprobs(model, calibration, batch_size)
-        value = _kl(student, calibration, logp, batch_size)
+    value = proxy_value(student, calibration, proxy, teacher=model, teacher_logp=teacher_logp,
+                        batch_size=batch_size)
     del student
     return {**candidate, "proxy": proxy, "proxy_value": float(value),
             **({"repaired": True} if cfg.repair is not None else {})}
