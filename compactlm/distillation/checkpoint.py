@@ -84,23 +84,34 @@ def save(root: str | os.PathLike, step: int, modules: dict[str, torch.nn.Module]
         for name, module in modules.items():
             save_model(module, str(tmp / f"{name}.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), **_rng()}, tmp / OPTIM_FILE)
-        write_json_atomic(tmp / STATE_FILE, {**state, "step": step})
-        final = root / f"step-{step:08d}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        return _install(root, tmp, step, state)
     except Exception as e:
-        err = as_write_error(e, root / f"step-{step:08d}", "the last good checkpoint is kept and a rerun resumes "
-                             "from it" if _step_dirs(root) else "")
-        if err is not None:
-            raise err from e
+        _raise_write_error(e, root, step)
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _install(root: Path, tmp: Path, step: int, state: dict[str, Any]) -> Path:
+    """Finish the checkpoint built in `tmp`: its ``state.json`` last, then renamed into place as ``step-N`` and the
+    older checkpoints dropped; returns its directory."""
+    write_json_atomic(tmp / STATE_FILE, {**state, "step": step})
+    final = root / f"step-{step:08d}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
     for old in _step_dirs(root):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _raise_write_error(e: Exception, root: Path, step: int) -> None:
+    """A full disk or file-size limit while writing checkpoint `step` as a WriteError naming it (else nothing)."""
+    err = as_write_error(e, root / f"step-{step:08d}", "the last good checkpoint is kept and a rerun resumes from it"
+                         if _step_dirs(root) else "")
+    if err is not None:
+        raise err from e
 
 
 def save_sharded(root: str | os.PathLike, step: int, modules: dict[str, torch.nn.Module],
@@ -112,7 +123,7 @@ def save_sharded(root: str | os.PathLike, step: int, modules: dict[str, torch.nn
     from compactlm.distillation import sharded
 
     root = Path(root)
-    tmp, final = root / f".tmp-step-{step:08d}", root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}"  # one name for every process (no random suffix)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -123,18 +134,9 @@ def save_sharded(root: str | os.PathLike, step: int, modules: dict[str, torch.nn
         torch.save(_rng(), tmp / f"rng-{rank}.pt")
         barrier()
         if rank == 0:
-            write_json_atomic(tmp / STATE_FILE, {**state, "step": step})
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            for old in _step_dirs(root):
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
+            _install(root, tmp, step, state)
     except Exception as e:
-        err = as_write_error(e, final, "the last good checkpoint is kept and a rerun resumes from it"
-                             if _step_dirs(root) else "")
-        if err is not None:
-            raise err from e
+        _raise_write_error(e, root, step)
         raise
 
 

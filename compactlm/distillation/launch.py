@@ -13,6 +13,7 @@ resumes from the last checkpoint. On CPU each rank gets ``cores / nproc`` thread
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -48,7 +49,7 @@ def run_ranks(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, da
         env = {**os.environ, "COMPACTLM_RANK_ERRORS": tmp}
         if not device.startswith("cuda"):
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.nproc)))
-        summary, tail = None, []
+        summary, tail = None, collections.deque(maxlen=40)  # the last lines, for a failure's message
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
             for line in proc.stdout:
                 if line.startswith(METRICS):
@@ -61,7 +62,7 @@ def run_ranks(teacher_dir: str | os.PathLike, student_dir: str | os.PathLike, da
                     summary = json.loads(line[len(RESULT):])
                 else:
                     sys.stdout.write(line)
-                    tail = (tail + [line])[-40:]
+                    tail.append(line)
             rc = proc.wait()
         if rc != 0 or summary is None:
             raise _rank_failure(Path(tmp), rc, "".join(tail))
