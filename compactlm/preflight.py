@@ -1,6 +1,6 @@
 """Checks that need more than the schema but no weights, run before any compute: benchmark task names and their
-data files, the teacher's weight files (headers and sizes only) and that the prune target fits the teacher (its
-``config.json`` only).
+data files, the teacher's weight files (headers and sizes only), that the prune target fits the teacher (its
+``config.json`` only) and that every stage's memory plan fits this machine.
 
 This module sits above the stages (it asks evaluation and pruning), so the schema stays free of them.
 """
@@ -48,14 +48,32 @@ def preflight(recipe: Recipe, teacher_dir: str | os.PathLike | None = None) -> N
             raise RecipeError(f"invalid recipe:\n  teacher: {e}") from None
         if recipe.export.enabled and recipe.pruned_student:  # the student keeps the teacher's family and tokenizer
             _check_export_model(recipe, teacher_dir)
-        if not recipe.pruned_student:
-            return  # a student of your own: score and prune do not run
-        try:
-            target = check_prune_target(teacher_dir, recipe.prune)
-        except ValueError as e:
-            raise RecipeError(f"invalid recipe:\n  prune: {e}") from None
-        if recipe.schedule is not None and recipe.prune.budget is None:  # a budget's rounds: checked once it chose
-            _check_rounds(recipe, teacher_dir, target)
+        if recipe.pruned_student:  # a student of your own: score and prune do not run
+            try:
+                target = check_prune_target(teacher_dir, recipe.prune)
+            except ValueError as e:
+                raise RecipeError(f"invalid recipe:\n  prune: {e}") from None
+            if recipe.schedule is not None and recipe.prune.budget is None:  # a budget's: checked once it chose
+                _check_rounds(recipe, teacher_dir, target)
+        check_memory(recipe, teacher_dir)
+
+
+#: Set to 1 to run a recipe the memory plan says does not fit (the plan is an estimate; you may know better).
+SKIP_MEMORY_CHECK = "COMPACTLM_SKIP_MEMORY_CHECK"
+
+
+def check_memory(recipe: Recipe, teacher_dir: str | os.PathLike) -> None:
+    """Refuse, before any compute, a recipe whose memory plan (:mod:`compactlm.plan`) does not fit this machine."""
+    if os.environ.get(SKIP_MEMORY_CHECK) == "1":
+        return
+    from compactlm.plan import Machine, check_fits, local_config, plan_run
+
+    student = None if recipe.pruned_student else local_config(recipe.student)
+    plan = plan_run(recipe, teacher_dir, Machine.detect(gpus=0 if recipe.device == "cpu" else None), student)
+    try:
+        check_fits(plan)
+    except ValueError as e:
+        raise RecipeError(f"{e}\n(set {SKIP_MEMORY_CHECK}=1 to run it anyway)") from None
 
 
 def _check_rounds(recipe: Recipe, teacher_dir: str | os.PathLike, target: dict[str, Any]) -> None:

@@ -2,6 +2,7 @@
 
     compactlm run configs/smollm2-demo.yaml [--set distill.steps=50 ...]
     compactlm validate configs/smollm2-demo.yaml [--set ...]
+    compactlm plan configs/smollm2-demo.yaml [--gpus 8 --gpu-mem 80 --cpu-mem 1024] [--teacher-config FILE]
     compactlm schema
 
 The recipe is validated before Prefect, torch or any model is imported, so a bad recipe fails in well under
@@ -42,8 +43,45 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("-v", "--verbose", action="store_true",
                             help="also show every stage's output live (vLLM, lm-eval, Prefect); it is always in "
                                  "<workdir>/logs")
+    sp = sub.add_parser("plan", help="per stage, the memory it needs and the strategy it uses (from config.json "
+                        "only); exits 3 when a stage does not fit")
+    sp.add_argument("recipe", help="path to a YAML recipe (see configs/)")
+    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--gpus", type=int, help="GPUs to plan for (default: what nvidia-smi lists)")
+    sp.add_argument("--gpu-mem", type=float, metavar="GiB", help="memory of each GPU (default: nvidia-smi's)")
+    sp.add_argument("--cpu-mem", type=float, metavar="GiB", help="host memory (default: this machine's)")
+    sp.add_argument("--teacher-config", metavar="PATH", help="the teacher's config.json (or folder), to plan "
+                    "before downloading it; default: the recipe's teacher when it is a local folder")
+    sp.add_argument("--student-config", metavar="PATH", help="a student of your own's config.json (or folder)")
+    sp.add_argument("--json", action="store_true", help="print the plan as JSON")
     sub.add_parser("schema", help="print the recipe's JSON schema (the Prefect UI form)")
     return p
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """`compactlm plan`: the table (or JSON); 3 when a stage does not fit, 2 on bad input."""
+    from compactlm.plan import Machine, check_fits, local_config, plan_run
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+        teacher = args.teacher_config or local_config(recipe.teacher)
+        if teacher is None:
+            raise ValueError(f"teacher {recipe.teacher!r} has no local config.json yet: pass --teacher-config "
+                             "PATH (its config.json), or run once to fetch or convert it")
+        student = args.student_config or (None if recipe.pruned_student else local_config(recipe.student))
+        machine = Machine.detect(0 if recipe.device == "cpu" and args.gpus is None else args.gpus, args.gpu_mem,
+                                 args.cpu_mem)
+        plan = plan_run(recipe, teacher, machine, student)
+    except (RecipeError, ValueError) as e:
+        print(f"compactlm: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
+    try:
+        check_fits(plan)
+    except ValueError as e:
+        print(f"compactlm: {e}", file=sys.stderr)
+        return 3
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "schema":
         print(json.dumps(Recipe.model_json_schema(), indent=2))
         return 0
+    if args.command == "plan":
+        return _plan(args)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
         local = Path(recipe.teacher).expanduser()

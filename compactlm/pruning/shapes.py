@@ -146,11 +146,17 @@ def _counter(config: Any) -> Callable[[int, int, int], tuple[int, int]]:
     return count
 
 
+def param_split(config: Any, shape: dict[str, int] | None = None) -> tuple[int, int]:
+    """(parameters outside the decoder layers, parameters of one layer) of `config`'s architecture at `shape`
+    (default: its own) as it is written, tied embeddings counted once."""
+    s = {**shape_of(config), **(shape or {})}
+    return _counter(config)(s["hidden_size"], s["intermediate_size"], s["num_attention_heads"])
+
+
 def param_count(config: Any, shape: dict[str, int] | None = None) -> int:
     """Parameters of `config`'s architecture at `shape` (default: its own), tied embeddings counted once."""
-    s = {**shape_of(config), **(shape or {})}
-    fixed, per_layer = _counter(config)(s["hidden_size"], s["intermediate_size"], s["num_attention_heads"])
-    return fixed + s["num_hidden_layers"] * per_layer
+    fixed, per_layer = param_split(config, shape)
+    return fixed + {**shape_of(config), **(shape or {})}["num_hidden_layers"] * per_layer
 
 
 def _multiples(full: int, step: int) -> list[int]:

@@ -1,0 +1,220 @@
+"""The memory plan of a recipe (``compactlm plan``): per stage, where it runs, the strategy it will use and the
+memory one process needs, from the teacher's (and a given student's) ``config.json`` only: no weights are read.
+
+A run refuses before any compute when a stage cannot fit the machine, with the plan's numbers and the setting that
+makes it fit (:func:`check_fits`). The part sizes come from :mod:`compactlm.footprint`; every stage adds the
+runtime of a process (Python, torch, transformers: ``RUNTIME_CPU``; the CUDA context: ``RUNTIME_GPU``).
+The measured peaks these predictions are checked against are in docs/benchmarks.md ("memory plan").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compactlm import footprint as fp
+from compactlm import stage_plans as stages
+from compactlm.config import Recipe
+from compactlm.footprint import GiB, StageNeed
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What a run may use: GPUs with their memory each, and the host's memory."""
+
+    gpus: int = 0
+    gpu_mem_gib: float = 0.0
+    cpu_mem_gib: float = 0.0
+
+    @classmethod
+    def detect(cls, gpus: int | None = None, gpu_mem_gib: float | None = None,
+               cpu_mem_gib: float | None = None) -> Machine:
+        """This machine, any value given overriding what is found (nvidia-smi, /proc/meminfo, a cgroup limit)."""
+        found = _nvidia_smi() if gpus is None or gpu_mem_gib is None else []
+        return cls(gpus=len(found) if gpus is None else gpus,
+                   gpu_mem_gib=(min(found) if found else 0.0) if gpu_mem_gib is None else gpu_mem_gib,
+                   cpu_mem_gib=host_memory_gib() if cpu_mem_gib is None else cpu_mem_gib)
+
+
+@dataclass
+class Plan:
+    machine: Machine
+    needs: list[StageNeed] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def misfits(self) -> list[tuple[StageNeed, float]]:
+        """(stage, GiB available) for each stage that does not fit."""
+        out = []
+        for n in self.needs:
+            have = self.machine.gpu_mem_gib if n.device == "gpu" else self.machine.cpu_mem_gib
+            if have and n.need_gib() > have:
+                out.append((n, have))
+        return out
+
+    def table(self) -> str:
+        m = self.machine
+        head = (f"machine: {m.gpus} GPU(s) x {m.gpu_mem_gib:.1f} GiB, host {m.cpu_mem_gib:.1f} GiB\n"
+                "| stage | device | strategy | GiB per process | processes | needs GiB | fits | largest parts |\n"
+                "|---|---|---|---:|---:|---:|---|---|")
+        bad = {id(n) for n, _ in self.misfits()}
+        rows = []
+        for n in self.needs:
+            parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in n.largest())
+            rows.append(f"| {n.stage} | {n.device} | {n.strategy} | {n.per_process / GiB:.2f} | {n.ranks} | "
+                        f"{n.need_gib():.2f} | {'NO' if id(n) in bad else 'yes'} | {parts} |")
+        return "\n".join([head, *rows, *(f"note: {x}" for x in self.notes)])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"machine": vars(self.machine), "notes": self.notes, "stages": [
+            {"stage": n.stage, "device": n.device, "strategy": n.strategy, "ranks": n.ranks,
+             "per_process_gib": round(n.per_process / GiB, 3), "need_gib": round(n.need_gib(), 3),
+             "parts_mib": {k: round(v / fp.MiB, 1) for k, v in n.parts.items()},
+             "transient_mib": {k: round(v / fp.MiB, 1) for k, v in n.transient.items()}, "fix": n.fix,
+             "fits": all(n is not x for x, _ in self.misfits())} for n in self.needs]}
+
+
+#: Host memory (GiB) to plan for instead of this machine's (e.g. to leave room for other jobs).
+HOST_MEM_ENV = "COMPACTLM_HOST_MEM_GIB"
+
+
+def host_memory_gib() -> float:
+    """The host memory a run may use: $COMPACTLM_HOST_MEM_GIB, else MemTotal, or this process's memory cgroup
+    limit when lower (v1 or v2, read from /proc/self/cgroup)."""
+    if os.environ.get(HOST_MEM_ENV):
+        return float(os.environ[HOST_MEM_ENV])
+    try:
+        total = next(int(ln.split()[1]) * 1024 for ln in Path("/proc/meminfo").read_text().splitlines()
+                     if ln.startswith("MemTotal:"))
+    except (OSError, StopIteration):
+        return 0.0
+    limit = _cgroup_limit()
+    return (min(total, limit) if limit else total) / GiB
+
+
+def _cgroup_limit() -> int | None:
+    """This process's memory cgroup limit in bytes (None when unlimited or unknown)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            file = Path("/sys/fs/cgroup", path.lstrip("/"), "memory.max")
+        elif "memory" in controllers.split(","):  # v1
+            file = Path("/sys/fs/cgroup/memory", path.lstrip("/"), "memory.limit_in_bytes")
+        else:
+            continue
+        try:
+            value = file.read_text().strip()
+        except OSError:
+            continue
+        if value.isdigit() and int(value) < 1 << 60:
+            return int(value)
+    return None
+
+
+def _nvidia_smi() -> list[float]:
+    """Memory (GiB) of each visible GPU, from nvidia-smi; [] without one."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [float(x) / 1024 for x in out.split() if x.strip().replace(".", "", 1).isdigit()]
+
+
+def plan_recipe(recipe: Recipe, teacher_config: Any, machine: Machine, *, student_config: Any = None,
+                student_shape: dict[str, int] | None = None) -> Plan:
+    """Every stage of `recipe` on `machine`. `student_shape` is the pruned student's (the prune target);
+    `student_config` a given student's config (None: its stages are planned once it is resolved, with a note)."""
+    gpu = machine.gpus > 0 and recipe.device != "cpu"
+    t = fp.dims(teacher_config)
+    plan = Plan(machine)
+    s = fp.dims(teacher_config, student_shape) if recipe.pruned_student else (
+        fp.dims(student_config) if student_config is not None else None)
+    plan.needs.append(stages.generate(recipe.generate, t, gpu, machine.gpu_mem_gib))
+    if recipe.correct is not None:
+        plan.needs.append(stages.correct(recipe.correct, t, gpu))
+    if recipe.pruned_student:
+        plan.needs += [stages.score(recipe.score, t, gpu), stages.prune(recipe.prune, t, s, gpu)]
+    if s is None:
+        plan.notes.append(f"student {recipe.student!r}: no local config.json yet, so distill, evaluate and export "
+                          "are planned once it is resolved")
+        return plan
+    for i, cfg in enumerate(recipe.distill_stages):
+        name = "distill" if i == 0 else f"distill_then.{i - 1}"
+        plan.needs.append(stages.distill(cfg, name, t, s, gpu, machine.gpus))
+        host = stages.distill_host(cfg, name, t, s) if gpu else None
+        if host is not None:
+            plan.needs.append(host)
+    plan.needs.append(stages.evaluate(recipe.eval, t, s, gpu, machine.gpu_mem_gib))
+    if recipe.export.enabled:
+        plan.needs.append(stages.export(recipe.export, s))
+    if recipe.schedule is not None:
+        plan.notes.append(f"schedule: the {recipe.schedule.rounds} rounds score, prune and distill students between "
+                          "the teacher's shape and the final one: none needs more than the teacher's rows above")
+    return plan
+
+
+def read_config(path: str | os.PathLike) -> Any:
+    """A model's config from its folder or a config.json file (no weights); ValueError when there is none."""
+    from transformers import AutoConfig
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise ValueError(f"no config.json at {str(path)!r}: give a model folder or a config.json file")
+    d = json.loads(p.read_text())
+    if "model_type" not in d:
+        raise ValueError(f"{p} has no model_type: is it a transformers config.json?")
+    return AutoConfig.for_model(**d)
+
+
+def local_config(ref: str) -> Path | None:
+    """The config.json of a model reference that is a local folder (None for aliases, GGUF files, hub ids)."""
+    p = Path(ref).expanduser() / "config.json"
+    return p if p.is_file() else None
+
+
+def plan_run(recipe: Recipe, teacher: str | os.PathLike, machine: Machine,
+             student: str | os.PathLike | None = None) -> Plan:
+    """:func:`plan_recipe` from the teacher's (and a given student's) folder or config.json file; the pruned
+    student's shape is prune's target (a budget's: its first candidate, about the budget's size)."""
+    from compactlm.config import SHAPE_FIELDS
+    from compactlm.pruning.shapes import target_shape
+
+    config = read_config(teacher)
+    shape = None
+    if recipe.pruned_student:
+        target = target_shape(config, recipe.prune)
+        shape = {k: target[k] for k in SHAPE_FIELDS}
+    s_config = read_config(student) if student is not None else None
+    return plan_recipe(recipe, config, machine, student_config=s_config, student_shape=shape)
+
+
+def check_fits(plan: Plan) -> None:
+    """ValueError naming each stage that does not fit, its numbers and the fix; nothing when all fit."""
+    bad = plan.misfits()
+    if not bad:
+        return
+    lines = []
+    for n, have in bad:
+        where = "per GPU" if n.device == "gpu" else "of host memory" + (
+            f" ({n.ranks} processes x {n.per_process / GiB:.1f})" if n.ranks > 1 else "")
+        lines.append(f"{n.stage} ({n.strategy}): needs {n.need_gib():.1f} GiB {where}, has {have:.1f} GiB; "
+                     f"fix: {n.fix or 'a machine with more memory'}")
+    raise ValueError("the run does not fit this machine (compactlm plan RECIPE shows every stage):\n  "
+                     + "\n  ".join(lines))
+
+
+__all__ = ["Machine", "Plan", "StageNeed", "check_fits", "host_memory_gib", "local_config", "plan_recipe", "plan_run",
+           "read_config"]
