@@ -31,9 +31,9 @@ REFERENCE, CANDIDATE = "teacher", "student"  # the gate's labels (as the compres
 
 
 def _model_key_config(cfg: EvalConfig) -> dict:
-    """What a single model's scores depend on: the config minus the gate threshold and how the choices are
-    batched (``shared_prefix`` gives the same scores)."""
-    return cfg.model_dump(mode="json", exclude={"min_recovery", "shared_prefix"})
+    """What a single model's scores depend on: the config minus the gate threshold, how the choices are batched
+    (``shared_prefix`` gives the same scores) and over how many GPUs."""
+    return cfg.model_dump(mode="json", exclude={"min_recovery", "shared_prefix", "tensor_parallel_size"})
 
 
 def _task_inputs(cfg: EvalConfig) -> list[str]:

@@ -383,6 +383,9 @@ class EvalConfig(_Strict):
     backend: Literal["hf", "vllm"] = Field(
         "hf", description="Scoring engine: hf = Hugging Face model in this process; vllm = vLLM in a child process",
     )
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="vllm backend: GPUs per engine (tensor parallel), for a model larger than one GPU",
+    )
     speed: bool = Field(True, description="Also measure decode speed: greedy, 16 new tokens per prompt at batch 1 "
                         "and batch 8, the models interleaved over 3 rounds (medians); a model evaluated alone: "
                         "8 prompts x 32 tokens at batch 8")
@@ -416,6 +419,13 @@ class EvalConfig(_Strict):
         if v is not None and not Path(v).expanduser().is_dir():
             raise ValueError(f"folder not found: {v!r} (give the folder holding your lm-eval task YAMLs)")
         return v
+
+    @model_validator(mode="after")
+    def _tensor_parallel_needs_vllm(self) -> EvalConfig:
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise ValueError(f"tensor_parallel_size: {self.tensor_parallel_size} splits a model over GPUs with vLLM; "
+                             "set backend: vllm (or tensor_parallel_size: 1)")
+        return self
 
     @model_validator(mode="after")
     def _jsonl_tasks_listed(self) -> EvalConfig:

@@ -236,7 +236,7 @@ def vllm_lm(model_dir: str | os.PathLike, cfg: EvalConfig, *, device: str = "cpu
     with nullcontext() if device.startswith("cuda") else vllm_cpu_env():
         return module.VLLM(pretrained=str(model_dir), dtype=eval_dtype(cfg, device), batch_size=cfg.batch_size,
                            max_model_len=cfg.max_length, seed=seed, trust_remote_code=False,
-                           enforce_eager=True)
+                           enforce_eager=True, tensor_parallel_size=cfg.tensor_parallel_size)
 
 
 def _shutdown_vllm(lm) -> None:

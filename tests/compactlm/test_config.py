@@ -56,6 +56,10 @@ def test_eval_config_new_fields():
     for bad in ({"backend": "tgi"}, {"min_recovery": 1.2}, {"min_recovery": -0.1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             EvalConfig(**bad)
+    assert EvalConfig(backend="vllm", tensor_parallel_size=8).tensor_parallel_size == 8
+    with pytest.raises(ValueError, match="tensor_parallel_size: 2 splits a model over GPUs with vLLM; set backend: "
+                                         "vllm"):
+        EvalConfig(tensor_parallel_size=2)
 
 
 def test_form_groups_the_sections_and_shares_the_run_settings():
