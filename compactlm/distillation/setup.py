@@ -299,7 +299,10 @@ def _load_models(run: Run) -> None:
     from compactlm.distillation.hidden import kept_channels, make_projection
     from compactlm.distillation.lora import with_lora
 
-    run.student = load_model(run.student_dir, dtype="float32", device=run.device).train()
+    # FSDP moves each unit to the device as it shards it (fully_shard), so under fsdp the models load on the host
+    # and the GPU never holds a whole one; otherwise they load straight onto the device
+    where = "cpu" if run.par.fsdp else run.device
+    run.student = load_model(run.student_dir, dtype="float32", device=where).train()
     if run.cfg.lora is not None:
         try:
             run.student = with_lora(run.student, run.cfg.lora, "distill.lora")
@@ -308,8 +311,7 @@ def _load_models(run: Run) -> None:
     if run.cfg.gradient_checkpointing:
         run.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if run.needs_teacher:
-        run.teacher = load_model(run.teacher_dir, dtype="bfloat16" if run.cuda else "float32",
-                                 device=run.device).eval()
+        run.teacher = load_model(run.teacher_dir, dtype="bfloat16" if run.cuda else "float32", device=where).eval()
         run.teacher.requires_grad_(False)
     if run.use_hidden:
         run.projection = make_projection(int(_get(run.s_conf, "hidden_size")), int(_get(run.t_conf, "hidden_size")),
