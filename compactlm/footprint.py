@@ -130,7 +130,7 @@ class StageNeed:
     stage: str
     device: str
     strategy: str
-    parts: dict[str, int]
+    parts: dict[str, int] = field(default_factory=dict)
     transient: dict[str, int] = field(default_factory=dict)
     ranks: int = 1
     fix: str = ""

@@ -21,24 +21,27 @@ from compactlm import footprint as fp
 from compactlm import stage_plans as stages
 from compactlm.config import Recipe
 from compactlm.footprint import GiB, StageNeed
+from compactlm.runtime import affinity_cores
 
 
 @dataclass(frozen=True)
 class Machine:
-    """What a run may use: GPUs with their memory each, and the host's memory."""
+    """What a run may use: GPUs with their memory each, the host's memory and CPUs."""
 
     gpus: int = 0
     gpu_mem_gib: float = 0.0
     cpu_mem_gib: float = 0.0
+    cpus: int = 1
 
     @classmethod
-    def detect(cls, gpus: int | None = None, gpu_mem_gib: float | None = None,
-               cpu_mem_gib: float | None = None) -> Machine:
+    def detect(cls, gpus: int | None = None, gpu_mem_gib: float | None = None, cpu_mem_gib: float | None = None,
+               cpus: int | None = None) -> Machine:
         """This machine, any value given overriding what is found (nvidia-smi, /proc/meminfo, a cgroup limit)."""
         found = _nvidia_smi() if gpus is None or gpu_mem_gib is None else []
         return cls(gpus=len(found) if gpus is None else gpus,
                    gpu_mem_gib=(min(found) if found else 0.0) if gpu_mem_gib is None else gpu_mem_gib,
-                   cpu_mem_gib=host_memory_gib() if cpu_mem_gib is None else cpu_mem_gib)
+                   cpu_mem_gib=host_memory_gib() if cpu_mem_gib is None else cpu_mem_gib,
+                   cpus=cpus or len(affinity_cores()))
 
 
 @dataclass
@@ -86,7 +89,10 @@ def host_memory_gib() -> float:
     """The host memory a run may use: $COMPACTLM_HOST_MEM_GIB, else MemTotal, or this process's memory cgroup
     limit when lower (v1 or v2, read from /proc/self/cgroup)."""
     if os.environ.get(HOST_MEM_ENV):
-        return float(os.environ[HOST_MEM_ENV])
+        try:
+            return float(os.environ[HOST_MEM_ENV])
+        except ValueError:
+            raise ValueError(f"{HOST_MEM_ENV}={os.environ[HOST_MEM_ENV]!r} is not a number of GiB (e.g. 64)") from None
     try:
         total = next(int(ln.split()[1]) * 1024 for ln in Path("/proc/meminfo").read_text().splitlines()
                      if ln.startswith("MemTotal:"))
@@ -103,6 +109,8 @@ def _cgroup_limit() -> int | None:
     except OSError:
         return None
     for line in lines:
+        if line.count(":") < 2:
+            continue
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # v2
             file = Path("/sys/fs/cgroup", path.lstrip("/"), "memory.max")
@@ -144,7 +152,7 @@ def plan_recipe(recipe: Recipe, teacher_config: Any, machine: Machine, *, studen
     if recipe.correct is not None:
         plan.needs.append(stages.correct(recipe.correct, t, gpu))
     if recipe.pruned_student:
-        plan.needs += [stages.score(recipe.score, t, gpu), stages.prune(recipe.prune, t, s, gpu)]
+        plan.needs += [stages.score(recipe.score, t, gpu), stages.prune(recipe.prune, t, s, gpu, machine.cpus)]
     if s is None:
         plan.notes.append(f"student {recipe.student!r}: no local config.json yet, so distill, evaluate and export "
                           "are planned once it is resolved")

@@ -3,6 +3,7 @@ generation, evaluation and on-policy distillation, so no stage imports another).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -123,12 +124,21 @@ def release_freed_memory() -> bool:
     """Hand memory the process has freed back to the system (glibc's ``malloc_trim``): freeing one large tensor
     after another (a layer at a time) otherwise leaves it in the allocator's heap, and the resident size creeps up
     by about a layer per layer, more or less depending on which thread freed what. False where there is no glibc."""
+    libc = _libc()
+    try:
+        return bool(libc is not None and libc.malloc_trim(0))
+    except AttributeError:  # a libc without malloc_trim (musl)
+        return False
+
+
+@functools.cache
+def _libc():
+    """The C library, found once (``find_library`` runs ``ldconfig`` in a subprocess: a fork of this process)."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        return bool(libc is not None and libc.malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None

@@ -27,6 +27,9 @@ from compactlm.footprint import BYTES, Dims, GiB, StageNeed
 VLLM_GPU_SHARE, VLLM_OVERHEAD = 0.9, int(1.5 * GiB)
 #: vLLM's KV cache on CPU when VLLM_CPU_KVCACHE_SPACE is unset (compactlm.runtime.DEFAULT_CPU_KVCACHE_GIB).
 VLLM_CPU_KV_GIB = 2
+#: vLLM's libraries and its engine process on CPU beyond RUNTIME_CPU (measured with a tiny model and SmolLM2-135M:
+#: peak RSS of the caller + the engine = 2 x weights + KV space + 2.0 GiB; benchmarks/plan.py).
+VLLM_CPU_RUNTIME = int(1.4 * GiB)
 #: Tokens of one benchmark request in the evaluate stage's plan (multiple-choice context and continuation).
 EVAL_TOKENS = 512
 
@@ -53,8 +56,9 @@ def _vllm(stage: str, field: str, d: Dims, dtype: str, tp: int, max_model_len: i
             fp.kv_cache(d, max_model_len, 2) // tp, "vllm workspace": VLLM_OVERHEAD,
             "vllm reserve": int((1 - VLLM_GPU_SHARE) * gpu_mem_gib * GiB)})
     kv = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or VLLM_CPU_KV_GIB)
-    return StageNeed(stage, "cpu", "vLLM (CPU)", parts={"weights": fp.weights(d, dtype), "kv cache": int(kv * GiB)},
-                     fix=f"{field}.dtype: bfloat16, or a smaller VLLM_CPU_KVCACHE_SPACE")
+    return StageNeed(stage, "cpu", "vLLM (CPU)", fix=f"{field}.dtype: bfloat16, or a smaller VLLM_CPU_KVCACHE_SPACE",
+                     parts={"weights, twice (vLLM's two processes)": 2 * fp.weights(d, dtype),
+                            "kv cache": int(kv * GiB), "vllm runtime": VLLM_CPU_RUNTIME})
 
 
 def generate(cfg: GenerateConfig, t: Dims, gpu: bool, gpu_mem_gib: float) -> StageNeed:
@@ -120,21 +124,28 @@ def score(cfg: ScoreConfig, t: Dims, gpu: bool) -> StageNeed:
                      fix="score.streaming: true (one decoder layer at a time)")
 
 
-def prune(cfg: PruneConfig, t: Dims, s: Dims, gpu: bool) -> StageNeed:
+def prune(cfg: PruneConfig, t: Dims, s: Dims, gpu: bool, cpus: int = 1) -> StageNeed:
+    """Streaming: a tensor and its slice. In memory: the teacher, the student and its serialized copy. A budget
+    first measures min(search, CPUs) candidates at once (each task loads the teacher in fp32: a teacher stored in
+    fp32 is the same file pages for all, one stored in bf16 a copy each), then cuts the chosen shape."""
     if cfg.streaming:
         largest = fp.largest_tensor(t) * BYTES[t.dtype]
         return StageNeed("prune", "cpu", "streaming: tensor by tensor from the files",
                          parts={"a teacher tensor and its slice": 2 * largest})
     dtype = "float32" if cfg.repair is not None else t.dtype
-    parts = {"teacher": fp.weights(t, dtype), "student": fp.weights(s, dtype)}
-    transient = {"loading": _loading(t, dtype), "saving": fp.weights(s, t.dtype)}
-    if cfg.budget is not None:  # each candidate measured: its fp32 copy, the teacher too for the KL proxy
-        parts["candidate (fp32)"] = fp.weights(s, "float32")
-        tokens = min(8, cfg.budget.proxy_samples) * cfg.budget.proxy_seq_len
-        transient["proxy batch"] = fp.forward_workspace(t, tokens) + fp.logits(t, tokens)
-    where = "gpu" if gpu and (cfg.repair is not None or cfg.budget is not None) else "cpu"
-    return StageNeed("prune", where, f"in memory ({dtype})" + (", budget search" if cfg.budget else ""), parts=parts,
-                     transient=transient, fix="prune.streaming: true (tensor by tensor; an explicit shape, no repair)")
+    fix = "prune.streaming: true (tensor by tensor; an explicit shape, no repair)"
+    if cfg.budget is None:
+        return StageNeed("prune", "gpu" if gpu and cfg.repair is not None else "cpu", f"in memory ({dtype})",
+                         parts={"teacher": fp.weights(t, dtype), "student": fp.weights(s, dtype)},
+                         transient={"loading": _loading(t, dtype), "saving": fp.weights(s, t.dtype)}, fix=fix)
+    k = max(1, min(cfg.budget.search, cpus))
+    tokens = min(8, cfg.budget.proxy_samples) * cfg.budget.proxy_seq_len
+    copy = fp.weights(t, "float32") if t.dtype != "float32" else 0
+    each = copy + fp.weights(s, "float32") + fp.forward_workspace(t, tokens) + fp.logits(t, tokens)
+    cut = fp.weights(t, dtype) + 2 * fp.weights(s, dtype)
+    return StageNeed("prune", "gpu" if gpu else "cpu", f"budget search, {k} candidates at once", transient={
+        f"{k} candidates at once": k * each + (0 if copy else fp.weights(t, "float32")), "final cut": cut},
+        fix="a smaller prune.budget.search (candidates measured at once), or an explicit shape with prune.streaming")
 
 
 def distill(cfg: DistillConfig, name: str, t: Dims, s: Dims, gpu: bool, gpus: int) -> StageNeed:

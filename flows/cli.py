@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--gpus", type=int, help="GPUs to plan for (default: what nvidia-smi lists)")
     sp.add_argument("--gpu-mem", type=float, metavar="GiB", help="memory of each GPU (default: nvidia-smi's)")
     sp.add_argument("--cpu-mem", type=float, metavar="GiB", help="host memory (default: this machine's)")
+    sp.add_argument("--cpus", type=int, help="host CPUs (default: this machine's; sets how many budget candidates "
+                    "are measured at once)")
     sp.add_argument("--teacher-config", metavar="PATH", help="the teacher's config.json (or folder), to plan "
                     "before downloading it; default: the recipe's teacher when it is a local folder")
     sp.add_argument("--student-config", metavar="PATH", help="a student of your own's config.json (or folder)")
@@ -70,7 +72,7 @@ def _plan(args: argparse.Namespace) -> int:
                              "PATH (its config.json), or run once to fetch or convert it")
         student = args.student_config or (None if recipe.pruned_student else local_config(recipe.student))
         machine = Machine.detect(0 if recipe.device == "cpu" and args.gpus is None else args.gpus, args.gpu_mem,
-                                 args.cpu_mem)
+                                 args.cpu_mem, args.cpus)
         plan = plan_run(recipe, teacher, machine, student)
     except (RecipeError, ValueError) as e:
         print(f"compactlm: {e}", file=sys.stderr)

@@ -65,6 +65,16 @@ def test_streaming_holds_a_layer_not_the_model(tiny_gqa_model_dir):
     assert cut.model_bytes < fp.weights(d, "float32")
 
 
+def test_a_budget_search_holds_a_candidate_per_cpu_it_runs_on(tiny_gqa_model_dir):
+    config = read_config(tiny_gqa_model_dir)
+    t, s = fp.dims(config), fp.dims(config, {"intermediate_size": 256})
+    cfg = PruneConfig(budget={"params": 0.8, "search": 4})
+    one, four, many = (stages.prune(cfg, t, s, False, cpus) for cpus in (1, 4, 64))
+    assert four.strategy == many.strategy == "budget search, 4 candidates at once"  # never more than `search`
+    shared = fp.weights(t, "float32")  # the fp32 teacher's file pages, shared by the candidates
+    assert four.transient["4 candidates at once"] - shared == 4 * (one.transient["1 candidates at once"] - shared)
+
+
 def test_a_stage_that_does_not_fit_is_named_with_its_numbers_and_the_fix(tiny_model_dir):
     recipe = load_recipe(REPO / "configs/tiny-test.yaml", ["distill.batch_size=64", "distill.seq_len=2048"])
     plan = plan_run(recipe, tiny_model_dir, Machine(cpu_mem_gib=4))
@@ -106,6 +116,9 @@ def test_a_given_student_without_a_local_config_is_planned_later(tiny_model_dir)
 def test_host_memory_is_the_env_override_or_at_most_meminfo(monkeypatch):
     monkeypatch.setenv("COMPACTLM_HOST_MEM_GIB", "3.5")
     assert host_memory_gib() == 3.5
+    monkeypatch.setenv("COMPACTLM_HOST_MEM_GIB", "lots")
+    with pytest.raises(ValueError, match="COMPACTLM_HOST_MEM_GIB='lots' is not a number of GiB"):
+        host_memory_gib()
     monkeypatch.delenv("COMPACTLM_HOST_MEM_GIB")
     total = next(int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemTotal:")) / 2**20
     assert 0 < host_memory_gib() <= total

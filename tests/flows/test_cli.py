@@ -58,48 +58,57 @@ def test_truncated_teacher_fails_in_seconds_naming_the_file(tmp_path, tiny_model
         assert time.time() - t0 < 20 and not (tmp_path / "w").exists()
 
 
-def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=120, env={**os.environ, **(env or {})})
+def test_plan_prints_every_stage_and_exits_3_when_one_does_not_fit(tiny_model_dir, capsys):
+    from flows.cli import main
 
-
-def test_plan_prints_every_stage_and_exits_3_when_one_does_not_fit(tiny_model_dir):
     recipe = str(REPO / "configs/tiny-test.yaml")
-    ok = _cli("plan", recipe, "--teacher-config", str(tiny_model_dir), "--cpu-mem", "64")
-    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert main(["plan", recipe, "--teacher-config", str(tiny_model_dir), "--cpu-mem", "64"]) == 0
+    out = capsys.readouterr().out
     for stage in ("generate", "score", "prune", "distill", "evaluate"):
-        assert f"| {stage} | cpu |" in ok.stdout
-    small = _cli("plan", recipe, "--teacher-config", str(tiny_model_dir), "--cpu-mem", "0.5", "--json")
-    assert small.returncode == 3, small.stderr[-2000:]
-    plan = json.loads(small.stdout)
+        assert f"| {stage} | cpu |" in out
+    assert main(["plan", recipe, "--teacher-config", str(tiny_model_dir), "--cpu-mem", "0.5", "--json"]) == 3
+    out, err = capsys.readouterr()
+    plan = json.loads(out)
     assert plan["machine"]["cpu_mem_gib"] == 0.5 and not any(s["fits"] for s in plan["stages"])
-    assert "the run does not fit this machine" in small.stderr and "has 0.5 GiB; fix: " in small.stderr
-    hub = _cli("plan", recipe, "--set", "teacher=some-org/some-model")
-    assert hub.returncode == 2 and "pass --teacher-config PATH" in hub.stderr, hub.stderr
+    assert "the run does not fit this machine" in err and "has 0.5 GiB; fix: " in err
+    assert main(["plan", recipe, "--set", "teacher=some-org/some-model"]) == 2
+    assert "pass --teacher-config PATH" in capsys.readouterr().err
 
 
-def test_scaling_recipe_plans_offline_for_an_8_gpu_node():
-    scaling = REPO / "configs" / "scaling"
-    proc = _cli("plan", str(scaling / "llama-70b-to-8b.yaml"), "--gpus", "8", "--gpu-mem", "80", "--cpu-mem", "1024",
-                "--teacher-config", str(scaling / "llama-3.1-70b.json"),
-                "--student-config", str(scaling / "llama-3.1-8b.json"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "| distill | gpu | fsdp x 8, online teacher |" in proc.stdout
-    assert "| evaluate | gpu | vLLM, tensor parallel 8 |" in proc.stdout
-
-
-def test_run_refuses_before_compute_when_a_stage_does_not_fit(tmp_path, tiny_model_dir):
+def test_run_refuses_before_compute_when_a_stage_does_not_fit(tmp_path, tiny_model_dir, monkeypatch, capsys):
     """The memory plan is part of the preflight: `run` stops with the plan's numbers before anything is written;
     COMPACTLM_SKIP_MEMORY_CHECK=1 overrides it."""
-    args = ("run", str(REPO / "configs/tiny-test.yaml"), "--set", f"teacher={tiny_model_dir}",
-            "--set", f"workdir={tmp_path}/w")
-    proc = _cli(*args, env={"COMPACTLM_HOST_MEM_GIB": "0.5"})
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "distill (one process, online teacher): needs" in proc.stderr
-    assert "has 0.5 GiB; fix: " in proc.stderr and "COMPACTLM_SKIP_MEMORY_CHECK=1" in proc.stderr
+    from flows.cli import main
+
+    args = [str(REPO / "configs/tiny-test.yaml"), "--set", f"teacher={tiny_model_dir}",
+            "--set", f"workdir={tmp_path}/w"]
+    monkeypatch.setenv("COMPACTLM_HOST_MEM_GIB", "0.5")
+    assert main(["run", *args]) == 2
+    err = capsys.readouterr().err
+    assert "distill (one process, online teacher): needs" in err
+    assert "has 0.5 GiB; fix: " in err and "COMPACTLM_SKIP_MEMORY_CHECK=1" in err
     assert not (tmp_path / "w").exists()
-    skip = _cli("validate", *args[1:], env={"COMPACTLM_HOST_MEM_GIB": "0.5", "COMPACTLM_SKIP_MEMORY_CHECK": "1"})
-    assert skip.returncode == 0, skip.stderr[-2000:]
+    monkeypatch.setenv("COMPACTLM_SKIP_MEMORY_CHECK", "1")
+    assert main(["validate", *args]) == 0
+
+
+def test_the_plan_reads_the_memory_cgroup_limit(tmp_path, tiny_model_dir):
+    """Inside a memory cgroup (v1, made here; needs root) the plan's host memory is the group's limit."""
+    group = Path("/sys/fs/cgroup/memory") / f"compactlm-plan-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(1 << 30))
+    except OSError as e:
+        pytest.skip(f"no memory cgroup to make: {e}")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "validate", str(REPO / "configs/tiny-test.yaml"),
+             "--set", f"teacher={tiny_model_dir}"], capture_output=True, text=True, cwd=REPO, timeout=120,
+            preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
+    finally:
+        group.rmdir()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "has 1.0 GiB; fix: " in proc.stderr, proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -167,22 +176,3 @@ def test_interrupted_run_ends_in_seconds_with_one_line_to_resume(fault, shared_w
     assert "compactlm run" in last and f"workdir={shared_workdir}" in last
     assert _session_left(proc) == []
     assert any((d / "manifest.json").is_file() for d in (shared_workdir / "generate").iterdir())
-
-
-def test_the_plan_reads_the_memory_cgroup_limit(tmp_path, tiny_model_dir):
-    """Inside a memory cgroup (v1, made here; needs root) the plan's host memory is the group's limit."""
-    group = Path("/sys/fs/cgroup/memory") / f"compactlm-plan-{os.getpid()}"
-    try:
-        group.mkdir()
-        (group / "memory.limit_in_bytes").write_text(str(1 << 30))
-    except OSError as e:
-        pytest.skip(f"no memory cgroup to make: {e}")
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "flows.cli", "validate", str(REPO / "configs/tiny-test.yaml"),
-             "--set", f"teacher={tiny_model_dir}"], capture_output=True, text=True, cwd=REPO, timeout=120,
-            preexec_fn=lambda: (group / "cgroup.procs").write_text(str(os.getpid())))
-    finally:
-        group.rmdir()
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "has 1.0 GiB; fix: " in proc.stderr, proc.stderr
