@@ -159,7 +159,7 @@ def plan_recipe(recipe: Recipe, teacher_config: Any, machine: Machine, *, studen
         return plan
     for i, cfg in enumerate(recipe.distill_stages):
         name = "distill" if i == 0 else f"distill_then.{i - 1}"
-        plan.needs.append(stages.distill(cfg, name, t, s, gpu, machine.gpus))
+        plan.needs.append(stages.distill(cfg, name, t, s, gpu, machine.gpus, machine.gpu_mem_gib))
         host = stages.distill_host(cfg, name, t, s) if gpu else None
         if host is not None:
             plan.needs.append(host)

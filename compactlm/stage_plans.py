@@ -21,12 +21,12 @@ from compactlm.config import (
     PruneConfig,
     ScoreConfig,
 )
+from compactlm.distillation.sampler import GPU_SHARE as SAMPLER_GPU_SHARE
 from compactlm.footprint import BYTES, Dims, GiB, StageNeed
+from compactlm.runtime import DEFAULT_CPU_KVCACHE_GIB
 
 #: vLLM's share of a GPU (its gpu_memory_utilization default) and its CUDA graphs and activations beyond weights.
 VLLM_GPU_SHARE, VLLM_OVERHEAD = 0.9, int(1.5 * GiB)
-#: vLLM's KV cache on CPU when VLLM_CPU_KVCACHE_SPACE is unset (compactlm.runtime.DEFAULT_CPU_KVCACHE_GIB).
-VLLM_CPU_KV_GIB = 2
 #: vLLM's libraries and its engine process on CPU beyond RUNTIME_CPU (measured with a tiny model and SmolLM2-135M:
 #: peak RSS of the caller + the engine = 2 x weights + KV space + 2.0 GiB; benchmarks/plan.py).
 VLLM_CPU_RUNTIME = int(1.4 * GiB)
@@ -50,12 +50,12 @@ def _vllm(stage: str, field: str, d: Dims, dtype: str, tp: int, max_model_len: i
     sequence at least, CUDA graphs and activations, the tenth of the GPU it leaves); on CPU the weights and the KV
     space compactlm gives it."""
     if gpu:
-        return StageNeed(stage, "gpu", f"vLLM, tensor parallel {tp}", ranks=tp,
-                         fix=f"{field}.tensor_parallel_size: more GPUs per engine", parts={
-            "weights": fp.weights(d, "bfloat16") // tp, "kv cache (one max_model_len sequence)":
-            fp.kv_cache(d, max_model_len, 2) // tp, "vllm workspace": VLLM_OVERHEAD,
-            "vllm reserve": int((1 - VLLM_GPU_SHARE) * gpu_mem_gib * GiB)})
-    kv = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or VLLM_CPU_KV_GIB)
+        parts = {"weights": fp.weights(d, "bfloat16") // tp,
+                 "kv cache (one max_model_len sequence)": fp.kv_cache(d, max_model_len, 2) // tp,
+                 "vllm workspace": VLLM_OVERHEAD, "vllm reserve": int((1 - VLLM_GPU_SHARE) * gpu_mem_gib * GiB)}
+        return StageNeed(stage, "gpu", f"vLLM, tensor parallel {tp}", parts=parts, ranks=tp,
+                         fix=f"{field}.tensor_parallel_size: more GPUs per engine")
+    kv = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or DEFAULT_CPU_KVCACHE_GIB)
     return StageNeed(stage, "cpu", "vLLM (CPU)", fix=f"{field}.dtype: bfloat16, or a smaller VLLM_CPU_KVCACHE_SPACE",
                      parts={"weights, twice (vLLM's two processes)": 2 * fp.weights(d, dtype),
                             "kv cache": int(kv * GiB), "vllm runtime": VLLM_CPU_RUNTIME})
@@ -148,9 +148,11 @@ def prune(cfg: PruneConfig, t: Dims, s: Dims, gpu: bool, cpus: int = 1) -> Stage
         fix="a smaller prune.budget.search (candidates measured at once), or an explicit shape with prune.streaming")
 
 
-def distill(cfg: DistillConfig, name: str, t: Dims, s: Dims, gpu: bool, gpus: int) -> StageNeed:
+def distill(cfg: DistillConfig, name: str, t: Dims, s: Dims, gpu: bool, gpus: int,
+            gpu_mem_gib: float = 0.0) -> StageNeed:
     """One distillation stage per process: the student's state (sharded over the ranks with fsdp), the teacher
-    when a step runs it, one micro-batch's activations and the loss's logits."""
+    when a step runs it, one micro-batch's activations and the loss's logits; with on-policy sampling on vLLM, the
+    engine beside them (30 % of the GPU; on CPU the student's weights, its KV space and vLLM's libraries)."""
     world = cfg.nproc if cfg.strategy != "single" else 1
     micro = cfg.micro_batch_size or cfg.batch_size // world
     tokens = min(micro, cfg.batch_size // world) * cfg.seq_len
@@ -169,6 +171,10 @@ def distill(cfg: DistillConfig, name: str, t: Dims, s: Dims, gpu: bool, gpus: in
         _logit_copies(s, tokens, online and cfg.kd_weight > 0, gpu)
     if online and cfg.hidden_weight > 0:
         step += (t.layers + 1) * tokens * t.hidden * t_bytes
+    if cfg.on_policy is not None and cfg.on_policy.engine == "vllm":
+        kv = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or DEFAULT_CPU_KVCACHE_GIB)
+        parts["on-policy vLLM sampler"] = int(SAMPLER_GPU_SHARE * gpu_mem_gib * GiB) if gpu else \
+            fp.weights(s, "float32") + int(kv * GiB) + VLLM_CPU_RUNTIME
     loading = _loading(s, "float32", gpu) + (_loading(t, "float32", gpu) if online else 0)
     what = {"single": "one process", "ddp": f"ddp x {world}", "fsdp": f"fsdp x {world}"}[cfg.strategy]
     what += ", online teacher" if online else ", offline targets" if cfg.kd_weight > 0 else ""

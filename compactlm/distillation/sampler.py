@@ -14,6 +14,9 @@ import time
 from compactlm.config import OnPolicyConfig
 from compactlm.models import cut_at_eos
 
+#: The share of the GPU the engine takes (training keeps the rest).
+GPU_SHARE = 0.3
+
 
 class VLLMSampler:
     """A vLLM engine on `model_dir` (fp32 on CPU, bf16 with 30 % of the GPU on CUDA, where training keeps the rest),
@@ -24,7 +27,7 @@ class VLLMSampler:
 
         t0 = time.perf_counter()
         self.llm = start_vllm(model_dir, dtype="bfloat16" if cuda else "float32", max_model_len=seq_len, seed=seed,
-                              in_process=True, gpu_memory_utilization=0.3)
+                              in_process=True, gpu_memory_utilization=GPU_SHARE)
         self.start_seconds = time.perf_counter() - t0
         self.loads = 0
 

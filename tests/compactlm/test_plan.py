@@ -53,6 +53,8 @@ def test_offline_checkpointing_and_micro_batches_shrink_the_step(tiny_model_dir)
     assert need(gradient_checkpointing=True).transient["step"] < base.transient["step"]
     assert need(micro_batch_size=2).transient["step"] * 4 == pytest.approx(base.transient["step"], rel=1e-9)
     assert need(lora={"rank": 4}).parts["grads + AdamW"] < base.parts["grads + AdamW"] / 10
+    sampling = stages.distill(DistillConfig(on_policy={"engine": "vllm"}), "distill", d, d, True, 1, 80.0)
+    assert sampling.parts["on-policy vLLM sampler"] == int(0.3 * 80 * 2**30)  # the engine's share of the GPU
 
 
 def test_streaming_holds_a_layer_not_the_model(tiny_gqa_model_dir):
