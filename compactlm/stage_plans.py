@@ -183,19 +183,22 @@ def distill(cfg: DistillConfig, name: str, t: Dims, s: Dims, gpu: bool, gpus: in
 
 
 def distill_host(cfg: DistillConfig, name: str, t: Dims, s: Dims) -> StageNeed | None:
-    """On GPUs with several processes, the host side: each process loads the models there first (under fsdp FSDP
-    then moves them unit by unit); weights stored in the dtype they load in are shared file pages, counted once."""
+    """On GPUs with several processes, the host side while they load. Under fsdp each loads the models in their
+    stored dtype (the files' pages, shared: counted once over the processes) and FSDP converts one unit at a time as
+    it moves it to the GPU; under ddp each converts the whole student to fp32 on the host before moving it."""
     world = cfg.nproc if cfg.strategy != "single" else 1
-    online = (cfg.kd_weight > 0 and cfg.mode == "online") or cfg.hidden_weight > 0 or cfg.on_policy is not None
     if world == 1:
         return None
-    parts = {"student fp32 copy": _loading(s, "float32") and fp.weights(s, "float32")}
-    if online:
-        parts["teacher bf16 copy"] = _loading(t, "bfloat16") and fp.weights(t, "bfloat16")
-    shared = _file(s) + (_file(t) if online else 0)
-    return StageNeed(f"{name} (host)", "cpu", f"{world} processes load, then shard", parts=parts, ranks=world,
-                     transient={"files (page cache, shared)": shared // world},
-                     fix=f"store the student in float32 (no per-process copy), or fewer {name}.nproc")
+    online = (cfg.kd_weight > 0 and cfg.mode == "online") or cfg.hidden_weight > 0 or cfg.on_policy is not None
+    files = _file(s) + (_file(t) if online else 0)
+    if cfg.strategy == "fsdp":
+        parts = {"the unit being converted (fp32)": max(s.embed_params, s.layer_params) * 4}
+    else:
+        parts = {"student fp32 copy": _loading(s, "float32") and fp.weights(s, "float32"),
+                 "teacher bf16 copy": _loading(t, "bfloat16") and fp.weights(t, "bfloat16") if online else 0}
+    return StageNeed(f"{name} (host)", "cpu", f"{world} processes load, then move to their GPUs", parts=parts,
+                     ranks=world, transient={"files (page cache, shared)": files // world},
+                     fix=f"fewer {name}.nproc, or {name}.strategy: fsdp (converts one unit at a time)")
 
 
 def _distill_fix(cfg: DistillConfig, name: str, online: bool, gpu: bool, gpus: int) -> str:

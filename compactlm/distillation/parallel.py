@@ -68,9 +68,11 @@ class Parallel:
         """The module the forward pass calls: the student itself, DDP around it, or the student sharded in place
         (FSDP; before the optimizer is built, which then holds the shards)."""
         if self.fsdp:
+            import torch
+
             from compactlm.distillation.sharded import shard
 
-            return shard(student, cuda=self.device.startswith("cuda"))
+            return shard(student, cuda=self.device.startswith("cuda"), dtype=torch.float32)
         if self.world == 1:
             return student
         from torch.nn.parallel import DistributedDataParallel
@@ -81,9 +83,12 @@ class Parallel:
         """The frozen teacher, sharded too under FSDP (each layer gathered for its forward, then freed)."""
         if not self.fsdp:
             return teacher
+        import torch
+
         from compactlm.distillation.sharded import shard
 
-        return shard(teacher, cuda=self.device.startswith("cuda"), frozen=True)
+        cuda = self.device.startswith("cuda")
+        return shard(teacher, cuda=cuda, frozen=True, dtype=torch.bfloat16 if cuda else torch.float32)
 
     def sync(self, model: torch.nn.Module, last_micro: bool) -> contextlib.AbstractContextManager:
         """Gradient synchronisation happens once per step: on the last micro-batch (DDP's ``no_sync`` before,

@@ -299,10 +299,14 @@ def _load_models(run: Run) -> None:
     from compactlm.distillation.hidden import kept_channels, make_projection
     from compactlm.distillation.lora import with_lora
 
-    # FSDP moves each unit to the device as it shards it (fully_shard), so under fsdp the models load on the host
-    # and the GPU never holds a whole one; otherwise they load straight onto the device
-    where = "cpu" if run.par.fsdp else run.device
-    run.student = load_model(run.student_dir, dtype="float32", device=where).train()
+    # Under fsdp the models load on the host in the dtype they are stored in (their files' pages, shared by the
+    # processes) and FSDP converts and moves them to the device unit by unit as it shards them (parallel.wrap,
+    # shard_teacher): neither the host nor a GPU holds a whole model in the training dtype. Otherwise they load
+    # straight onto the device in it.
+    fsdp = run.par.fsdp
+    where = "cpu" if fsdp else run.device
+    run.student = load_model(run.student_dir, dtype=saved_dtype(run.s_conf) if fsdp else "float32",
+                             device=where).train()
     if run.cfg.lora is not None:
         try:
             run.student = with_lora(run.student, run.cfg.lora, "distill.lora")
@@ -311,7 +315,8 @@ def _load_models(run: Run) -> None:
     if run.cfg.gradient_checkpointing:
         run.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if run.needs_teacher:
-        run.teacher = load_model(run.teacher_dir, dtype="bfloat16" if run.cuda else "float32", device=where).eval()
+        t_dtype = saved_dtype(run.t_conf) if fsdp else "bfloat16" if run.cuda else "float32"
+        run.teacher = load_model(run.teacher_dir, dtype=t_dtype, device=where).eval()
         run.teacher.requires_grad_(False)
     if run.use_hidden:
         run.projection = make_projection(int(_get(run.s_conf, "hidden_size")), int(_get(run.t_conf, "hidden_size")),

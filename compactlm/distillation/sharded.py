@@ -32,15 +32,27 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
-def shard(model: torch.nn.Module, *, cuda: bool, frozen: bool = False) -> torch.nn.Module:
-    """`model` sharded in place over the default process group (see the module docstring); returns it."""
+def shard(model: torch.nn.Module, *, cuda: bool, frozen: bool = False,
+          dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """`model` sharded in place over the default process group (see the module docstring); returns it. With
+    `dtype`, each unit's parameters are converted to it just before FSDP takes the unit (and moves it to the
+    device), so a model loaded in the dtype it is stored in (its file's pages, shared by the processes) is never
+    held whole in the training dtype."""
     import torch
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda and not frozen \
         else MixedPrecisionPolicy()
-    for layer in decoder_layers(model):
+    layers = decoder_layers(model)
+    in_layers = {id(p) for layer in layers for p in layer.parameters()}
+    for layer in layers:
+        if dtype is not None:
+            layer.to(dtype)
         fully_shard(layer, mp_policy=mp, reshard_after_forward=True)
+    if dtype is not None:  # the root unit: embeddings (tied to the head or not), final norm, head
+        for p in model.parameters():
+            if id(p) not in in_layers and p.dtype != dtype:
+                p.data = p.data.to(dtype)
     fully_shard(model, mp_policy=mp, reshard_after_forward=True)
     return model
 
