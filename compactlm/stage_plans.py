@@ -176,6 +176,8 @@ def distill(cfg: DistillConfig, name: str, t: Dims, s: Dims, gpu: bool, gpus: in
         parts["on-policy vLLM sampler"] = int(SAMPLER_GPU_SHARE * gpu_mem_gib * GiB) if gpu else \
             fp.weights(s, "float32") + int(kv * GiB) + VLLM_CPU_RUNTIME
     loading = _loading(s, "float32", gpu) + (_loading(t, "float32", gpu) if online else 0)
+    if cfg.strategy == "fsdp":  # loaded in the stored dtype; one unit at a time converted while it is sharded
+        loading = 0 if gpu else max(s.embed_params, s.layer_params) * 4
     what = {"single": "one process", "ddp": f"ddp x {world}", "fsdp": f"fsdp x {world}"}[cfg.strategy]
     what += ", online teacher" if online else ", offline targets" if cfg.kd_weight > 0 else ""
     return StageNeed(name, "gpu" if gpu else "cpu", what, parts=parts, transient={"loading": loading, "step": step},
