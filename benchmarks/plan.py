@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/plan.py [--models tiny,smollm2-135m-instruct]
 
 For each model every stage runs as the pipeline runs it (the library call its task makes) in a child process of
-its own: generate (engine hf), score (in memory and streaming), prune (in memory and streaming, 75 % of the width),
+its own: generate (engine hf), score (in memory and streaming), prune (in memory and streaming, 75 % of the width;
+and a 75 % parameter budget on a bf16 copy of the teacher, 2 candidate tasks at once as the stage runs them),
 distill (one process, online KD; and with gradient checkpointing), evaluate (hf, the shipped compactlm_facts task
 and perplexity: the plan's row is a bound, ``bound``), generate with vLLM on CPU (the caller's and the engine
 process's peaks added). ``measured_mib`` is the child's peak RSS (``ru_maxrss``, the whole process);
@@ -74,6 +75,8 @@ def child(stage: str, args: dict) -> None:
         distill(a["teacher"], a["student"], a["data"], DistillConfig(**a["cfg"]), a["out"])
     elif stage == "evaluate":
         evaluate_model(a["teacher"], EvalConfig(**a["cfg"]))
+    elif stage == "prune-budget":
+        _budget_fan_out(a, PruneConfig(**a["cfg"]))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest rank / engine process
     print("RESULT " + json.dumps({"import_rss_mib": round(base, 1), "self_peak_mib": round(peak, 1),
@@ -81,6 +84,20 @@ def child(stage: str, args: dict) -> None:
                                   "measured_mib": round(children if a.get("measure") == "child" else
                                                         peak + children if a.get("measure") == "sum" else peak, 1),
                                   "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)
+
+
+def _budget_fan_out(a: dict, cfg) -> None:
+    """The prune stage with a budget, as its task does: the candidates measured by parallel tasks (threads, as
+    many as the plan counts), then the best one cut."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from compactlm.pruning import prune_to_dir
+    from compactlm.pruning.budget import measure_candidate, plan_candidates, rank_measured
+
+    pool = plan_candidates(a["teacher"], a["scores"], cfg)
+    with ThreadPoolExecutor(max_workers=a["workers"]) as ex:
+        measured = list(ex.map(lambda c: measure_candidate(a["teacher"], a["scores"], cfg, a["calibration"], c), pool))
+    prune_to_dir(a["teacher"], a["scores"], cfg, a["out"], ranking=rank_measured(measured))
 
 
 def _run(stage: str, args: dict) -> dict:
@@ -107,6 +124,8 @@ def _rows(name: str, teacher: Path, tmp: Path, repeats: int) -> list[dict]:
     from compactlm import footprint as fp
     from compactlm import stage_plans as plans
     from compactlm.config import DistillConfig, EvalConfig, GenerateConfig, PruneConfig, ScoreConfig
+    from compactlm.models import copy_model_side_files, load_model
+    from compactlm.plan import read_config
 
     config = AutoConfig.from_pretrained(teacher)
     t = fp.dims(config)
@@ -150,6 +169,14 @@ def _rows(name: str, teacher: Path, tmp: Path, repeats: int) -> list[dict]:
     measure("distill", "distill fsdp x 2 (per rank)", plans.distill(DistillConfig(**cfg), "distill", t, s, False, 0),
             {"cfg": cfg, "student": str(tmp / "student-False-0"), "data": str(tmp / "data-0"),
              "out": str(tmp / "distilled-fsdp"), "measure": "child"})
+    bf16 = tmp / "teacher-bf16"  # most checkpoints are stored in bf16: the budget's tasks share its pages
+    load_model(teacher, dtype="bfloat16").save_pretrained(bf16)
+    copy_model_side_files(teacher, bf16)
+    cfg = {"budget": {"params": 0.75, "search": 2}}
+    measure("prune-budget", "prune budget (bf16 teacher, 2 tasks)",
+            plans.prune(PruneConfig(**cfg), fp.dims(read_config(bf16)), s, False, cpus=2),
+            {"cfg": cfg, "teacher": str(bf16), "scores": str(tmp / "scores-False-0"), "calibration": calib,
+             "workers": 2, "out": str(tmp / "student-budget")})
     measure("evaluate", "evaluate (hf; a bound)", plans.evaluate(EvalConfig(**EVAL), t, t, False, 0), {"cfg": EVAL})
     cfg = {**GEN, "engine": "vllm", "dtype": "auto"}  # the caller and vLLM's engine process together
     measure("generate", "generate (vLLM CPU, 2 processes)", plans.generate(GenerateConfig(**cfg), t, False, 0),

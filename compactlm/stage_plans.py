@@ -126,8 +126,9 @@ def score(cfg: ScoreConfig, t: Dims, gpu: bool) -> StageNeed:
 
 def prune(cfg: PruneConfig, t: Dims, s: Dims, gpu: bool, cpus: int = 1) -> StageNeed:
     """Streaming: a tensor and its slice. In memory: the teacher, the student and its serialized copy. A budget
-    first measures min(search, CPUs) candidates at once (each task loads the teacher in fp32: a teacher stored in
-    fp32 is the same file pages for all, one stored in bf16 a copy each), then cuts the chosen shape."""
+    first measures min(search, CPUs) candidates at once, then cuts the chosen shape. Each candidate task loads the
+    teacher as stored for the loss proxy without a repair (its file's pages, shared by the tasks) and makes only the
+    candidate fp32; the KL proxy and a repair run the teacher in fp32 (a copy per task unless stored in fp32)."""
     if cfg.streaming:
         largest = fp.largest_tensor(t) * BYTES[t.dtype]
         return StageNeed("prune", "cpu", "streaming: tensor by tensor from the files",
@@ -140,11 +141,12 @@ def prune(cfg: PruneConfig, t: Dims, s: Dims, gpu: bool, cpus: int = 1) -> Stage
                          transient={"loading": _loading(t, dtype), "saving": fp.weights(s, t.dtype)}, fix=fix)
     k = max(1, min(cfg.budget.search, cpus))
     tokens = min(8, cfg.budget.proxy_samples) * cfg.budget.proxy_seq_len
-    copy = fp.weights(t, "float32") if t.dtype != "float32" else 0
+    fp32_teacher = cfg.budget.proxy == "kl" or cfg.repair is not None
+    copy = fp.weights(t, "float32") if fp32_teacher and t.dtype != "float32" else 0
     each = copy + fp.weights(s, "float32") + fp.forward_workspace(t, tokens) + fp.logits(t, tokens)
     cut = fp.weights(t, dtype) + 2 * fp.weights(s, dtype)
     return StageNeed("prune", "gpu" if gpu else "cpu", f"budget search, {k} candidates at once", transient={
-        f"{k} candidates at once": k * each + (0 if copy else fp.weights(t, "float32")), "final cut": cut},
+        f"{k} candidates at once": k * each + (0 if copy else _file(t)), "final cut": cut},
         fix="a smaller prune.budget.search (candidates measured at once), or an explicit shape with prune.streaming")
 
 

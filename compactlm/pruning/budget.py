@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from compactlm.calibration import batches, calibration_loss
 from compactlm.choices import PROXY_CHOICES
 from compactlm.config import SHAPE_FIELDS, PruneConfig
-from compactlm.pruning.shapes import fitting_shapes, target_shape
+from compactlm.pruning.shapes import fitting_shapes, stored_dtype, target_shape
 from compactlm.pruning.slicing import plan_pruning, prune_model
 
 if TYPE_CHECKING:
@@ -83,22 +83,38 @@ def proxy_value(student, ids: torch.Tensor, proxy: str, *, teacher=None, teacher
 
 def _measure(model, scores: ImportanceScores, candidate: dict[str, Any], calibration: torch.Tensor, *,
              proxy: str, opts: dict[str, Any], teacher_logp, batch_size: int,
-             repair_ids: torch.Tensor | None = None) -> dict[str, Any]:
+             repair_ids: torch.Tensor | None = None, stored: str = "float32") -> dict[str, Any]:
     """Prune `model` to one candidate's shape (and repair it on `repair_ids` when ``opts["repair"]`` is set) and
     measure the proxy: {**candidate, "proxy", "proxy_value"} (+ "repaired": True)."""
+    import torch
+
     cfg = PruneConfig(**candidate["shape"], **opts)
-    student, _ = prune_model(model, scores, cfg)
+    student, _ = prune_model(model, scores, cfg, dtype=torch.float32)
     if cfg.repair is not None:
         from compactlm.pruning.repair import reconstruct
 
         reconstruct(model, student, plan_pruning(model.config, scores, cfg),
                     calibration if repair_ids is None else repair_ids, damping=cfg.repair.damping,
                     max_memory_gb=cfg.repair.max_memory_gb)
+    _as_published(student, stored)
     value = proxy_value(student, calibration, proxy, teacher=model, teacher_logp=teacher_logp,
                         batch_size=batch_size)
     del student
     return {**candidate, "proxy": proxy, "proxy_value": float(value),
             **({"repaired": True} if cfg.repair is not None else {})}
+
+
+def _as_published(student, stored: str) -> None:
+    """`student`'s weights (in place) rounded once to the teacher's stored dtype, as the prune stage publishes
+    them, and kept in fp32 for measuring: a candidate pruned from the fp32 teacher and one pruned from the teacher
+    loaded as stored (a fan-out task's, :func:`measure_candidate`) are then the same tensors. Parameters only:
+    computed buffers (RoPE frequencies) stay exact."""
+    import torch
+
+    if stored != "float32":
+        with torch.no_grad():
+            for p in student.parameters():
+                p.data = p.data.to(getattr(torch, stored)).float()
 
 
 def repair_ids(calibration: torch.Tensor | str | os.PathLike, model_dir: str | os.PathLike, cfg: PruneConfig, *,
@@ -144,15 +160,16 @@ def rank_measured(measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def score_candidates(model, scores: ImportanceScores, candidates: list[dict[str, Any]], calibration: torch.Tensor,
                      *, proxy: str = "loss", base: PruneConfig | None = None, batch_size: int = PROXY_BATCH_SIZE,
-                     repair_calibration: torch.Tensor | None = None) -> list[dict[str, Any]]:
+                     repair_calibration: torch.Tensor | None = None, stored: str = "float32") -> list[dict[str, Any]]:
     """Prune `model` to each candidate's shape and measure the proxy on `calibration` ids [N, T].
 
     proxy "loss": mean next-token cross-entropy of the pruned model; "kl": mean per-token KL(teacher ||
     student) (teacher log-probs are computed once and cached in fp32 when they fit in 1 GiB, else recomputed).
     `base` supplies layer_metric / rescale_norms / repair: with ``base.repair`` each candidate is repaired (on
     `repair_calibration`, default `calibration`) before it is measured, so the ranking is of what the prune stage
-    publishes. Returns new dicts with "proxy", "proxy_value" and "rank" (1 = best), sorted best first (ties keep
-    the given order). `model` is not modified.
+    publishes; each candidate's weights are rounded to `stored` (the teacher's stored dtype, as the stage publishes
+    them) and measured in fp32. Returns new dicts with "proxy", "proxy_value" and "rank" (1 = best), sorted best
+    first (ties keep the given order). `model` is not modified.
     """
     _check_proxy_inputs(proxy, calibration)
     base = base or PruneConfig()
@@ -163,7 +180,8 @@ def score_candidates(model, scores: ImportanceScores, candidates: list[dict[str,
         if n * (t - 1) * model.config.vocab_size * 4 <= TEACHER_CACHE_BYTES:
             teacher_logp = list(_teacher_logprobs(model, calibration, batch_size))
     return rank_measured([_measure(model, scores, c, calibration, proxy=proxy, opts=opts, teacher_logp=teacher_logp,
-                                   batch_size=batch_size, repair_ids=repair_calibration) for c in candidates])
+                                   batch_size=batch_size, repair_ids=repair_calibration, stored=stored)
+                          for c in candidates])
 
 
 def calibration_tensor(calibration: torch.Tensor | str | os.PathLike, model_dir: str | os.PathLike,
@@ -243,13 +261,18 @@ def _rank_dir(model_dir, scores_dir, cfg: PruneConfig, calibration, *, device: s
     if model is None:
         model = load_model(model_dir, dtype="float32", device=device)
     return score_candidates(model, scores, pool, ids, proxy=cfg.budget.proxy, base=cfg,
-                            repair_calibration=repair_ids(calibration, model_dir, cfg, seed=seed + 1))
+                            repair_calibration=repair_ids(calibration, model_dir, cfg, seed=seed + 1),
+                            stored=stored_dtype(_config(model_dir)))
+
+
+def _config(model_dir) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
 
 
 def _pool_from_dirs(model_dir, scores: ImportanceScores, cfg: PruneConfig) -> list[dict[str, Any]]:
-    from transformers import AutoConfig
-
-    return candidate_pool(AutoConfig.from_pretrained(model_dir, trust_remote_code=False), scores, cfg)
+    return candidate_pool(_config(model_dir), scores, cfg)
 
 
 def plan_candidates(model_dir: str | os.PathLike, scores_dir: str | os.PathLike,
@@ -272,7 +295,9 @@ def measure_candidate(model_dir: str | os.PathLike, scores_dir: str | os.PathLik
     Returns ``{**candidate, "proxy", "proxy_value"}`` (JSON-serializable, no rank). Gathering the results for
     every item of :func:`plan_candidates`, in pool order, and passing them to :func:`rank_measured` gives the
     same ranking as :func:`rank_candidates` (``prune_to_dir(..., ranking=...)`` then prunes to its first).
-    Each call loads the teacher itself: parallel calls hold one teacher copy each.
+    Each call loads the teacher itself: for the loss proxy without a repair in the dtype it is stored in (parallel
+    calls share its file's pages, only each candidate is fp32), otherwise in fp32 (a copy per call unless it is
+    stored in fp32).
     """
     from compactlm.formats.scores import load_scores
     from compactlm.models import load_model
@@ -285,7 +310,13 @@ def measure_candidate(model_dir: str | os.PathLike, scores_dir: str | os.PathLik
     ids = calibration_tensor(calibration, model_dir, cfg, seed=seed)
     _check_proxy_inputs(_budget(cfg).proxy, ids)
     scores = load_scores(scores_dir)
-    model = load_model(model_dir, dtype="float32", device=device)  # thread-safe: models.MODEL_BUILD_LOCK
+    # The loss proxy without a repair needs no teacher forward: the teacher loads as stored (a bf16 checkpoint's
+    # file pages, shared by every task) and only the candidate is made fp32. The KL proxy and a repair run the
+    # teacher, in fp32.
+    stored = stored_dtype(_config(model_dir))
+    as_stored = cfg.budget.proxy == "loss" and cfg.repair is None
+    model = load_model(model_dir, dtype=stored if as_stored else "float32", device=device)  # MODEL_BUILD_LOCK
     opts = {"layer_metric": cfg.layer_metric, "rescale_norms": cfg.rescale_norms, "repair": cfg.repair}
     return _measure(model, scores, candidate, ids, proxy=cfg.budget.proxy, opts=opts, teacher_logp=None,
-                    batch_size=PROXY_BATCH_SIZE, repair_ids=repair_ids(calibration, model_dir, cfg, seed=seed + 1))
+                    batch_size=PROXY_BATCH_SIZE, repair_ids=repair_ids(calibration, model_dir, cfg, seed=seed + 1),
+                    stored=stored)

@@ -23,7 +23,7 @@ from compactlm.pruning.budget import (
     repair_ids,
     score_candidates,
 )
-from compactlm.pruning.shapes import shape_kind
+from compactlm.pruning.shapes import shape_kind, stored_dtype
 from compactlm.pruning.slicing import plan_pruning, prune_model
 
 if TYPE_CHECKING:
@@ -49,11 +49,6 @@ def shape_key(candidate: dict[str, Any]) -> tuple:
         raise ValueError(f"ranking items need a 'shape' dict (items of rank_measured / rank_candidates), got "
                          f"{candidate!r}")
     return tuple(sorted(shape.items()))
-
-
-def _teacher_dtype(config: Any) -> str:
-    dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
-    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
 
 
 def _selection(config: Any, scores: ImportanceScores, cfg: PruneConfig, shape: dict[str, int] | None,
@@ -92,7 +87,7 @@ def _selection(config: Any, scores: ImportanceScores, cfg: PruneConfig, shape: d
 
 
 def _choose(model_dir: Path, scores: ImportanceScores, cfg: PruneConfig, pool: list, calibration,
-            ranking: list | None, *, device: str, seed: int):
+            ranking: list | None, *, device: str, seed: int, stored: str):
     """Load the teacher and rank the budget's pool (or take the given ranking): (teacher model, ranking)."""
     from compactlm.models import load_model
     if ranking is not None:  # measured elsewhere (a fan-out): prune its best, exactly as below
@@ -105,7 +100,8 @@ def _choose(model_dir: Path, scores: ImportanceScores, cfg: PruneConfig, pool: l
     ids = calibration_tensor(calibration, model_dir, cfg, seed=seed)
     model = load_model(model_dir, dtype="float32", device=device)  # fp32: bf16 matmuls are slow on CPU
     return model, score_candidates(model, scores, pool, ids, proxy=cfg.budget.proxy, base=cfg,
-                                   repair_calibration=repair_ids(calibration, model_dir, cfg, seed=seed + 1))
+                                   repair_calibration=repair_ids(calibration, model_dir, cfg, seed=seed + 1),
+                                   stored=stored)
 
 
 def short_distill_dir(out_dir: str | os.PathLike) -> Path:
@@ -157,7 +153,7 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     scores = load_scores(scores_dir)
     selection, explicit, pool = _selection(config, scores, cfg, shape, calibration, ranking)
-    dtype = _teacher_dtype(config)
+    dtype = stored_dtype(config)
     if cfg.streaming:  # the config refuses a budget and repair with it; a shape= argument still applies
         from compactlm.pruning.streaming import write_student
 
@@ -168,7 +164,8 @@ def prune_to_dir(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cf
         model = (load_model(model_dir, dtype="float32", device=device) if cfg.repair is not None
                  else load_model(model_dir, dtype=dtype, device="cpu"))
     else:
-        model, ranking = _choose(model_dir, scores, cfg, pool, calibration, ranking, device=device, seed=seed)
+        model, ranking = _choose(model_dir, scores, cfg, pool, calibration, ranking, device=device, seed=seed,
+                                 stored=dtype)
         explicit = with_shape(cfg, ranking[0]["shape"])
     ids = repair_ids(calibration, model_dir, explicit, seed=seed)  # None without a repair; drawn once for both
     scores, rotation = _rotate(model, scores, explicit, ids)

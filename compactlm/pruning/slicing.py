@@ -209,8 +209,10 @@ def _zero_fill(sd: dict[str, torch.Tensor], config: Any, new_cfg: Any) -> None:
     sd.update(zero_items(config, new_cfg, sd["model.embed_tokens.weight"].dtype))
 
 
-def prune_model(model, scores: ImportanceScores, cfg: PruneConfig) -> tuple[Any, dict[str, Any]]:
-    """Return (student, record): a new model of the target shape, weights sliced from `model`.
+def prune_model(model, scores: ImportanceScores, cfg: PruneConfig, *,
+                dtype: torch.dtype | None = None) -> tuple[Any, dict[str, Any]]:
+    """Return (student, record): a new model of the target shape, weights sliced from `model`, in `dtype` (default:
+    the model's; the student is built in it, so its computed buffers such as RoPE frequencies are that precise).
 
     `model` is not modified. The record holds the teacher and student shapes, ``kept_layers`` (teacher
     index of each student layer), ``kept_heads`` (teacher query-head indices per student layer),
@@ -227,7 +229,7 @@ def prune_model(model, scores: ImportanceScores, cfg: PruneConfig) -> tuple[Any,
     sd = _slice_state_dict(model.state_dict(), plan, model.config, scales)
     new_cfg = student_config(model.config, plan)
     _zero_fill(sd, model.config, new_cfg)
-    dtype = next(model.parameters()).dtype
+    dtype = dtype or next(model.parameters()).dtype
     try:
         from transformers.initialization import no_init_weights
     except ImportError:  # pragma: no cover - older transformers

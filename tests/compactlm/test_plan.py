@@ -75,6 +75,11 @@ def test_a_budget_search_holds_a_candidate_per_cpu_it_runs_on(tiny_gqa_model_dir
     assert four.strategy == many.strategy == "budget search, 4 candidates at once"  # never more than `search`
     shared = fp.weights(t, "float32")  # the fp32 teacher's file pages, shared by the candidates
     assert four.transient["4 candidates at once"] - shared == 4 * (one.transient["1 candidates at once"] - shared)
+    # a bf16 checkpoint: the loss proxy shares its pages too; the KL proxy runs an fp32 copy in each task
+    bf16 = fp.dims(config.__class__(**{**config.to_dict(), "dtype": "bfloat16"}))
+    loss = stages.prune(cfg, bf16, s, False, 4).transient["4 candidates at once"]
+    kl = stages.prune(PruneConfig(budget={"params": 0.8, "search": 4, "proxy": "kl"}), bf16, s, False, 4)
+    assert kl.transient["4 candidates at once"] - loss == 4 * fp.weights(bf16, "float32") - fp.weights(bf16, "bfloat16")
 
 
 def test_a_stage_that_does_not_fit_is_named_with_its_numbers_and_the_fix(tiny_model_dir):

@@ -12,19 +12,39 @@ import torch
 from compactlm.config import PruneConfig
 
 
-@pytest.mark.parametrize("proxy", ["loss", "kl"])
-def test_fan_out_ranks_exactly_like_the_sequential_path(tiny_gqa_model_dir, fanout_scores, fanout_calib, proxy):
+@pytest.fixture(scope="module")
+def bf16_teacher(tiny_gqa_model_dir, tmp_path_factory):
+    """The GQA tiny model stored in bfloat16, as most checkpoints are."""
+    from compactlm.models import copy_model_side_files, load_model
+
+    out = tmp_path_factory.mktemp("bf16") / "teacher"
+    load_model(tiny_gqa_model_dir, dtype="bfloat16").save_pretrained(out)
+    copy_model_side_files(tiny_gqa_model_dir, out)
+    return out
+
+
+@pytest.mark.parametrize("stored,proxy", [("float32", "loss"), ("float32", "kl"), ("bfloat16", "loss")])
+def test_fan_out_ranks_exactly_like_the_sequential_path(tiny_gqa_model_dir, bf16_teacher, fanout_scores, fanout_calib,
+                                                        stored, proxy, monkeypatch):
+    """With the loss proxy a fan-out task loads a bf16 teacher as stored (its file pages, shared by the tasks) and
+    makes only the candidate fp32; the sequential path prunes the fp32 teacher and rounds the candidate to bf16 as
+    the stage publishes it: the same candidates, bit for bit."""
+    import compactlm.models
     from compactlm.pruning import rank_candidates
     from compactlm.pruning.budget import measure_candidate, plan_candidates, rank_measured
 
+    teacher = bf16_teacher if stored == "bfloat16" else tiny_gqa_model_dir
     cfg = PruneConfig(budget=dict(params=0.95, search=4, candidates=4, proxy=proxy, proxy_samples=2, proxy_seq_len=16))
-    sequential = rank_candidates(tiny_gqa_model_dir, fanout_scores, cfg, fanout_calib, seed=3)
-    pool = plan_candidates(tiny_gqa_model_dir, fanout_scores, cfg)
+    sequential = rank_candidates(teacher, fanout_scores, cfg, fanout_calib, seed=3)
+    pool = plan_candidates(teacher, fanout_scores, cfg)
     assert len(pool) == 4 and {c["kind"] for c in pool} == {"depth", "width", "mixed"}
     assert all("proxy_value" not in c for c in pool)
+    loaded, load = [], compactlm.models.load_model
+    monkeypatch.setattr(compactlm.models, "load_model", lambda d, **kw: loaded.append(kw["dtype"]) or load(d, **kw))
     with ThreadPoolExecutor(max_workers=4) as ex:  # concurrently, as the thread runner does
-        measured = list(ex.map(lambda c: measure_candidate(tiny_gqa_model_dir, fanout_scores, cfg, fanout_calib, c,
-                                                           seed=3), pool))
+        measured = list(ex.map(lambda c: measure_candidate(teacher, fanout_scores, cfg, fanout_calib, c, seed=3),
+                               pool))
+    assert loaded == [stored] * 4  # the loss proxy: each task's teacher as stored
     fanned = rank_measured(measured)  # gathered in pool order
     assert fanned == sequential  # same shapes, same order, bit-identical proxy values
     assert len({c["proxy_value"] for c in fanned}) == 4  # a real ranking, not ties
