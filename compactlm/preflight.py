@@ -48,7 +48,7 @@ def preflight(recipe: Recipe, teacher_dir: str | os.PathLike | None = None) -> N
             raise RecipeError(f"invalid recipe:\n  teacher: {e}") from None
         if recipe.export.enabled and recipe.pruned_student:  # the student keeps the teacher's family and tokenizer
             _check_export_model(recipe, teacher_dir)
-        if recipe.pruned_student:  # a student of your own: score and prune do not run
+        if recipe.pruned_student:  # (a student of your own skips score and prune)
             try:
                 target = check_prune_target(teacher_dir, recipe.prune)
             except ValueError as e:
