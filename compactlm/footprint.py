@@ -19,8 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from compactlm.arch import head_dim_of
-from compactlm.pruning.shapes import param_split
+from compactlm.pruning.shapes import param_split, shape_of, stored_dtype
 
 GiB = 2**30
 MiB = 2**20
@@ -43,7 +42,6 @@ class Dims:
     kv_heads: int
     head_dim: int
     vocab: int
-    context: int
     params: int
     layer_params: int  # one decoder layer's parameters
     embed_params: int  # embeddings (+ an untied head): what sits outside the layers
@@ -60,17 +58,12 @@ class Dims:
 
 def dims(config: Any, shape: dict[str, int] | None = None) -> Dims:
     """`config`'s sizes, or those of its student at `shape` (the prune fields: layers, hidden, MLP, heads)."""
-    s = {"num_hidden_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
-         "intermediate_size": config.intermediate_size, "num_attention_heads": config.num_attention_heads,
-         **(shape or {})}
+    s = {**shape_of(config), **(shape or {})}
     outside, per_layer = param_split(config, shape)
-    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
-    dtype = dtype.removeprefix("torch.")
     return Dims(layers=s["num_hidden_layers"], hidden=s["hidden_size"], intermediate=s["intermediate_size"],
-                heads=s["num_attention_heads"], kv_heads=config.num_key_value_heads, head_dim=head_dim_of(config),
-                vocab=config.vocab_size, context=int(getattr(config, "max_position_embeddings", 2048) or 2048),
-                params=outside + s["num_hidden_layers"] * per_layer, layer_params=per_layer, embed_params=outside,
-                dtype=dtype if dtype in BYTES else "float32")
+                heads=s["num_attention_heads"], kv_heads=s["num_key_value_heads"], head_dim=s["head_dim"],
+                vocab=config.vocab_size, params=outside + s["num_hidden_layers"] * per_layer, layer_params=per_layer,
+                embed_params=outside, dtype=stored_dtype(config))
 
 
 def weights(d: Dims, dtype: str) -> int:
@@ -115,6 +108,11 @@ def largest_tensor(d: Dims) -> int:
     return max(d.vocab * d.hidden, d.intermediate * d.hidden)
 
 
+def largest_unit(d: Dims, nbytes: int) -> int:
+    """The larger of FSDP's units, one decoder layer or the root unit (embeddings, head, final norm)."""
+    return max(d.embed_params, d.layer_params) * nbytes
+
+
 def gathered(d: Dims, nbytes: int) -> int:
     """What FSDP holds unsharded at once: the root unit (embeddings, head, final norm; gathered for the whole
     forward), the decoder layer computing and the next one, prefetched."""
@@ -155,5 +153,5 @@ class StageNeed:
 
 
 __all__ = ["BYTES", "RUNTIME_CPU", "RUNTIME_GPU", "Dims", "GiB", "MiB", "StageNeed", "activations", "dims",
-           "forward_workspace", "gathered", "kv_cache", "largest_tensor", "logits", "saved_per_token_layer",
-           "train_state", "weights"]
+           "forward_workspace", "gathered", "kv_cache", "largest_tensor", "largest_unit", "logits",
+           "saved_per_token_layer", "train_state", "weights"]

@@ -73,12 +73,13 @@ class Plan:
         return "\n".join([head, *rows, *(f"note: {x}" for x in self.notes)])
 
     def to_dict(self) -> dict[str, Any]:
+        bad = {id(n) for n, _ in self.misfits()}
         return {"machine": vars(self.machine), "notes": self.notes, "stages": [
             {"stage": n.stage, "device": n.device, "strategy": n.strategy, "ranks": n.ranks,
              "per_process_gib": round(n.per_process / GiB, 3), "need_gib": round(n.need_gib(), 3),
              "parts_mib": {k: round(v / fp.MiB, 1) for k, v in n.parts.items()},
              "transient_mib": {k: round(v / fp.MiB, 1) for k, v in n.transient.items()}, "fix": n.fix,
-             "fits": all(n is not x for x, _ in self.misfits())} for n in self.needs]}
+             "fits": id(n) not in bad} for n in self.needs]}
 
 
 #: Host memory (GiB) to plan for instead of this machine's (e.g. to leave room for other jobs).

@@ -22,6 +22,7 @@ from compactlm.config import (
     ScoreConfig,
 )
 from compactlm.distillation.sampler import GPU_SHARE as SAMPLER_GPU_SHARE
+from compactlm.evaluation.runner import eval_dtype
 from compactlm.footprint import BYTES, Dims, GiB, StageNeed
 from compactlm.runtime import DEFAULT_CPU_KVCACHE_GIB
 
@@ -41,7 +42,18 @@ def _file(d: Dims) -> int:
 def _loading(d: Dims, dtype: str, gpu: bool = False) -> int:
     """The file's pages while a model is converted from its stored dtype to `dtype` (0 when they match: the
     weights are the pages; 0 on a GPU, whose copy is counted as the weights)."""
-    return 0 if gpu or dtype == d.dtype else fp.weights(d, d.dtype)
+    return 0 if gpu or dtype == d.dtype else _file(d)
+
+
+def _auto(dtype: str, gpu: bool) -> str:
+    """A stage's dtype: "auto" is bf16 on a GPU and fp32 on CPU (generation on CPU takes bf16 only where it is
+    native: planned as fp32, the larger)."""
+    return dtype if dtype != "auto" else "bfloat16" if gpu else "float32"
+
+
+def _vllm_cpu_kv() -> int:
+    """The KV cache vLLM gets on CPU: $VLLM_CPU_KVCACHE_SPACE GiB, else compactlm's default."""
+    return int(float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or DEFAULT_CPU_KVCACHE_GIB) * GiB)
 
 
 def _vllm(stage: str, field: str, d: Dims, dtype: str, tp: int, max_model_len: int, gpu: bool,
@@ -55,14 +67,13 @@ def _vllm(stage: str, field: str, d: Dims, dtype: str, tp: int, max_model_len: i
                  "vllm workspace": VLLM_OVERHEAD, "vllm reserve": int((1 - VLLM_GPU_SHARE) * gpu_mem_gib * GiB)}
         return StageNeed(stage, "gpu", f"vLLM, tensor parallel {tp}", parts=parts, ranks=tp,
                          fix=f"{field}.tensor_parallel_size: more GPUs per engine")
-    kv = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or DEFAULT_CPU_KVCACHE_GIB)
     return StageNeed(stage, "cpu", "vLLM (CPU)", fix=f"{field}.dtype: bfloat16, or a smaller VLLM_CPU_KVCACHE_SPACE",
                      parts={"weights, twice (vLLM's two processes)": 2 * fp.weights(d, dtype),
-                            "kv cache": int(kv * GiB), "vllm runtime": VLLM_CPU_RUNTIME})
+                            "kv cache": _vllm_cpu_kv(), "vllm runtime": VLLM_CPU_RUNTIME})
 
 
 def generate(cfg: GenerateConfig, t: Dims, gpu: bool, gpu_mem_gib: float) -> StageNeed:
-    dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if gpu else "float32"
+    dtype = _auto(cfg.dtype, gpu)
     nbytes = BYTES[dtype]
     if cfg.engine == "vllm":
         return _vllm("generate", "generate", t, dtype, cfg.tensor_parallel_size, cfg.max_model_len, gpu, gpu_mem_gib)
@@ -155,10 +166,10 @@ def distill(cfg: DistillConfig, name: str, t: Dims, s: Dims, gpu: bool, gpus: in
     """One distillation stage per process: the student's state (sharded over the ranks with fsdp), the teacher
     when a step runs it, one micro-batch's activations and the loss's logits; with on-policy sampling on vLLM, the
     engine beside them (30 % of the GPU; on CPU the student's weights, its KV space and vLLM's libraries)."""
-    world = cfg.nproc if cfg.strategy != "single" else 1
+    world = cfg.nproc  # 1 with strategy single (the config refuses more)
     micro = cfg.micro_batch_size or cfg.batch_size // world
     tokens = min(micro, cfg.batch_size // world) * cfg.seq_len
-    online = (cfg.kd_weight > 0 and cfg.mode == "online") or cfg.hidden_weight > 0 or cfg.on_policy is not None
+    online = cfg.runs_teacher
     parts = _training(s, cfg.lora and cfg.lora.rank, gpu)
     t_bytes = 2 if gpu else 4
     if online:
@@ -174,29 +185,27 @@ def distill(cfg: DistillConfig, name: str, t: Dims, s: Dims, gpu: bool, gpus: in
     if online and cfg.hidden_weight > 0:
         step += (t.layers + 1) * tokens * t.hidden * t_bytes
     if cfg.on_policy is not None and cfg.on_policy.engine == "vllm":
-        kv = float(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or DEFAULT_CPU_KVCACHE_GIB)
         parts["on-policy vLLM sampler"] = int(SAMPLER_GPU_SHARE * gpu_mem_gib * GiB) if gpu else \
-            fp.weights(s, "float32") + int(kv * GiB) + VLLM_CPU_RUNTIME
+            fp.weights(s, "float32") + _vllm_cpu_kv() + VLLM_CPU_RUNTIME
     loading = _loading(s, "float32", gpu) + (_loading(t, "float32", gpu) if online else 0)
     if cfg.strategy == "fsdp":  # loaded in the stored dtype; one unit at a time converted while it is sharded
-        loading = 0 if gpu else max(s.embed_params, s.layer_params) * 4
+        loading = 0 if gpu else fp.largest_unit(s, 4)
     what = {"single": "one process", "ddp": f"ddp x {world}", "fsdp": f"fsdp x {world}"}[cfg.strategy]
     what += ", online teacher" if online else ", offline targets" if cfg.kd_weight > 0 else ""
     return StageNeed(name, "gpu" if gpu else "cpu", what, parts=parts, transient={"loading": loading, "step": step},
-                     ranks=world, fix=_distill_fix(cfg, name, online, gpu, gpus))
+                     ranks=world, fix=_distill_fix(cfg, name, gpu, gpus))
 
 
 def distill_host(cfg: DistillConfig, name: str, t: Dims, s: Dims) -> StageNeed | None:
     """On GPUs with several processes, the host side while they load. Under fsdp each loads the models in their
     stored dtype (the files' pages, shared: counted once over the processes) and FSDP converts one unit at a time as
     it moves it to the GPU; under ddp each converts the whole student to fp32 on the host before moving it."""
-    world = cfg.nproc if cfg.strategy != "single" else 1
+    world, online = cfg.nproc, cfg.runs_teacher
     if world == 1:
         return None
-    online = (cfg.kd_weight > 0 and cfg.mode == "online") or cfg.hidden_weight > 0 or cfg.on_policy is not None
     files = _file(s) + (_file(t) if online else 0)
     if cfg.strategy == "fsdp":
-        parts = {"the unit being converted (fp32)": max(s.embed_params, s.layer_params) * 4}
+        parts = {"the unit being converted (fp32)": fp.largest_unit(s, 4)}
     else:
         parts = {"student fp32 copy": _loading(s, "float32") and fp.weights(s, "float32"),
                  "teacher bf16 copy": _loading(t, "bfloat16") and fp.weights(t, "bfloat16") if online else 0}
@@ -205,8 +214,8 @@ def distill_host(cfg: DistillConfig, name: str, t: Dims, s: Dims) -> StageNeed |
                      fix=f"fewer {name}.nproc, or {name}.strategy: fsdp (converts one unit at a time)")
 
 
-def _distill_fix(cfg: DistillConfig, name: str, online: bool, gpu: bool, gpus: int) -> str:
-    fixes = []
+def _distill_fix(cfg: DistillConfig, name: str, gpu: bool, gpus: int) -> str:
+    online, fixes = cfg.runs_teacher, []
     if gpu and cfg.strategy != "fsdp" and gpus > 1:
         fixes.append(f"{name}.strategy: fsdp with {name}.nproc: {gpus} (shards the student's state"
                      + (" and the teacher" if online else "") + ")")
@@ -223,7 +232,7 @@ def evaluate(cfg: EvalConfig, t: Dims, s: Dims, gpu: bool, gpu_mem_gib: float) -
     """The models are evaluated one after another: the larger of teacher and student sets the peak. With the hf
     backend, a bound: one batch of requests up to EVAL_TOKENS (lm-eval pads a batch to its longest request and
     takes a log-softmax of its logits); what the shipped short tasks take is far below (docs/benchmarks.md)."""
-    dtype = cfg.dtype if cfg.dtype != "auto" else "bfloat16" if gpu else "float32"
+    dtype = eval_dtype(cfg, "cuda" if gpu else "cpu")
     big = t if t.params >= s.params else s
     if cfg.backend == "vllm":
         return _vllm("evaluate", "eval", big, dtype, cfg.tensor_parallel_size, cfg.max_length or 4096, gpu,

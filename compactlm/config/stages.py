@@ -284,6 +284,11 @@ class DistillConfig(_Strict):
                              f"({self.seq_len}): a sample and some of its prompt share one training sequence")
         return self
 
+    @property
+    def runs_teacher(self) -> bool:
+        """The teacher model runs on every batch: online logit KD, hidden-state KD or on-policy KD."""
+        return (self.kd_weight > 0 and self.mode == "online") or self.hidden_weight > 0 or self.on_policy is not None
+
 
 class CorrectConfig(_Strict):
     """Teacher correction (Minitron; Sreenivas et al. 2024): a short full fine-tune of the teacher on the training

@@ -88,8 +88,8 @@ class Run:
 
     @property
     def needs_teacher(self) -> bool:
-        """The teacher model runs on every batch: online logit KD, hidden-state KD or on-policy KD."""
-        return (self.use_kd and not self.offline) or self.use_hidden or self.cfg.on_policy is not None
+        """The teacher model runs on every batch (:attr:`DistillConfig.runs_teacher`)."""
+        return self.cfg.runs_teacher
 
     def trainable(self) -> dict[str, torch.nn.Module]:
         """What the optimizer updates and checkpoints save, by checkpoint file name."""
