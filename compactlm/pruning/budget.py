@@ -255,24 +255,20 @@ def _rank_dir(model_dir, scores_dir, cfg: PruneConfig, calibration, *, device: s
     from compactlm.formats.scores import load_scores
     from compactlm.models import load_model
 
-    scores = load_scores(scores_dir)
-    pool = _pool_from_dirs(model_dir, scores, cfg)
+    scores, config = load_scores(scores_dir), _config(model_dir)
+    pool = candidate_pool(config, scores, cfg)
     ids = calibration_tensor(calibration, model_dir, cfg, seed=seed)
     if model is None:
         model = load_model(model_dir, dtype="float32", device=device)
     return score_candidates(model, scores, pool, ids, proxy=cfg.budget.proxy, base=cfg,
                             repair_calibration=repair_ids(calibration, model_dir, cfg, seed=seed + 1),
-                            stored=stored_dtype(_config(model_dir)))
+                            stored=stored_dtype(config))
 
 
 def _config(model_dir) -> Any:
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
-
-
-def _pool_from_dirs(model_dir, scores: ImportanceScores, cfg: PruneConfig) -> list[dict[str, Any]]:
-    return candidate_pool(_config(model_dir), scores, cfg)
 
 
 def plan_candidates(model_dir: str | os.PathLike, scores_dir: str | os.PathLike,
@@ -283,7 +279,7 @@ def plan_candidates(model_dir: str | os.PathLike, scores_dir: str | os.PathLike,
     from compactlm.formats.scores import load_scores
 
     _budget(cfg)
-    return _pool_from_dirs(model_dir, load_scores(scores_dir), cfg)
+    return candidate_pool(_config(model_dir), load_scores(scores_dir), cfg)
 
 
 def measure_candidate(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cfg: PruneConfig,
