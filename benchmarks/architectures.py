@@ -44,7 +44,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests/compactlm/pruning/units.py: the exactness test's family-aware zeroing
-RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import write_result  # noqa: E402
+
 SHAPE = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_hidden_layers=4,
              intermediate_size=256, tie_word_embeddings=True)
 AXES = {"depth": dict(num_hidden_layers=3), "heads": dict(num_attention_heads=2), "hidden": dict(hidden_size=248),
@@ -240,9 +242,7 @@ def main() -> None:
               "seconds": time.perf_counter() - t0,
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
               "command": "python " + " ".join(["benchmarks/architectures.py", *sys.argv[1:]])}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "architectures.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    write_result("architectures", result, indent=2)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,14 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import write_result  # noqa: E402
 
 
 def _timed(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> tuple[float, int]:
@@ -109,9 +111,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(clone, ignore_errors=True)
         shutil.rmtree(cache, ignore_errors=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    write_result("demo", result, indent=2)
 
 
 if __name__ == "__main__":

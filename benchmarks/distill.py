@@ -40,7 +40,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import write_result  # noqa: E402
+
 GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 
@@ -266,9 +268,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(), "machine": platform.machine(),
         "loadavg_1m_before": round(load_before[0], 2), "loadavg_1m_after": round(os.getloadavg()[0], 2),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    write_result(args.name, result, indent=2)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,13 @@ import json
 import math
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-SHARED = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import SHARED, write_result  # noqa: E402
 
 
 def add_topk(data_dir: Path, teacher_dir: Path, out_dir: Path, k: int, device: str) -> Path:
@@ -136,9 +136,7 @@ def main() -> None:
         "tokens_per_step": args.batch_size * args.seq_len, "steps": args.steps, "warmup_dropped": args.warmup,
         "topk": args.topk, "setup_s": round(setup_s, 1), "modes": results, "python": platform.python_version(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out))
+    write_result(args.name, out, indent=2)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import SHARED, with_overrides  # noqa: E402
+from quality import SHARED, with_overrides, write_result  # noqa: E402
 from repair import SHAPES, cached_scores  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 DEFAULTS: dict[str, Any] = {"steps": 10, "batch_size": 4, "seq_len": 128, "nproc": 2, "lr": 3e-4, "shape": "width-60"}
 
 
@@ -85,9 +84,7 @@ def main() -> None:
               "wall_s": round(time.perf_counter() - t_start, 1),
               "load_avg": {"start": load_start, "end": os.getloadavg()},
               "command": "benchmarks/fsdp.py " + " ".join(sys.argv[1:])}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "fsdp.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
+    write_result("fsdp", result)
 
 
 if __name__ == "__main__":

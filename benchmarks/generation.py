@@ -18,10 +18,12 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import write_result  # noqa: E402
 
 
 def _requests(model_dir: Path, n: int, seed: int):
@@ -112,9 +114,7 @@ def main() -> None:
         "loadavg_1m_before": round(load_before[0], 2), "loadavg_1m_after": round(os.getloadavg()[0], 2),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    write_result(args.name, result, indent=2)
 
 
 if __name__ == "__main__":  # vLLM spawns worker processes that re-import this module

@@ -42,11 +42,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import SHARED, _json_cached, evaluate, synthetic_data, with_overrides  # noqa: E402
+from quality import SHARED, _json_cached, evaluate, synthetic_data, with_overrides, write_result  # noqa: E402
 from repair import SHAPES, _prune, cached_scores  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 INSTRUCTIONS = SHARED / "alpaca_eval" / "alpaca_eval_instructions.jsonl"
 ALL_ARMS = ["pruned", "off_policy", "on_policy", "mixed", "off_then_on", "offline_topk", "offline_sampled", "classic",
             "corrected", "corrected_lora"]
@@ -203,9 +202,7 @@ def main() -> None:
               "wall_s": round(time.perf_counter() - t_start, 1),
               "load_avg": {"start": load_start, "end": os.getloadavg()}, "cpu_count": os.cpu_count(),
               "command": "benchmarks/onpolicy.py " + " ".join(sys.argv[1:])}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "onpolicy.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
+    write_result("onpolicy", result)
 
 
 def measure(teachers: dict[str, tuple[Path, Path]], name: str, arm: str, stages: list | None,

@@ -25,15 +25,15 @@ Prints one JSON object as its last line and writes it to benchmarks/results/onpo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import SHARED, write_result  # noqa: E402
+
 INSTRUCTIONS = SHARED / "alpaca_eval" / "alpaca_eval_instructions.jsonl"
 
 
@@ -129,9 +129,7 @@ def main() -> None:
     load0 = os.getloadavg()
     result = {**measure(args), "load_avg": {"start": load0, "end": os.getloadavg()}, "cpu_count": os.cpu_count(),
               "command": "benchmarks/onpolicy_sampler.py " + " ".join(sys.argv[1:])}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "onpolicy_sampler.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
+    write_result("onpolicy_sampler", result)
 
 
 if __name__ == "__main__":

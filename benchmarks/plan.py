@@ -31,8 +31,9 @@ from pathlib import Path
 from compactlm.footprint import RUNTIME_CPU
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-SHARED = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import SHARED, write_result  # noqa: E402
+
 GUTENBERG = SHARED / "gutenberg" / "gutenberg_14books_clean.txt"
 
 GEN = {"engine": "hf", "max_prompts": 16, "max_tokens": 64, "batch_size": 8, "max_model_len": 256, "dtype": "float32"}
@@ -201,9 +202,7 @@ def main() -> None:
               "predictions": len(errs), "bounds_held": all(r["rel_err"] >= 0 for r in rows if r["bound"]),
               "load_avg": {"start": load0, "end": os.getloadavg()},
               "command": "benchmarks/plan.py " + " ".join(sys.argv[1:])}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "plan.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
+    write_result("plan", result)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,15 @@ class Timer:
         return _Phase()
 
 
+def write_result(name: str, result: dict, indent: int = 1) -> Path:
+    """A benchmark's result: benchmarks/results/<name>.json, and the same object as the last line printed."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    out.write_text(json.dumps(result, indent=indent) + "\n")
+    print(json.dumps(result))
+    return out
+
+
 def _json_cached(path: Path, fn):
     """fn()'s JSON result, computed once: a finished result file is reused, written atomically."""
     from compactlm.artifacts import write_json_atomic

@@ -34,7 +34,9 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import write_result  # noqa: E402
+
 WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext2_raw" / "wiki.test.raw"
 TARGET = 1.1
 
@@ -153,9 +155,7 @@ def main() -> None:
         "loadavg_1m_before": round(load_before[0], 2), "loadavg_1m_after": round(os.getloadavg()[0], 2),
         "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    write_result(args.name, result, indent=2)
 
 
 if __name__ == "__main__":

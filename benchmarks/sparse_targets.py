@@ -21,18 +21,16 @@ Prints one JSON object as its last line and writes it to benchmarks/results/spar
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import SHARED, with_overrides  # noqa: E402
+from quality import SHARED, with_overrides, write_result  # noqa: E402
 from repair import SHAPES, _prune, cached_scores  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 DEFAULTS = {"ks": [4, 8, 16, 32, 64], "draws": 32, "sequences": 16, "seq_len": 128, "calib_samples": 32,
             "calib_seq_len": 256, "damping": 0.01}
 
@@ -118,9 +116,7 @@ def main() -> None:
               "tokens": n, "wall_s": round(time.perf_counter() - t_start, 1),
               "load_avg": {"start": load_start, "end": os.getloadavg()}, "cpu_count": os.cpu_count(),
               "command": "benchmarks/sparse_targets.py " + " ".join(sys.argv[1:])}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "sparse_targets.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    write_result("sparse_targets", result, indent=2)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
@@ -63,7 +62,7 @@ def main() -> None:
     if args.child:
         t, s, shape, out, streaming = args.child
         return child(t, s, shape, out, streaming == "1")
-    from quality import SHARED
+    from quality import SHARED, write_result
     from repair import SHAPES, cached_scores
 
     from compactlm.models import count_params_on_disk, resolve_model
@@ -90,9 +89,7 @@ def main() -> None:
               "byte_identical": identical, "files_compared": names, "load_avg": {"start": load0,
                                                                                  "end": os.getloadavg()},
               "command": "benchmarks/streaming_prune.py " + " ".join(sys.argv[1:])}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "streaming_prune.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
+    write_result("streaming_prune", result)
 
 
 if __name__ == "__main__":

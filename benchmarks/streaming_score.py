@@ -27,7 +27,6 @@ import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
 CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -97,7 +96,7 @@ def main() -> None:
     if args.child:
         t, c, out, streaming, cgroup = args.child
         return child(t, c, out, streaming == "1", cgroup)
-    from quality import SHARED
+    from quality import SHARED, write_result
 
     from compactlm.formats.scores import load_scores
     from compactlm.models import count_params_on_disk, resolve_model
@@ -134,9 +133,7 @@ def main() -> None:
               "limit_mib": round(limit, 1), "under_limit": limited,
               "load_avg": {"start": load0, "end": os.getloadavg()},
               "command": "benchmarks/streaming_score.py " + " ".join(sys.argv[1:])}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "streaming.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))
+    write_result("streaming", result)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import write_result  # noqa: E402
 
 
 def child(model: str, dtype: str, prompts: int, max_tokens: int) -> None:
     """One measurement in this process: start vLLM with the environment as given, generate, print JSON."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from generation import _measure, _requests
 
     from compactlm.generation.engines import SamplingSettings, VLLMEngine
@@ -89,9 +89,7 @@ def main() -> None:
         "loadavg_1m_after": round(os.getloadavg()[0], 2),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "vllm_binding.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    write_result("vllm_binding", result, indent=2)
 
 
 if __name__ == "__main__":  # vLLM spawns worker processes that re-import this module

@@ -26,7 +26,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import write_result  # noqa: E402
+
 WORDS = ["cat", "dog", "robot", "king", "child", "river", "tree", "ship"]
 
 
@@ -107,9 +109,7 @@ def main() -> None:
         "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "command": "benchmarks/vllm_inprocess.py " + " ".join(sys.argv[1:]),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "vllm_inprocess.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    write_result("vllm_inprocess", result, indent=2)
 
 
 if __name__ == "__main__":
