@@ -96,6 +96,12 @@ def check_model_ref(ref: str) -> None:
     )
 
 
+def local_config(ref: str) -> Path | None:
+    """The config.json of a model reference that is a local HF folder (None for aliases, GGUF files, hub ids)."""
+    path = Path(ref).expanduser() / "config.json"
+    return path if path.is_file() else None
+
+
 def _atomic_save(final: Path, write) -> Path:
     """Run write(tmp_dir) then rename tmp_dir to final, so a crash never leaves a half-written model."""
     if final.exists():

@@ -188,12 +188,6 @@ def read_config(path: str | os.PathLike) -> Any:
     return AutoConfig.for_model(**d)
 
 
-def local_config(ref: str) -> Path | None:
-    """The config.json of a model reference that is a local folder (None for aliases, GGUF files, hub ids)."""
-    p = Path(ref).expanduser() / "config.json"
-    return p if p.is_file() else None
-
-
 def plan_run(recipe: Recipe, teacher: str | os.PathLike, machine: Machine,
              student: str | os.PathLike | None = None) -> Plan:
     """:func:`plan_recipe` from the teacher's (and a given student's) folder or config.json file; the pruned
@@ -225,5 +219,5 @@ def check_fits(plan: Plan) -> None:
                      + "\n  ".join(lines))
 
 
-__all__ = ["Machine", "Plan", "StageNeed", "check_fits", "host_memory_gib", "local_config", "plan_recipe", "plan_run",
+__all__ = ["Machine", "Plan", "StageNeed", "check_fits", "host_memory_gib", "plan_recipe", "plan_run",
            "read_config"]

@@ -66,7 +66,8 @@ def check_memory(recipe: Recipe, teacher_dir: str | os.PathLike) -> None:
     """Refuse, before any compute, a recipe whose memory plan (:mod:`compactlm.plan`) does not fit this machine."""
     if os.environ.get(SKIP_MEMORY_CHECK) == "1":
         return
-    from compactlm.plan import Machine, check_fits, local_config, plan_run
+    from compactlm.models import local_config
+    from compactlm.plan import Machine, check_fits, plan_run
 
     student = None if recipe.pruned_student else local_config(recipe.student)
     plan = plan_run(recipe, teacher_dir, Machine.detect(gpus=0 if recipe.device == "cpu" else None), student)

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from compactlm.config import Recipe
-from compactlm.models import ModelRefError
+from compactlm.models import ModelRefError, local_config
 from compactlm.preflight import preflight
 from compactlm.recipe import RecipeError, load_recipe
 
@@ -33,20 +33,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compactlm", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
+    parsers = {}
     for name, help_ in (("run", "validate a recipe, then run the compress flow"),
-                        ("validate", "validate a recipe and print it with defaults filled in")):
-        sp = sub.add_parser(name, help=help_)
+                        ("validate", "validate a recipe and print it with defaults filled in"),
+                        ("plan", "per stage, the memory it needs and the strategy it uses (from config.json only); "
+                                 "exits 3 when a stage does not fit")):
+        sp = parsers[name] = sub.add_parser(name, help=help_)
         sp.add_argument("recipe", help="path to a YAML recipe (see configs/)")
         sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a field, e.g. --set distill.steps=50 (repeatable)")
-        if name == "run":
-            sp.add_argument("-v", "--verbose", action="store_true",
-                            help="also show every stage's output live (vLLM, lm-eval, Prefect); it is always in "
-                                 "<workdir>/logs")
-    sp = sub.add_parser("plan", help="per stage, the memory it needs and the strategy it uses (from config.json "
-                        "only); exits 3 when a stage does not fit")
-    sp.add_argument("recipe", help="path to a YAML recipe (see configs/)")
-    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parsers["run"].add_argument("-v", "--verbose", action="store_true",
+                                help="also show every stage's output live (vLLM, lm-eval, Prefect); it is always "
+                                     "in <workdir>/logs")
+    sp = parsers["plan"]
     sp.add_argument("--gpus", type=int, help="GPUs to plan for (default: what nvidia-smi lists)")
     sp.add_argument("--gpu-mem", type=float, metavar="GiB", help="memory of each GPU (default: nvidia-smi's)")
     sp.add_argument("--cpu-mem", type=float, metavar="GiB", help="host memory (default: this machine's)")
@@ -62,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plan(args: argparse.Namespace) -> int:
     """`compactlm plan`: the table (or JSON); 3 when a stage does not fit, 2 on bad input."""
-    from compactlm.plan import Machine, check_fits, local_config, plan_run
+    from compactlm.plan import Machine, check_fits, plan_run
 
     try:
         recipe = load_recipe(args.recipe, args.overrides)
@@ -95,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return _plan(args)
     try:
         recipe = load_recipe(args.recipe, args.overrides)
-        local = Path(recipe.teacher).expanduser()
-        preflight(recipe, local if (local / "config.json").is_file() else None)
+        local = local_config(recipe.teacher)
+        preflight(recipe, local.parent if local else None)
     except (RecipeError, ModelRefError, ValueError) as e:
         print(f"compactlm: {e}", file=sys.stderr)
         return 2
