@@ -168,6 +168,15 @@ def tensors(path: Path) -> dict:
     return load_file(str(path))
 
 
+def bf16_copy(model_dir: Path, out: Path) -> Path:
+    """`model_dir` stored in bfloat16 (as most checkpoints are), with its tokenizer files, at `out`."""
+    from compactlm.models import copy_model_side_files, load_model
+
+    load_model(model_dir, dtype="bfloat16").save_pretrained(out)
+    copy_model_side_files(model_dir, out)
+    return out
+
+
 def nan_model(model_dir: Path, out: Path) -> Path:
     """A copy of `model_dir` whose final norm is NaN: its first forward gives a non-finite loss."""
     import torch

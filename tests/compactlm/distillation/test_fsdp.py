@@ -14,8 +14,8 @@ import torch
 
 from compactlm.artifacts import is_complete
 from compactlm.distillation import distill
-from compactlm.models import copy_model_side_files, load_model, load_tokenizer
-from tests.helpers import SUB_ENV, assert_same_tensors, model_weights, nan_model, start_script
+from compactlm.models import load_model, load_tokenizer
+from tests.helpers import SUB_ENV, assert_same_tensors, bf16_copy, model_weights, nan_model, start_script
 from tests.helpers import kd_cfg as cfg
 
 FSDP = {"strategy": "fsdp", "nproc": 2}
@@ -36,12 +36,7 @@ def bf16_models(teacher_dir, student_dir, tmp_path_factory) -> tuple[Path, Path]
     (the files' pages) and FSDP converts one unit at a time to the training dtype while it shards them; one process
     loads them converted to fp32 at once. Both must train the same."""
     root = tmp_path_factory.mktemp("bf16")
-    out = []
-    for name, src in (("teacher", teacher_dir), ("student", student_dir)):
-        load_model(src, dtype="bfloat16").save_pretrained(root / name)
-        copy_model_side_files(src, root / name)
-        out.append(root / name)
-    return out[0], out[1]
+    return bf16_copy(teacher_dir, root / "teacher"), bf16_copy(student_dir, root / "student")
 
 
 @pytest.fixture(scope="module")

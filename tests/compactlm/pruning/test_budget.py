@@ -147,11 +147,9 @@ def test_prune_to_dir_with_budget_picks_the_best_candidate(tiny_gqa_model_dir, s
 def test_budget_keeps_the_teacher_dtype(tiny_gqa_model_dir, scored, tmp_path):
     """Candidates are ranked in fp32 (bf16 is slow on CPU); the student is saved in the teacher's dtype,
     bit-identical to pruning the bf16 teacher directly."""
-    from compactlm.models import copy_model_side_files
+    from tests.helpers import bf16_copy
 
-    bf16_dir = tmp_path / "teacher-bf16"
-    load_model(tiny_gqa_model_dir, dtype="bfloat16").save_pretrained(bf16_dir, safe_serialization=True)
-    copy_model_side_files(tiny_gqa_model_dir, bf16_dir)
+    bf16_dir = bf16_copy(tiny_gqa_model_dir, tmp_path / "teacher-bf16")
     rec = prune_to_dir(bf16_dir, scored, PruneConfig(budget=dict(params=0.95, search=3)), tmp_path / "out",
                        calibration=random_ids(n=2, t=12))
     assert rec["dtype"] == "bfloat16" and json.loads((tmp_path / "out/config.json").read_text())["dtype"] == "bfloat16"

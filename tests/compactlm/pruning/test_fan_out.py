@@ -15,12 +15,9 @@ from compactlm.config import PruneConfig
 @pytest.fixture(scope="module")
 def bf16_teacher(tiny_gqa_model_dir, tmp_path_factory):
     """The GQA tiny model stored in bfloat16, as most checkpoints are."""
-    from compactlm.models import copy_model_side_files, load_model
+    from tests.helpers import bf16_copy
 
-    out = tmp_path_factory.mktemp("bf16") / "teacher"
-    load_model(tiny_gqa_model_dir, dtype="bfloat16").save_pretrained(out)
-    copy_model_side_files(tiny_gqa_model_dir, out)
-    return out
+    return bf16_copy(tiny_gqa_model_dir, tmp_path_factory.mktemp("bf16") / "teacher")
 
 
 @pytest.mark.parametrize("stored,proxy", [("float32", "loss"), ("float32", "kl"), ("bfloat16", "loss")])
