@@ -140,6 +140,26 @@ def _nvidia_smi() -> list[float]:
     return [float(x) / 1024 for x in out.split() if x.strip().replace(".", "", 1).isdigit()]
 
 
+def stage_needs(stage: str, cfg: Any, t: fp.Dims, s: fp.Dims | None, machine: Machine, gpu: bool) -> list[StageNeed]:
+    """The memory of one stage (a recipe section's name: generate, correct, score, prune, distill or
+    distill_then.N, evaluate, export) with config `cfg`, teacher `t` and student `s`; a distillation on GPUs with
+    several processes adds their host side."""
+    if stage == "generate":
+        return [stages.generate(cfg, t, gpu, machine.gpu_mem_gib)]
+    if stage in ("correct", "score"):
+        return [getattr(stages, stage)(cfg, t, gpu)]
+    if stage == "prune":
+        return [stages.prune(cfg, t, s, gpu, machine.cpus)]
+    if stage == "distill" or stage.startswith("distill_then."):
+        host = stages.distill_host(cfg, stage, t, s) if gpu else None
+        return [stages.distill(cfg, stage, t, s, gpu, machine.gpus, machine.gpu_mem_gib), *([host] if host else [])]
+    if stage == "evaluate":
+        return [stages.evaluate(cfg, t, s, gpu, machine.gpu_mem_gib)]
+    if stage == "export":  # the models are exported one after another: the larger sets the peak
+        return [stages.export(cfg, t if cfg.teacher and t.params > s.params else s)]
+    raise ValueError(f"no memory plan for a stage named {stage!r}")
+
+
 def plan_recipe(recipe: Recipe, teacher_config: Any, machine: Machine, *, student_config: Any = None,
                 student_shape: dict[str, int] | None = None) -> Plan:
     """Every stage of `recipe` on `machine`. `student_shape` is the pruned student's (the prune target);
@@ -149,28 +169,50 @@ def plan_recipe(recipe: Recipe, teacher_config: Any, machine: Machine, *, studen
     plan = Plan(machine)
     s = fp.dims(teacher_config, student_shape) if recipe.pruned_student else (
         fp.dims(student_config) if student_config is not None else None)
-    plan.needs.append(stages.generate(recipe.generate, t, gpu, machine.gpu_mem_gib))
-    if recipe.correct is not None:
-        plan.needs.append(stages.correct(recipe.correct, t, gpu))
+    sections = [("generate", recipe.generate), *([("correct", recipe.correct)] if recipe.correct else [])]
     if recipe.pruned_student:
-        plan.needs += [stages.score(recipe.score, t, gpu), stages.prune(recipe.prune, t, s, gpu, machine.cpus)]
+        sections += [("score", recipe.score), ("prune", recipe.prune)]
+    if s is not None:
+        sections += [("distill" if i == 0 else f"distill_then.{i - 1}", cfg)
+                     for i, cfg in enumerate(recipe.distill_stages)]
+        sections += [("evaluate", recipe.eval), *([("export", recipe.export)] if recipe.export.enabled else [])]
+    for stage, cfg in sections:
+        plan.needs += stage_needs(stage, cfg, t, s, machine, gpu)
     if s is None:
         plan.notes.append(f"student {recipe.student!r}: no local config.json yet, so distill, evaluate and export "
                           "are planned once it is resolved")
-        return plan
-    for i, cfg in enumerate(recipe.distill_stages):
-        name = "distill" if i == 0 else f"distill_then.{i - 1}"
-        plan.needs.append(stages.distill(cfg, name, t, s, gpu, machine.gpus, machine.gpu_mem_gib))
-        host = stages.distill_host(cfg, name, t, s) if gpu else None
-        if host is not None:
-            plan.needs.append(host)
-    plan.needs.append(stages.evaluate(recipe.eval, t, s, gpu, machine.gpu_mem_gib))
-    if recipe.export.enabled:
-        plan.needs.append(stages.export(recipe.export, s))
-    if recipe.schedule is not None:
+    elif recipe.schedule is not None:
         plan.notes.append(f"schedule: the {recipe.schedule.rounds} rounds score, prune and distill students between "
                           "the teacher's shape and the final one: none needs more than the teacher's rows above")
     return plan
+
+
+def plan_stage(stage: str, cfg: Any, machine: Machine, models: dict[str, str | os.PathLike], *,
+               device: str = "auto") -> Plan:
+    """One stage run on its own (a stage flow), from its models' folders or config.json files: ``teacher``
+    (generate, score, prune: its student is prune's target), ``teacher`` and ``student`` (distill), or any labels
+    (evaluate and export run the models one after another: planned for the largest)."""
+    gpu = machine.gpus > 0 and device != "cpu"
+    configs = {label: read_config(ref) for label, ref in models.items()}
+    dims = {label: fp.dims(c) for label, c in configs.items()}
+    if stage in ("evaluate", "export"):
+        t = s = max(dims.values(), key=lambda d: d.params)
+    else:
+        t, s = dims["teacher"], dims.get("student")
+        if stage == "prune":
+            s = fp.dims(configs["teacher"], _prune_shape(configs["teacher"], cfg))
+    plan = Plan(machine)
+    plan.needs += stage_needs(stage, cfg, t, s, machine, gpu)
+    return plan
+
+
+def _prune_shape(config: Any, cfg: Any) -> dict[str, int]:
+    """The student shape prune cuts: its target (a budget's first candidate, about the budget's size)."""
+    from compactlm.config import SHAPE_FIELDS
+    from compactlm.pruning.shapes import target_shape
+
+    target = target_shape(config, cfg)
+    return {k: target[k] for k in SHAPE_FIELDS}
 
 
 def read_config(path: str | os.PathLike) -> Any:
@@ -192,20 +234,16 @@ def plan_run(recipe: Recipe, teacher: str | os.PathLike, machine: Machine,
              student: str | os.PathLike | None = None) -> Plan:
     """:func:`plan_recipe` from the teacher's (and a given student's) folder or config.json file; the pruned
     student's shape is prune's target (a budget's: its first candidate, about the budget's size)."""
-    from compactlm.config import SHAPE_FIELDS
-    from compactlm.pruning.shapes import target_shape
-
     config = read_config(teacher)
-    shape = None
-    if recipe.pruned_student:
-        target = target_shape(config, recipe.prune)
-        shape = {k: target[k] for k in SHAPE_FIELDS}
+    shape = _prune_shape(config, recipe.prune) if recipe.pruned_student else None
     s_config = read_config(student) if student is not None else None
     return plan_recipe(recipe, config, machine, student_config=s_config, student_shape=shape)
 
 
-def check_fits(plan: Plan) -> None:
-    """ValueError naming each stage that does not fit, its numbers and the fix; nothing when all fit."""
+def check_fits(plan: Plan, headline: str = "the run does not fit this machine (compactlm plan RECIPE shows every "
+                                            "stage)") -> None:
+    """ValueError, `headline` then each stage that does not fit with its numbers and the fix; nothing when all
+    fit."""
     bad = plan.misfits()
     if not bad:
         return
@@ -215,9 +253,8 @@ def check_fits(plan: Plan) -> None:
             f" ({n.ranks} processes x {n.per_process / GiB:.1f})" if n.ranks > 1 else "")
         lines.append(f"{n.stage} ({n.strategy}): needs {n.need_gib():.1f} GiB {where}, has {have:.1f} GiB; "
                      f"fix: {n.fix or 'a machine with more memory'}")
-    raise ValueError("the run does not fit this machine (compactlm plan RECIPE shows every stage):\n  "
-                     + "\n  ".join(lines))
+    raise ValueError(f"{headline}:\n  " + "\n  ".join(lines))
 
 
 __all__ = ["Machine", "Plan", "StageNeed", "check_fits", "host_memory_gib", "plan_recipe", "plan_run",
-           "read_config"]
+           "plan_stage", "read_config", "stage_needs"]

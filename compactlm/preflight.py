@@ -77,6 +77,26 @@ def check_memory(recipe: Recipe, teacher_dir: str | os.PathLike) -> None:
         raise RecipeError(f"{e}\n(set {SKIP_MEMORY_CHECK}=1 to run it anyway)") from None
 
 
+#: The recipe section whose fields a stage's fixes name, where it is not the stage's own name.
+_SECTION = {"evaluate": "eval"}
+
+
+def check_stage_memory(stage: str, cfg: Any, device: str, models: dict[str, str | os.PathLike]) -> None:
+    """:func:`check_memory` for one stage run on its own (a stage flow, whose form calls the stage's section
+    ``config``): ValueError naming ``config`` and the fix when the stage's plan (:func:`compactlm.plan.plan_stage`,
+    `models` by label) does not fit this machine."""
+    if os.environ.get(SKIP_MEMORY_CHECK) == "1":
+        return
+    from compactlm.plan import Machine, check_fits, plan_stage
+
+    plan = plan_stage(stage, cfg, Machine.detect(gpus=0 if device == "cpu" else None), models, device=device)
+    try:
+        check_fits(plan, f"the {stage} stage does not fit this machine")
+    except ValueError as e:
+        msg = re.sub(rf"\b{_SECTION.get(stage, stage)}\.", "config.", str(e))
+        raise ValueError(f"config: {msg}\n(set {SKIP_MEMORY_CHECK}=1 to run it anyway)") from None
+
+
 def _check_rounds(recipe: Recipe, teacher_dir: str | os.PathLike, target: dict[str, Any]) -> None:
     """Every intermediate shape of the schedule is a valid student of this teacher."""
     from transformers import AutoConfig

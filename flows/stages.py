@@ -18,7 +18,10 @@ share the result (the second one is a cache hit). Each flow run logs one parent 
 returns the output path.
 
 Upstream paths are checked before anything runs: a directory that is not a finished compactlm output (no
-``manifest.json``) fails with a ValueError naming the parameter.
+``manifest.json``) fails with a ValueError naming the parameter. Once the models are resolved, the stage's memory
+plan (:func:`compactlm.plan.plan_stage`) must fit this machine, as a compress run's must: a stage that does not
+fails before computing, naming the field of ``config`` that makes it fit (COMPACTLM_SKIP_MEMORY_CHECK=1 runs it
+anyway).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from compactlm.config import (
     ScoreConfig,
 )
 from compactlm.models import pick_device
-from compactlm.preflight import check_prune_target
+from compactlm.preflight import check_prune_target, check_stage_memory
 from compactlm.tracking import Tracker, default_tracking_uri
 from tasks.common import RunContext, prefect_ids
 from tasks.data import mix as mix_task
@@ -99,7 +102,9 @@ def generate(teacher: str, config: GenerateConfig = GenerateConfig(), settings: 
         settings: Workdir, seed, device, runner and MLflow tracking (a recipe's top-level settings).
     """
     with _stage_run("generate", settings, {"teacher": teacher}) as (ctx, _):
-        return generate_task(ctx, resolve_teacher(teacher), config)
+        teacher_dir = resolve_teacher(teacher)
+        check_stage_memory("generate", config, settings.device, {"teacher": teacher_dir})
+        return generate_task(ctx, teacher_dir, config)
 
 
 @flow(name="data", log_prints=True)
@@ -138,7 +143,9 @@ def score(teacher: str, data_dir: str | None = None, config: ScoreConfig = Score
     else:
         data_dir = config.data  # the task then reads config.data, as in compress
     with _stage_run("score", settings, {"teacher": teacher}) as (ctx, _):
-        return score_task(ctx, resolve_teacher(teacher), data_dir, config)
+        teacher_dir = resolve_teacher(teacher)
+        check_stage_memory("score", config, settings.device, {"teacher": teacher_dir})
+        return score_task(ctx, teacher_dir, data_dir, config)
 
 
 @flow(name="prune", log_prints=True)
@@ -164,6 +171,7 @@ def prune(teacher: str, scores_dir: str, data_dir: str | None = None, config: Pr
             check_prune_target(teacher_dir, config)
         except ValueError as e:
             raise ValueError(f"config: {e}") from None
+        check_stage_memory("prune", config, settings.device, {"teacher": teacher_dir})
         return prune_task(ctx, teacher_dir, scores_dir, data_dir or "", config, runner=settings.runner)
 
 
@@ -184,8 +192,9 @@ def distill(teacher: str, student_dir: str, data_dir: str, config: DistillConfig
     data_dir = finished_output(data_dir, "data_dir", "generate")
     with _stage_run("distill", settings, {"teacher": teacher}) as (ctx, _):
         student = resolve_teacher.with_options(name="resolve-student")(student_dir)
-        return distill_task(ctx, resolve_teacher(teacher), student, data_dir, config,
-                            log_model=settings.tracking.log_model)
+        teacher_dir = resolve_teacher(teacher)
+        check_stage_memory("distill", config, settings.device, {"teacher": teacher_dir, "student": student})
+        return distill_task(ctx, teacher_dir, student, data_dir, config, log_model=settings.tracking.log_model)
 
 
 def _student_ref(ref: str, producer: str = "prune") -> str:
@@ -216,6 +225,7 @@ def evaluate(models: dict[str, str], config: EvalConfig = EvalConfig(), settings
     check_tasks(config)
     with _stage_run("evaluate", settings, {f"model.{k}": v for k, v in models.items()}) as (ctx, tracker):
         resolved = {label: resolve_teacher(ref) for label, ref in models.items()}
+        check_stage_memory("evaluate", config, settings.device, resolved)
         eval_dir = evaluate_task(ctx, resolved, config)
         results = json.loads((Path(eval_dir) / "results.json").read_text())
         tracker.log_metrics(ctx.parent_run_id, {f"{label}/{k}": v for label, result in results.items()
@@ -252,6 +262,7 @@ def export(student_dir: str, teacher: str | None = None, config: ExportConfig = 
     with _stage_run("export", settings, {"student_dir": student_dir, "teacher": teacher or ""}) as (ctx, tracker):
         student = resolve_teacher.with_options(name="resolve-student")(student_dir)
         models = {"student": student, **({"teacher": resolve_teacher(teacher)} if config.teacher else {})}
+        check_stage_memory("export", config, settings.device, models)
         inputs = {"student_dir": student_dir, "teacher": teacher, "export": config.model_dump(mode="json"),
                   "eval": eval_config.model_dump(mode="json"), "settings": settings.model_dump(mode="json")}
         out = export_task(ctx, models, config, eval_config, recipe=inputs, log_files=settings.tracking.log_model,

@@ -10,7 +10,7 @@ from compactlm import footprint as fp
 from compactlm import stage_plans as stages
 from compactlm.config import DistillConfig, PruneConfig, ScoreConfig
 from compactlm.models import count_params_on_disk
-from compactlm.plan import Machine, check_fits, host_memory_gib, plan_run, read_config
+from compactlm.plan import Machine, check_fits, host_memory_gib, plan_run, plan_stage, read_config
 from compactlm.pruning.shapes import param_count
 from compactlm.recipe import load_recipe
 from tests.helpers import REPO
@@ -111,6 +111,27 @@ def test_the_scaling_recipes_fit_one_node_of_eight_80_gb_gpus():
     with pytest.raises(ValueError, match=r"distill \(ddp x 8, online teacher\): needs \d+\.\d GiB per GPU, has 80.0 "
                                          r"GiB; fix: distill.strategy: fsdp with distill.nproc: 8"):
         check_fits(ddp)
+
+
+def test_a_stage_on_its_own_is_planned_as_in_its_recipe(tiny_model_dir, tiny_factory):
+    """A stage flow's plan (its config and models) is the recipe's row for that stage; evaluate and export plan for
+    the largest of their models."""
+    recipe = load_recipe(REPO / "configs/tiny-test.yaml", ["prune.streaming=true"])
+    machine = Machine(cpu_mem_gib=64)
+    rows = {n.stage: n for n in plan_run(recipe, tiny_model_dir, machine).needs}
+    pruned = fp.dims(read_config(tiny_model_dir), {"num_hidden_layers": 3})
+    for stage, cfg in [("generate", recipe.generate), ("score", recipe.score), ("prune", recipe.prune)]:
+        (need,) = plan_stage(stage, cfg, machine, {"teacher": tiny_model_dir}).needs
+        assert need == rows[stage]
+    student = tiny_factory("llama", num_hidden_layers=1)
+    distill = plan_stage("distill", recipe.distill, machine, {"teacher": tiny_model_dir, "student": student}).needs
+    assert distill == [stages.distill(recipe.distill, "distill", fp.dims(read_config(tiny_model_dir)),
+                                      fp.dims(read_config(student)), False, 0)]
+    (evaluate,) = plan_stage("evaluate", recipe.eval, machine, {"a": student, "b": tiny_model_dir}).needs
+    assert evaluate.per_process == stages.evaluate(recipe.eval, fp.dims(read_config(tiny_model_dir)), pruned,
+                                                   False, 0).per_process
+    with pytest.raises(ValueError, match="no memory plan for a stage named 'data'"):
+        plan_stage("data", recipe.data, machine, {"teacher": tiny_model_dir})
 
 
 def test_a_given_student_without_a_local_config_is_planned_later(tiny_model_dir):

@@ -69,11 +69,12 @@ def _runs(workdir: Path):
 
 
 @pytest.mark.long(32)
-def test_stage_flows_and_compress_share_cache_hits(prefect_server, tiny_model_dir, tmp_path):
+def test_stage_flows_and_compress_share_cache_hits(prefect_server, tiny_model_dir, tmp_path, monkeypatch):
     """compress once (parameter budget: the candidates fan out as prune-candidate tasks and the choice equals
     the sequential library path); the prune and evaluate stage flows on its outputs are cache hits on its
     keys; a changed distill config through the stage flow computes a new student, which compress then
-    reuses in turn."""
+    reuses in turn. On a machine too small for a stage, its flow refuses before computing, naming config's
+    field that fixes it."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -134,3 +135,16 @@ def test_stage_flows_and_compress_share_cache_hits(prefect_server, tiny_model_di
 
     history = MlflowClient(f"sqlite:///{tmp_path / 'work'}/mlflow.db").get_metric_history(child.info.run_id, "loss")
     assert [m.step for m in history] == [1, 2]
+
+    # a machine too small: the stage flows refuse once the models are resolved, before computing anything
+    monkeypatch.setenv("COMPACTLM_HOST_MEM_GIB", "0.5")
+    bigger = distill_cfg.model_copy(update={"lr": 3e-4})
+    with pytest.raises(ValueError, match=r"(?s)config: the distill stage does not fit this machine:.*has 0\.5 GiB; "
+                       r"fix: config\.gradient_checkpointing: true.*COMPACTLM_SKIP_MEMORY_CHECK=1"):
+        stages.distill(str(tiny_model_dir), first["pruned"], first["data"], bigger, **kw)
+    with pytest.raises(ValueError, match=r"(?s)config: the score stage does not fit.*fix: config\.streaming: true"):
+        stages.score(str(tiny_model_dir), first["data"], r.score, **kw)
+    refused = [x for x in _runs(tmp_path / "work") if x.data.tags.get("compactlm.flow") in ("distill", "score")]
+    assert [x.info.status for x in refused[-2:]] == ["FAILED", "FAILED"]
+    assert not [x for x in _runs(tmp_path / "work") if x.data.tags.get("mlflow.parentRunId") in
+                {x.info.run_id for x in refused[-2:]}]  # no stage (child) run started
