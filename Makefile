@@ -16,7 +16,7 @@ LLAMA_TREE  := llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install llama-cpp demo test test-fast test-integration browser-deps screenshots lint validate serve deploy stop clean
+.PHONY: install llama-cpp demo test test-fast test-integration gpu-wheels browser-deps screenshots lint validate serve deploy stop clean
 
 install: $(STAMP) $(LLAMA_STAMP)
 
@@ -62,6 +62,18 @@ test-fast: install
 
 test-integration: install
 	$(BIN)/pytest -m integration tests
+
+# The packages the GPU checks (benchmarks/gpu_checks.sh) need that a lent GPU machine's image lacks (it holds torch,
+# numpy, pandas, pyarrow, tokenizers, safetensors, accelerate, pytest; nothing can be fetched there), at this
+# project's pins, for its Python 3.12, in .whl/gpu (ignored): a device run carries it and the script installs it.
+GPU_WHEELS := pydantic pydantic_core annotated-types typing-inspection transformers huggingface_hub datasets dill \
+	multiprocess evaluate lm_eval more-itertools pytablewriter DataProperty mbstrdecoder pathvalidate tabledata \
+	tcolorpy typepy chardet rouge_score nltk sqlitedict word2number
+gpu-wheels: install
+	rm -rf .whl/gpu && $(BIN)/pip download -q --no-deps -c constraints/cpu.txt --python-version 3.12 \
+	  --implementation cp --abi cp312 --abi abi3 --abi none --platform manylinux_2_28_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d .whl/gpu $(GPU_WHEELS)
+	@du -sh .whl/gpu
 
 # The browser tests (in tests/flows/test_serve.py, in the integration group) drive Debian's chromium with its
 # chromedriver through selenium (dev extra); nothing is downloaded at test time. .ci/run installs them the same way.

@@ -84,7 +84,7 @@ def test_online_kd_on_cuda_matches_cpu_and_trains(teacher_dir, student_dir, data
     model = load_model(tmp_path / "cuda")
     assert next(model.parameters()).dtype == torch.float32
     manifest = json.loads((tmp_path / "cuda" / "manifest.json").read_text())
-    assert manifest["metrics"]["steps"] == 8
+    assert manifest["metrics"]["steps"] == 8 and manifest["metrics"]["peak_gpu_mib"] > 0
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -100,6 +100,7 @@ def test_fsdp_on_cuda_in_bf16_matches_one_process(teacher_dir, student_dir, data
     assert sharded[-1]["kd_loss"] < 0.9 * sharded[0]["kd_loss"]
     manifest = json.loads((tmp_path / "fsdp" / "manifest.json").read_text())
     assert manifest["metrics"]["strategy"] == "fsdp" and manifest["metrics"]["world_size"] == nproc
+    assert manifest["metrics"]["peak_gpu_mib"] > 0  # rank 0's, from the rank process
     assert next(load_model(tmp_path / "fsdp").parameters()).dtype == torch.float32
 
 

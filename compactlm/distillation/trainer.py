@@ -221,6 +221,10 @@ def _summary(run: Run, state: dict[str, Any], start_step: int, seconds: float) -
     from compactlm.distillation.sharded import state_bytes
 
     summary["state_mib_per_rank"] = round(state_bytes(run.trainable(), run.optimizer) / 2**20, 3)
+    if run.device.startswith("cuda"):  # this process's allocator peak (what the plan's GPU rows predict)
+        import torch
+
+        summary["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(run.device) / 2**20, 1)
     if run.par.world > 1 or run.par.fsdp:
         summary["world_size"], summary["strategy"] = run.par.world, run.par.strategy
         summary["ranks_in_sync"] = run.par.same_weights_everywhere(run.student)
