@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from compactlm.pruning.shapes import param_split, shape_of, stored_dtype
+from compactlm.models import stored_dtype
+from compactlm.pruning.shapes import param_split, shape_of
 
 GiB = 2**30
 MiB = 2**20

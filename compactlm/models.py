@@ -16,7 +16,7 @@ import shutil
 import threading
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # heavy imports stay lazy: config validation must be fast
     import torch
@@ -234,6 +234,15 @@ def load_tokenizer(model_dir: str | os.PathLike) -> PreTrainedTokenizerBase:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def stored_dtype(config: Any) -> str:
+    """The dtype a model's config says its weights are stored in, from a transformers config or config.json's
+    dict (``dtype``, or ``torch_dtype`` as older files write it): float32, bfloat16 or float16 (float32 when unset
+    or anything else). Stages that publish a model save it in this dtype."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    name = str(get("dtype") or get("torch_dtype") or "float32").removeprefix("torch.")
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
 
 
 def load_model(model_dir: str | os.PathLike, *, dtype: str | torch.dtype = "float32",

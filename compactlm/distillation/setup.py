@@ -23,7 +23,7 @@ from compactlm.config import DistillConfig
 from compactlm.distillation.data import PackedData, pack_plain, pack_with_topk
 from compactlm.distillation.parallel import Parallel
 from compactlm.formats.generated import iter_examples, read_rows
-from compactlm.models import eos_token_ids, load_model, load_tokenizer, pick_device
+from compactlm.models import eos_token_ids, load_model, load_tokenizer, pick_device, stored_dtype
 
 if TYPE_CHECKING:
     import torch
@@ -305,7 +305,7 @@ def _load_models(run: Run) -> None:
     # straight onto the device in it.
     fsdp = run.par.fsdp
     where = "cpu" if fsdp else run.device
-    run.student = load_model(run.student_dir, dtype=saved_dtype(run.s_conf) if fsdp else "float32",
+    run.student = load_model(run.student_dir, dtype=stored_dtype(run.s_conf) if fsdp else "float32",
                              device=where).train()
     if run.cfg.lora is not None:
         try:
@@ -315,7 +315,7 @@ def _load_models(run: Run) -> None:
     if run.cfg.gradient_checkpointing:
         run.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if run.needs_teacher:
-        t_dtype = saved_dtype(run.t_conf) if fsdp else "bfloat16" if run.cuda else "float32"
+        t_dtype = stored_dtype(run.t_conf) if fsdp else "bfloat16" if run.cuda else "float32"
         run.teacher = load_model(run.teacher_dir, dtype=t_dtype, device=where).eval()
         run.teacher.requires_grad_(False)
     if run.use_hidden:
@@ -336,9 +336,3 @@ def _optimizer(run: Run) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=run.cfg.lr, betas=(0.9, 0.95), fused=run.cuda)
 
 
-def saved_dtype(config: dict):
-    """The dtype the student's config.json declares (what the published student is saved in)."""
-    import torch
-
-    name = config.get("dtype") or config.get("torch_dtype")
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)

@@ -44,10 +44,10 @@ from compactlm.distillation.data import row_stream
 from compactlm.distillation.flops import peak_flops, train_flops_per_token
 from compactlm.distillation.lora import merged
 from compactlm.distillation.onpolicy import is_on_policy, refresh, sample_batch
-from compactlm.distillation.setup import Run, saved_dtype, setup
+from compactlm.distillation.setup import Run, setup
 from compactlm.distillation.step import Batch, accumulate, draw_batch, lr_at, optimizer_step
 from compactlm.formats.pruning import RECORD_FILE
-from compactlm.models import copy_model_side_files, count_params, load_model
+from compactlm.models import copy_model_side_files, count_params, load_model, stored_dtype
 
 LogFn = Callable[[dict[str, float], int], None]
 
@@ -237,6 +237,8 @@ def _summary(run: Run, state: dict[str, Any], start_step: int, seconds: float) -
 def publish(run: Run, state: dict[str, Any], summary: dict[str, Any]) -> None:
     """Write the student (in its config's dtype) with its tokenizer, pruning record, training log and manifest to
     ``out_dir`` atomically (rank 0), then drop the checkpoints."""
+    import torch
+
     manifest = {
         "stage": "distill", "teacher": str(run.teacher_dir), "student": str(run.student_dir),
         "data": str(run.data_dir), "config": run.cfg.model_dump(mode="json"), "seed": run.seed,
@@ -247,7 +249,7 @@ def publish(run: Run, state: dict[str, Any], summary: dict[str, Any]) -> None:
     run.teacher = run.model = None
     student = _gathered(run) if run.par.fsdp else merged(run.student).eval()  # LoRA: adapters folded in
     if run.par.is_main:
-        student.to(saved_dtype(run.s_conf))
+        student.to(getattr(torch, stored_dtype(run.s_conf)))
         with publish_dir(run.out_dir, manifest) as tmp:
             student.save_pretrained(tmp, safe_serialization=True)
             copy_model_side_files(run.student_dir, tmp, extra=(RECORD_FILE,))

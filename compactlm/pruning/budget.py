@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 from compactlm.calibration import batches, calibration_loss
 from compactlm.choices import PROXY_CHOICES
 from compactlm.config import SHAPE_FIELDS, PruneConfig
-from compactlm.pruning.shapes import fitting_shapes, stored_dtype, target_shape
+from compactlm.models import stored_dtype
+from compactlm.pruning.shapes import fitting_shapes, target_shape
 from compactlm.pruning.slicing import plan_pruning, prune_model
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from compactlm.config import SHAPE_FIELDS, PruneConfig
 from compactlm.formats import pruning as record_format
 from compactlm.formats.scores import ImportanceScores
-from compactlm.models import copy_model_side_files
+from compactlm.models import copy_model_side_files, stored_dtype
 from compactlm.pruning.budget import (
     calibration_tensor,
     candidate_pool,
@@ -23,7 +23,7 @@ from compactlm.pruning.budget import (
     repair_ids,
     score_candidates,
 )
-from compactlm.pruning.shapes import shape_kind, stored_dtype
+from compactlm.pruning.shapes import shape_kind
 from compactlm.pruning.slicing import plan_pruning, prune_model
 
 if TYPE_CHECKING:

@@ -146,12 +146,6 @@ def _counter(config: Any) -> Callable[[int, int, int], tuple[int, int]]:
     return count
 
 
-def stored_dtype(config: Any) -> str:
-    """The dtype `config` says the weights are stored in: float32, bfloat16 or float16 (float32 when unset)."""
-    dtype = str(getattr(config, "dtype", None) or "float32").removeprefix("torch.")
-    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
-
-
 def param_split(config: Any, shape: dict[str, int] | None = None) -> tuple[int, int]:
     """(parameters outside the decoder layers, parameters of one layer) of `config`'s architecture at `shape`
     (default: its own) as it is written, tied embeddings counted once."""

@@ -5,7 +5,26 @@ import json
 import pytest
 import torch
 
-from compactlm.models import ModelRefError, check_model_ref, count_params, load_model, load_tokenizer, resolve_model
+from compactlm.models import (
+    ModelRefError,
+    check_model_ref,
+    count_params,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+    stored_dtype,
+)
+
+
+def test_stored_dtype_reads_either_config_form(tiny_model_dir):
+    """One rule for the dtype a model is stored in, whether pruning reads a transformers config or distillation
+    the config.json dict (older files say torch_dtype); what compactlm cannot store is float32."""
+    from transformers import AutoConfig
+
+    assert stored_dtype({"torch_dtype": "bfloat16"}) == stored_dtype({"dtype": "bfloat16"}) == "bfloat16"
+    assert stored_dtype({}) == stored_dtype({"dtype": "int8"}) == "float32"
+    assert stored_dtype(AutoConfig.for_model("llama", dtype="float16")) == "float16"
+    assert stored_dtype(AutoConfig.from_pretrained(tiny_model_dir)) == "float32"
 
 
 def test_check_model_ref(tmp_path, tiny_model_dir):
