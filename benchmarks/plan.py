@@ -4,7 +4,8 @@
 
 For each model every stage runs as the pipeline runs it (the library call its task makes) in a child process of
 its own: generate (engine hf), score (in memory and streaming), prune (in memory and streaming, 75 % of the width;
-and a 75 % parameter budget on a bf16 copy of the teacher, 2 candidate tasks at once as the stage runs them),
+and a 75 % parameter budget on a bf16 copy of the teacher, 2 candidate tasks at once as the stage runs them, with
+the loss proxy and with the KL proxy, whose tasks run the teacher),
 distill (one process, online KD; and with gradient checkpointing), evaluate (hf, the shipped compactlm_facts task
 and perplexity: the plan's row is a bound, ``bound``), generate with vLLM on CPU (the caller's and the engine
 process's peaks added). ``measured_mib`` is the child's peak RSS (``ru_maxrss``, the whole process);
@@ -173,11 +174,12 @@ def _rows(name: str, teacher: Path, tmp: Path, repeats: int) -> list[dict]:
     bf16 = tmp / "teacher-bf16"  # most checkpoints are stored in bf16: the budget's tasks share its pages
     load_model(teacher, dtype="bfloat16").save_pretrained(bf16)
     copy_model_side_files(teacher, bf16)
-    cfg = {"budget": {"params": 0.75, "search": 2}}
-    measure("prune-budget", "prune budget (bf16 teacher, 2 tasks)",
-            plans.prune(PruneConfig(**cfg), fp.dims(read_config(bf16)), s, False, cpus=2),
-            {"cfg": cfg, "teacher": str(bf16), "scores": str(tmp / "scores-False-0"), "calibration": calib,
-             "workers": 2, "out": str(tmp / "student-budget")})
+    for proxy in ("loss", "kl"):  # kl: each task runs the bf16 teacher as fp32, one module converted at a time
+        cfg = {"budget": {"params": 0.75, "search": 2, "proxy": proxy}}
+        measure("prune-budget", f"prune budget{' kl' if proxy == 'kl' else ''} (bf16 teacher, 2 tasks)",
+                plans.prune(PruneConfig(**cfg), fp.dims(read_config(bf16)), s, False, cpus=2),
+                {"cfg": cfg, "teacher": str(bf16), "scores": str(tmp / "scores-False-0"), "calibration": calib,
+                 "workers": 2, "out": str(tmp / f"student-budget-{proxy}")})
     measure("evaluate", "evaluate (hf; a bound)", plans.evaluate(EvalConfig(**EVAL), t, t, False, 0), {"cfg": EVAL})
     cfg = {**GEN, "engine": "vllm", "dtype": "auto"}  # the caller and vLLM's engine process together
     measure("generate", "generate (vLLM CPU, 2 processes)", plans.generate(GenerateConfig(**cfg), t, False, 0),

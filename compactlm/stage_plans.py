@@ -135,11 +135,21 @@ def score(cfg: ScoreConfig, t: Dims, gpu: bool) -> StageNeed:
                      fix="score.streaming: true (one decoder layer at a time)")
 
 
+def _grams(cfg: PruneConfig, t: Dims) -> int:
+    """A repair's Gram matrices of one pass (fp32, |inputs|^2 per refitted projection), at most
+    ``repair.max_memory_gb`` unless one alone is larger."""
+    if cfg.repair is None:
+        return 0
+    one = [4 * t.q ** 2, 4 * t.intermediate ** 2]
+    return max(min(int(cfg.repair.max_memory_gb * GiB), t.layers * sum(one)), max(one))
+
+
 def prune(cfg: PruneConfig, t: Dims, s: Dims, gpu: bool, cpus: int = 1) -> StageNeed:
-    """Streaming: a tensor and its slice. In memory: the teacher, the student and its serialized copy. A budget
-    first measures min(search, CPUs) candidates at once, then cuts the chosen shape. Each candidate task loads the
-    teacher as stored for the loss proxy without a repair (its file's pages, shared by the tasks) and makes only the
-    candidate fp32; the KL proxy and a repair run the teacher in fp32 (a copy per task unless stored in fp32)."""
+    """Streaming: a tensor and its slice. In memory: the teacher, the student and its serialized copy (a repair:
+    the teacher in fp32 and the Gram matrices of a pass). A budget first measures min(search, CPUs) candidates at
+    once, then cuts the chosen shape. Each candidate task loads the teacher as stored (its file's pages, shared by
+    the tasks) and makes only the candidate fp32; the KL proxy's and a repair's teacher forwards convert one
+    module's weights to fp32 at a time (the largest: an embedding or MLP matrix)."""
     if cfg.streaming:
         largest = fp.largest_tensor(t) * BYTES[t.dtype]
         return StageNeed("prune", "cpu", "streaming: tensor by tensor from the files",
@@ -149,15 +159,17 @@ def prune(cfg: PruneConfig, t: Dims, s: Dims, gpu: bool, cpus: int = 1) -> Stage
     if cfg.budget is None:
         return StageNeed("prune", "gpu" if gpu and cfg.repair is not None else "cpu", f"in memory ({dtype})",
                          parts={"teacher": fp.weights(t, dtype), "student": fp.weights(s, dtype)},
-                         transient={"loading": _loading(t, dtype), "saving": fp.weights(s, t.dtype)}, fix=fix)
+                         transient={"loading": _loading(t, dtype), "saving": fp.weights(s, t.dtype),
+                                    "repair statistics": _grams(cfg, t)}, fix=fix)
     k = max(1, min(cfg.budget.search, cpus))
     tokens = min(8, cfg.budget.proxy_samples) * cfg.budget.proxy_seq_len
-    fp32_teacher = cfg.budget.proxy == "kl" or cfg.repair is not None
-    copy = fp.weights(t, "float32") if fp32_teacher and t.dtype != "float32" else 0
-    each = copy + fp.weights(s, "float32") + fp.forward_workspace(t, tokens) + fp.logits(t, tokens)
-    cut = fp.weights(t, dtype) + 2 * fp.weights(s, dtype)
+    runs_teacher = cfg.budget.proxy == "kl" or cfg.repair is not None
+    converted = fp.largest_tensor(t) * 4 if runs_teacher and t.dtype != "float32" else 0
+    each = (fp.weights(s, "float32") + fp.forward_workspace(t, tokens) + fp.logits(t, tokens) + converted
+            + _grams(cfg, t))
+    cut = fp.weights(t, dtype) + 2 * fp.weights(s, dtype) + _grams(cfg, t)
     return StageNeed("prune", "gpu" if gpu else "cpu", f"budget search, {k} candidates at once", transient={
-        f"{k} candidates at once": k * each + (0 if copy else _file(t)), "final cut": cut},
+        f"{k} candidates at once": k * each + _file(t), "final cut": cut},
         fix="a smaller prune.budget.search (candidates measured at once), or an explicit shape with prune.streaming")
 
 

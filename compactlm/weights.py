@@ -1,9 +1,12 @@
-"""A model directory's safetensors weights read tensor by tensor, without loading the model (streaming pruning and
-scoring of teachers larger than memory)."""
+"""A model's weights without a whole copy of them: a model directory's safetensors read tensor by tensor, without
+loading the model (streaming pruning and scoring of teachers larger than memory), and a model loaded in the dtype it
+is stored in run as if loaded in fp32, one module's converted weights at a time (:func:`computing_in`)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -65,3 +68,74 @@ class TeacherTensors:
             data = bytearray(fh.read(end - start))
         t = torch.frombuffer(data, dtype=stored) if data else torch.empty(0, dtype=stored)
         return t.reshape(info["shape"]).to(dtype)
+
+
+@contextmanager
+def computing_in(model: torch.nn.Module, dtype: str = "float32") -> Iterator[torch.nn.Module]:
+    """Within the block, `model`'s forward computes in `dtype` though its weights stay as loaded: each module with
+    weights of another dtype gets them converted just before its own forward and its loaded tensors back just after.
+    A model loaded in the dtype it is stored in (a bf16 checkpoint: the file's pages, shared by every process that
+    maps it) then gives exactly the outputs of a copy loaded in fp32 (the conversion is exact either way), holding
+    one module's converted weights at a time; the buffers a model computes when it is built (Gemma's embedding
+    scale, made in bf16 by a bf16 load) are those of a `dtype` build meanwhile. Reading a weight directly (not
+    through a forward) sees it as loaded. Nothing is done when every weight already is in `dtype`."""
+    import torch
+
+    target = getattr(torch, dtype)
+    owners = [m for m in model.modules() if any(p.dtype != target for p in m.parameters(recurse=False))]
+    loaded: dict[torch.nn.Module, list[torch.Tensor]] = {}
+
+    def convert(module, *_):
+        params = list(module.parameters(recurse=False))
+        loaded[module] = [p.data for p in params]
+        for p in params:
+            p.data = p.data.to(target)
+
+    def restore(module, *_):
+        for p, data in zip(module.parameters(recurse=False), loaded.pop(module, []), strict=False):
+            p.data = data
+
+    handles = [h for m in owners for h in (m.register_forward_pre_hook(convert),
+                                           m.register_forward_hook(restore, always_call=True))]
+    buffers = _swap_buffers(model, _built_buffers(model, target)) if owners else {}
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        for module in list(loaded):  # a forward stopped inside a module (an exception) leaves nothing converted
+            restore(module)
+        _swap_buffers(model, buffers)
+
+
+def _built_buffers(model: torch.nn.Module, target: torch.dtype) -> dict[str, torch.Tensor]:
+    """The floating-point buffers of `model` in another dtype than `target`, as a `target` build of its class
+    computes them (its parameters on the meta device: no weights allocated)."""
+    import torch
+    from accelerate import init_empty_weights
+
+    from compactlm.models import MODEL_BUILD_LOCK
+
+    names = [n for n, b in model.named_buffers() if b.is_floating_point() and b.dtype != target]
+    if not names:
+        return {}
+    with MODEL_BUILD_LOCK:  # transformers sets the default dtype while it loads: build under the same lock
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(target)
+        try:
+            with init_empty_weights(include_buffers=False):
+                built = dict(type(model)(model.config).named_buffers())
+        finally:
+            torch.set_default_dtype(default)
+    return {n: built[n].to(model.get_buffer(n).device) for n in names if n in built}
+
+
+def _swap_buffers(model: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Put `buffers` (name -> tensor) in `model`; returns the ones they replaced."""
+    old = {}
+    for name, tensor in buffers.items():
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        old[name] = getattr(module, attr)
+        setattr(module, attr, tensor)  # an existing buffer's name: nn.Module stores it as that buffer
+    return old

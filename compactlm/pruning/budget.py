@@ -89,17 +89,20 @@ def _measure(model, scores: ImportanceScores, candidate: dict[str, Any], calibra
     measure the proxy: {**candidate, "proxy", "proxy_value"} (+ "repaired": True)."""
     import torch
 
+    from compactlm.weights import computing_in
+
     cfg = PruneConfig(**candidate["shape"], **opts)
     student, _ = prune_model(model, scores, cfg, dtype=torch.float32)
-    if cfg.repair is not None:
-        from compactlm.pruning.repair import reconstruct
+    with computing_in(model):  # a teacher loaded as stored runs as its fp32 copy would (no-op for an fp32 one)
+        if cfg.repair is not None:
+            from compactlm.pruning.repair import reconstruct
 
-        reconstruct(model, student, plan_pruning(model.config, scores, cfg),
-                    calibration if repair_ids is None else repair_ids, damping=cfg.repair.damping,
-                    max_memory_gb=cfg.repair.max_memory_gb)
-    _as_published(student, stored)
-    value = proxy_value(student, calibration, proxy, teacher=model, teacher_logp=teacher_logp,
-                        batch_size=batch_size)
+            reconstruct(model, student, plan_pruning(model.config, scores, cfg),
+                        calibration if repair_ids is None else repair_ids, damping=cfg.repair.damping,
+                        max_memory_gb=cfg.repair.max_memory_gb)
+        _as_published(student, stored)
+        value = proxy_value(student, calibration, proxy, teacher=model, teacher_logp=teacher_logp,
+                            batch_size=batch_size)
     del student
     return {**candidate, "proxy": proxy, "proxy_value": float(value),
             **({"repaired": True} if cfg.repair is not None else {})}
@@ -286,15 +289,16 @@ def plan_candidates(model_dir: str | os.PathLike, scores_dir: str | os.PathLike,
 def measure_candidate(model_dir: str | os.PathLike, scores_dir: str | os.PathLike, cfg: PruneConfig,
                       calibration: torch.Tensor | str | os.PathLike, candidate: dict[str, Any], *,
                       device: str = "cpu", seed: int = 0) -> dict[str, Any]:
-    """One fan-out unit: load the teacher (fp32, on `device`), prune it to ``candidate["shape"]`` and measure
+    """One fan-out unit: load the teacher (as stored, on `device`), prune it to ``candidate["shape"]`` and measure
     ``cfg.budget.proxy`` on `calibration` (tokenized exactly as :func:`rank_candidates` does, with `seed`).
 
     Returns ``{**candidate, "proxy", "proxy_value"}`` (JSON-serializable, no rank). Gathering the results for
     every item of :func:`plan_candidates`, in pool order, and passing them to :func:`rank_measured` gives the
     same ranking as :func:`rank_candidates` (``prune_to_dir(..., ranking=...)`` then prunes to its first).
-    Each call loads the teacher itself: for the loss proxy without a repair in the dtype it is stored in (parallel
-    calls share its file's pages, only each candidate is fp32), otherwise in fp32 (a copy per call unless it is
-    stored in fp32).
+    Each call loads the teacher itself, in the dtype it is stored in (parallel calls share its file's pages; only
+    each candidate is fp32): the KL proxy's and a repair's teacher forwards run it as its fp32 copy would, one
+    module's weights converted at a time (:func:`compactlm.weights.computing_in`), so the results are those of
+    the sequential path's fp32 teacher.
     """
     from compactlm.formats.scores import load_scores
     from compactlm.models import load_model
@@ -307,12 +311,8 @@ def measure_candidate(model_dir: str | os.PathLike, scores_dir: str | os.PathLik
     ids = calibration_tensor(calibration, model_dir, cfg, seed=seed)
     _check_proxy_inputs(_budget(cfg).proxy, ids)
     scores = load_scores(scores_dir)
-    # The loss proxy without a repair needs no teacher forward: the teacher loads as stored (a bf16 checkpoint's
-    # file pages, shared by every task) and only the candidate is made fp32. The KL proxy and a repair run the
-    # teacher, in fp32.
     stored = stored_dtype(_config(model_dir))
-    as_stored = cfg.budget.proxy == "loss" and cfg.repair is None
-    model = load_model(model_dir, dtype=stored if as_stored else "float32", device=device)  # MODEL_BUILD_LOCK
+    model = load_model(model_dir, dtype=stored, device=device)  # (MODEL_BUILD_LOCK: tasks load one at a time)
     opts = {"layer_metric": cfg.layer_metric, "rescale_norms": cfg.rescale_norms, "repair": cfg.repair}
     return _measure(model, scores, candidate, ids, proxy=cfg.budget.proxy, opts=opts, teacher_logp=None,
                     batch_size=PROXY_BATCH_SIZE, repair_ids=repair_ids(calibration, model_dir, cfg, seed=seed + 1),

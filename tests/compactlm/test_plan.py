@@ -75,11 +75,17 @@ def test_a_budget_search_holds_a_candidate_per_cpu_it_runs_on(tiny_gqa_model_dir
     assert four.strategy == many.strategy == "budget search, 4 candidates at once"  # never more than `search`
     shared = fp.weights(t, "float32")  # the fp32 teacher's file pages, shared by the candidates
     assert four.transient["4 candidates at once"] - shared == 4 * (one.transient["1 candidates at once"] - shared)
-    # a bf16 checkpoint: the loss proxy shares its pages too; the KL proxy runs an fp32 copy in each task
+    # a bf16 checkpoint: its pages are shared too; the KL proxy runs the teacher converting one matrix at a time
     bf16 = fp.dims(config.__class__(**{**config.to_dict(), "dtype": "bfloat16"}))
     loss = stages.prune(cfg, bf16, s, False, 4).transient["4 candidates at once"]
     kl = stages.prune(PruneConfig(budget={"params": 0.8, "search": 4, "proxy": "kl"}), bf16, s, False, 4)
-    assert kl.transient["4 candidates at once"] - loss == 4 * fp.weights(bf16, "float32") - fp.weights(bf16, "bfloat16")
+    assert kl.transient["4 candidates at once"] - loss == 4 * fp.largest_tensor(bf16) * 4
+    # a repair adds the Gram matrices of a pass to each candidate, and to the final cut
+    repair = PruneConfig(budget={"params": 0.8, "search": 4}, repair={"max_memory_gb": 1e-3})
+    need = stages.prune(repair, t, s, False, 1)
+    grams = max(int(1e-3 * 2**30), 4 * t.intermediate ** 2)
+    assert need.transient["1 candidates at once"] - one.transient["1 candidates at once"] == grams
+    assert need.transient["final cut"] - one.transient["final cut"] == grams
 
 
 def test_a_stage_that_does_not_fit_is_named_with_its_numbers_and_the_fix(tiny_model_dir):

@@ -20,18 +20,22 @@ def bf16_teacher(tiny_gqa_model_dir, tmp_path_factory):
     return bf16_copy(tiny_gqa_model_dir, tmp_path_factory.mktemp("bf16") / "teacher")
 
 
-@pytest.mark.parametrize("stored,proxy", [("float32", "loss"), ("float32", "kl"), ("bfloat16", "loss")])
+@pytest.mark.parametrize("stored,proxy,repair", [("float32", "loss", False), ("float32", "kl", False),
+                                                 ("bfloat16", "loss", False), ("bfloat16", "kl", False),
+                                                 ("bfloat16", "loss", True)])
 def test_fan_out_ranks_exactly_like_the_sequential_path(tiny_gqa_model_dir, bf16_teacher, fanout_scores, fanout_calib,
-                                                        stored, proxy, monkeypatch):
-    """With the loss proxy a fan-out task loads a bf16 teacher as stored (its file pages, shared by the tasks) and
-    makes only the candidate fp32; the sequential path prunes the fp32 teacher and rounds the candidate to bf16 as
+                                                        stored, proxy, repair, monkeypatch):
+    """A fan-out task loads a bf16 teacher as stored (its file pages, shared by the tasks) and makes only the
+    candidate fp32; the KL proxy's and a repair's teacher forwards run it as its fp32 copy would, one module at a
+    time. The sequential path prunes, repairs and measures with the fp32 teacher and rounds the candidate to bf16 as
     the stage publishes it: the same candidates, bit for bit."""
     import compactlm.models
     from compactlm.pruning import rank_candidates
     from compactlm.pruning.budget import measure_candidate, plan_candidates, rank_measured
 
     teacher = bf16_teacher if stored == "bfloat16" else tiny_gqa_model_dir
-    cfg = PruneConfig(budget=dict(params=0.95, search=4, candidates=4, proxy=proxy, proxy_samples=2, proxy_seq_len=16))
+    cfg = PruneConfig(budget=dict(params=0.95, search=4, candidates=4, proxy=proxy, proxy_samples=2, proxy_seq_len=16),
+                      repair=dict(num_samples=4, seq_len=16) if repair else None)
     sequential = rank_candidates(teacher, fanout_scores, cfg, fanout_calib, seed=3)
     pool = plan_candidates(teacher, fanout_scores, cfg)
     assert len(pool) == 4 and {c["kind"] for c in pool} == {"depth", "width", "mixed"}
@@ -41,10 +45,11 @@ def test_fan_out_ranks_exactly_like_the_sequential_path(tiny_gqa_model_dir, bf16
     with ThreadPoolExecutor(max_workers=4) as ex:  # concurrently, as the thread runner does
         measured = list(ex.map(lambda c: measure_candidate(teacher, fanout_scores, cfg, fanout_calib, c, seed=3),
                                pool))
-    assert loaded == [stored] * 4  # the loss proxy: each task's teacher as stored
+    assert loaded == [stored] * 4  # each task's teacher as stored
     fanned = rank_measured(measured)  # gathered in pool order
     assert fanned == sequential  # same shapes, same order, bit-identical proxy values
     assert len({c["proxy_value"] for c in fanned}) == 4  # a real ranking, not ties
+    assert all(c.get("repaired", False) == repair for c in fanned)
     # ties keep pool order, as the sequential stable sort does
     tied = rank_measured([{**c, "proxy_value": 1.0} for c in pool])
     assert [c["shape"] for c in tied] == [c["shape"] for c in pool] and [c["rank"] for c in tied] == [1, 2, 3, 4]
