@@ -24,6 +24,7 @@ from compactlm.config import (
 from compactlm.distillation.sampler import GPU_SHARE as SAMPLER_GPU_SHARE
 from compactlm.evaluation.runner import eval_dtype
 from compactlm.footprint import BYTES, Dims, GiB, StageNeed
+from compactlm.pruning.budget import PROXY_BATCH_SIZE
 from compactlm.runtime import DEFAULT_CPU_KVCACHE_GIB
 
 #: vLLM's share of a GPU (its gpu_memory_utilization default) and its CUDA graphs and activations beyond weights.
@@ -149,7 +150,8 @@ def prune(cfg: PruneConfig, t: Dims, s: Dims, gpu: bool, cpus: int = 1) -> Stage
     the teacher in fp32 and the Gram matrices of a pass). A budget first measures min(search, CPUs) candidates at
     once, then cuts the chosen shape. Each candidate task loads the teacher as stored (its file's pages, shared by
     the tasks) and makes only the candidate fp32; the KL proxy's and a repair's teacher forwards convert one
-    module's weights to fp32 at a time (the largest: an embedding or MLP matrix)."""
+    module's weights to fp32 at a time (the largest: an embedding or MLP matrix), and the KL proxy holds a batch of
+    the teacher's log-probs beside the student's logits."""
     if cfg.streaming:
         largest = fp.largest_tensor(t) * BYTES[t.dtype]
         return StageNeed("prune", "cpu", "streaming: tensor by tensor from the files",
@@ -165,8 +167,10 @@ def prune(cfg: PruneConfig, t: Dims, s: Dims, gpu: bool, cpus: int = 1) -> Stage
     tokens = min(8, cfg.budget.proxy_samples) * cfg.budget.proxy_seq_len
     runs_teacher = cfg.budget.proxy == "kl" or cfg.repair is not None
     converted = fp.largest_tensor(t) * 4 if runs_teacher and t.dtype != "float32" else 0
+    batch = min(PROXY_BATCH_SIZE, cfg.budget.proxy_samples) * cfg.budget.proxy_seq_len
+    teacher_logp = fp.logits(t, batch) if cfg.budget.proxy == "kl" else 0  # a batch's, beside the student's logits
     each = (fp.weights(s, "float32") + fp.forward_workspace(t, tokens) + fp.logits(t, tokens) + converted
-            + _grams(cfg, t))
+            + teacher_logp + _grams(cfg, t))
     cut = fp.weights(t, dtype) + 2 * fp.weights(s, dtype) + _grams(cfg, t)
     return StageNeed("prune", "gpu" if gpu else "cpu", f"budget search, {k} candidates at once", transient={
         f"{k} candidates at once": k * each + _file(t), "final cut": cut},

@@ -21,6 +21,7 @@ from compactlm.config import SHAPE_FIELDS, PruneConfig
 from compactlm.models import stored_dtype
 from compactlm.pruning.shapes import fitting_shapes, target_shape
 from compactlm.pruning.slicing import plan_pruning, prune_model
+from compactlm.runtime import release_freed_memory
 
 if TYPE_CHECKING:
     import torch
@@ -46,30 +47,58 @@ def candidate_shapes(config: Any, budget: float, *, max_per_kind: int = 3, slack
 
 
 def _teacher_logprobs(teacher, ids: torch.Tensor, batch_size: int):
-    """Per batch, the teacher's fp32 log-probs [B, T-1, V] at the predicted positions."""
+    """Per batch, the teacher's fp32 log-probs [B, T, V] (position t predicts token t + 1; the last is unused),
+    its logits dropped as soon as they are normalized."""
     import torch
 
     device = next(teacher.parameters()).device
     with torch.no_grad():
         for batch in batches(ids, batch_size):
-            logits = teacher(input_ids=batch.to(device), use_cache=False).logits[:, :-1]
-            yield torch.log_softmax(logits.float(), -1)
+            logits = teacher(input_ids=batch.to(device), use_cache=False).logits
+            logp = torch.log_softmax(logits.float(), -1)  # whole rows: a slice would be copied first
+            del logits
+            yield logp
+            del logp
+
+
+#: Positions whose KL terms are computed at once (their [positions, vocab] working tensors).
+KL_CHUNK = 64
 
 
 def _kl(student, ids: torch.Tensor, teacher_logp, batch_size: int) -> float:
-    """Mean per predicted token of KL(teacher || student); `teacher_logp` yields per-batch fp32 log-probs."""
+    """Mean per predicted token of KL(teacher || student); `teacher_logp` yields per-batch fp32 log-probs [B, T, V].
+    One batch's student logits and teacher log-probs are held at a time, and the working tensors of KL_CHUNK
+    positions (views into both: no copy of a batch)."""
     import torch
 
     device = next(student.parameters()).device
     total, count = 0.0, 0
     with torch.no_grad():
-        for batch, t_logp in zip(batches(ids, batch_size), teacher_logp, strict=True):
-            logits = student(input_ids=batch.to(device), use_cache=False).logits[:, :-1]
-            for s_row, t_row in zip(logits, t_logp):
-                s, t = torch.log_softmax(s_row.float(), -1), t_row
-                total += (t.exp() * (t - s)).sum().item()
-                count += s_row.shape[0]
+        logps = iter(teacher_logp)  # not zip(): its result tuple would hold the last batch's during the next
+        for batch in batches(ids, batch_size):
+            t_logp = next(logps)
+            logits = student(input_ids=batch.to(device), use_cache=False).logits
+            n, length = logits.shape[0], logits.shape[1] - 1  # the last position predicts nothing here
+            for row in range(n):
+                for i in range(0, length, KL_CHUNK):
+                    j = min(i + KL_CHUNK, length)
+                    total += _kl_sum(logits[row, i:j], t_logp[row, i:j])
+            count += n * length
+            del logits, t_logp  # before the next batch's teacher forward, and what the allocator kept of them
+            release_freed_memory()
+        # run the generator to its end here, inside this no_grad: left suspended in its own no_grad block, closing it
+        # later would restore the grad mode it found (off) wherever that happens
+        if next(logps, None) is not None:
+            raise ValueError("teacher_logp has more batches than the calibration ids")
     return total / count
+
+
+def _kl_sum(s_logits: torch.Tensor, t_logp: torch.Tensor) -> float:
+    """Sum over positions of KL(teacher || student) from the student's logits and the teacher's log-probs."""
+    import torch
+
+    s = torch.log_softmax(s_logits.float(), -1)
+    return (t_logp.exp() * (t_logp - s)).sum().item()
 
 
 def proxy_value(student, ids: torch.Tensor, proxy: str, *, teacher=None, teacher_logp=None,
@@ -181,7 +210,7 @@ def score_candidates(model, scores: ImportanceScores, candidates: list[dict[str,
     teacher_logp: list | None = None
     if proxy == "kl":
         n, t = calibration.shape
-        if n * (t - 1) * model.config.vocab_size * 4 <= TEACHER_CACHE_BYTES:
+        if n * t * model.config.vocab_size * 4 <= TEACHER_CACHE_BYTES:
             teacher_logp = list(_teacher_logprobs(model, calibration, batch_size))
     return rank_measured([_measure(model, scores, c, calibration, proxy=proxy, opts=opts, teacher_logp=teacher_logp,
                                    batch_size=batch_size, repair_ids=repair_calibration, stored=stored)

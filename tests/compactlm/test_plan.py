@@ -76,10 +76,11 @@ def test_a_budget_search_holds_a_candidate_per_cpu_it_runs_on(tiny_gqa_model_dir
     shared = fp.weights(t, "float32")  # the fp32 teacher's file pages, shared by the candidates
     assert four.transient["4 candidates at once"] - shared == 4 * (one.transient["1 candidates at once"] - shared)
     # a bf16 checkpoint: its pages are shared too; the KL proxy runs the teacher converting one matrix at a time
+    # and holds a batch (4 x 256 tokens) of its log-probs
     bf16 = fp.dims(config.__class__(**{**config.to_dict(), "dtype": "bfloat16"}))
     loss = stages.prune(cfg, bf16, s, False, 4).transient["4 candidates at once"]
     kl = stages.prune(PruneConfig(budget={"params": 0.8, "search": 4, "proxy": "kl"}), bf16, s, False, 4)
-    assert kl.transient["4 candidates at once"] - loss == 4 * fp.largest_tensor(bf16) * 4
+    assert kl.transient["4 candidates at once"] - loss == 4 * (fp.largest_tensor(bf16) * 4 + fp.logits(bf16, 1024))
     # a repair adds the Gram matrices of a pass to each candidate, and to the final cut
     repair = PruneConfig(budget={"params": 0.8, "search": 4}, repair={"max_memory_gb": 1e-3})
     need = stages.prune(repair, t, s, False, 1)

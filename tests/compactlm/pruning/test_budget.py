@@ -116,6 +116,7 @@ def test_rank_candidates(tiny_gqa_model_dir, scored, proxy, monkeypatch):
     if proxy == "kl":  # teacher log-probs recomputed per batch when they do not fit the cache: same ranking
         monkeypatch.setattr(budget, "TEACHER_CACHE_BYTES", 0)
         again = rank_candidates(tiny_gqa_model_dir, scored, cfg, ids)
+        assert torch.is_grad_enabled()  # the teacher's per-batch generator ran to its end inside the proxy's no_grad
         assert [c["shape"] for c in again] == [c["shape"] for c in ranked]
         assert [c["proxy_value"] for c in again] == pytest.approx([c["proxy_value"] for c in ranked], rel=1e-3)
     with pytest.raises(ValueError, match="prune.budget is not set"):
