@@ -43,6 +43,10 @@ class Machine:
                    cpu_mem_gib=host_memory_gib() if cpu_mem_gib is None else cpu_mem_gib,
                    cpus=cpus or len(affinity_cores()))
 
+    def uses_gpu(self, device: str) -> bool:
+        """Whether a run with this `device` setting (auto, cpu, cuda) computes on this machine's GPUs."""
+        return self.gpus > 0 and device != "cpu"
+
 
 @dataclass
 class Plan:
@@ -164,7 +168,7 @@ def plan_recipe(recipe: Recipe, teacher_config: Any, machine: Machine, *, studen
                 student_shape: dict[str, int] | None = None) -> Plan:
     """Every stage of `recipe` on `machine`. `student_shape` is the pruned student's (the prune target);
     `student_config` a given student's config (None: its stages are planned once it is resolved, with a note)."""
-    gpu = machine.gpus > 0 and recipe.device != "cpu"
+    gpu = machine.uses_gpu(recipe.device)
     t = fp.dims(teacher_config)
     plan = Plan(machine)
     s = fp.dims(teacher_config, student_shape) if recipe.pruned_student else (
@@ -192,7 +196,7 @@ def plan_stage(stage: str, cfg: Any, machine: Machine, models: dict[str, str | o
     """One stage run on its own (a stage flow), from its models' folders or config.json files: ``teacher``
     (generate, score, prune: its student is prune's target), ``teacher`` and ``student`` (distill), or any labels
     (evaluate and export run the models one after another: planned for the largest)."""
-    gpu = machine.gpus > 0 and device != "cpu"
+    gpu = machine.uses_gpu(device)
     configs = {label: read_config(ref) for label, ref in models.items()}
     dims = {label: fp.dims(c) for label, c in configs.items()}
     if stage in ("evaluate", "export"):
@@ -240,10 +244,9 @@ def plan_run(recipe: Recipe, teacher: str | os.PathLike, machine: Machine,
     return plan_recipe(recipe, config, machine, student_config=s_config, student_shape=shape)
 
 
-def check_fits(plan: Plan, headline: str = "the run does not fit this machine (compactlm plan RECIPE shows every "
-                                            "stage)") -> None:
-    """ValueError, `headline` then each stage that does not fit with its numbers and the fix; nothing when all
-    fit."""
+def check_fits(plan: Plan, headline: str | None = None) -> None:
+    """ValueError, `headline` (default: the run's) then each stage that does not fit with its numbers and the fix;
+    nothing when all fit."""
     bad = plan.misfits()
     if not bad:
         return
@@ -253,6 +256,7 @@ def check_fits(plan: Plan, headline: str = "the run does not fit this machine (c
             f" ({n.ranks} processes x {n.per_process / GiB:.1f})" if n.ranks > 1 else "")
         lines.append(f"{n.stage} ({n.strategy}): needs {n.need_gib():.1f} GiB {where}, has {have:.1f} GiB; "
                      f"fix: {n.fix or 'a machine with more memory'}")
+    headline = headline or "the run does not fit this machine (compactlm plan RECIPE shows every stage)"
     raise ValueError(f"{headline}:\n  " + "\n  ".join(lines))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 from compactlm.config import PruneConfig, Recipe
@@ -64,17 +65,13 @@ SKIP_MEMORY_CHECK = "COMPACTLM_SKIP_MEMORY_CHECK"
 
 def check_memory(recipe: Recipe, teacher_dir: str | os.PathLike) -> None:
     """Refuse, before any compute, a recipe whose memory plan (:mod:`compactlm.plan`) does not fit this machine."""
-    if os.environ.get(SKIP_MEMORY_CHECK) == "1":
-        return
     from compactlm.models import local_config
-    from compactlm.plan import Machine, check_fits, plan_run
+    from compactlm.plan import plan_run
 
     student = None if recipe.pruned_student else local_config(recipe.student)
-    plan = plan_run(recipe, teacher_dir, Machine.detect(gpus=0 if recipe.device == "cpu" else None), student)
-    try:
-        check_fits(plan)
-    except ValueError as e:
-        raise RecipeError(f"{e}\n(set {SKIP_MEMORY_CHECK}=1 to run it anyway)") from None
+    refusal = _misfit(recipe.device, lambda machine: plan_run(recipe, teacher_dir, machine, student))
+    if refusal:
+        raise RecipeError(refusal)
 
 
 #: The recipe section whose fields a stage's fixes name, where it is not the stage's own name.
@@ -85,16 +82,27 @@ def check_stage_memory(stage: str, cfg: Any, device: str, models: dict[str, str 
     """:func:`check_memory` for one stage run on its own (a stage flow, whose form calls the stage's section
     ``config``): ValueError naming ``config`` and the fix when the stage's plan (:func:`compactlm.plan.plan_stage`,
     `models` by label) does not fit this machine."""
-    if os.environ.get(SKIP_MEMORY_CHECK) == "1":
-        return
-    from compactlm.plan import Machine, check_fits, plan_stage
+    from compactlm.plan import plan_stage
 
-    plan = plan_stage(stage, cfg, Machine.detect(gpus=0 if device == "cpu" else None), models, device=device)
+    refusal = _misfit(device, lambda machine: plan_stage(stage, cfg, machine, models, device=device),
+                      f"the {stage} stage does not fit this machine")
+    if refusal:
+        raise ValueError("config: " + re.sub(rf"\b{_SECTION.get(stage, stage)}\.", "config.", refusal))
+
+
+def _misfit(device: str, plan_for: Callable[[Any], Any], headline: str | None = None) -> str | None:
+    """The refusal, with the override, when the plan `plan_for(this machine)` does not fit (None when it fits or
+    $COMPACTLM_SKIP_MEMORY_CHECK is 1); `device` is the run's setting (cpu: the GPUs are not counted)."""
+    if os.environ.get(SKIP_MEMORY_CHECK) == "1":
+        return None
+    from compactlm.plan import Machine, check_fits
+
+    plan = plan_for(Machine.detect(gpus=0 if device == "cpu" else None))
     try:
-        check_fits(plan, f"the {stage} stage does not fit this machine")
+        check_fits(plan, headline)
     except ValueError as e:
-        msg = re.sub(rf"\b{_SECTION.get(stage, stage)}\.", "config.", str(e))
-        raise ValueError(f"config: {msg}\n(set {SKIP_MEMORY_CHECK}=1 to run it anyway)") from None
+        return f"{e}\n(set {SKIP_MEMORY_CHECK}=1 to run it anyway)"
+    return None
 
 
 def _check_rounds(recipe: Recipe, teacher_dir: str | os.PathLike, target: dict[str, Any]) -> None:
